@@ -1,0 +1,201 @@
+"""Checkpoints as data: safetensors + config.json + tokenizer.json, and Hugging Face BERT import.
+
+A bert-dist output directory and a Hugging Face BERT directory share one layout (config.json with
+Google/HF field names, model.safetensors, a tokenizer), so `--init` reads both the same way.
+Hugging Face keys map onto ours by prefix alone (our modules keep HF names); older TF-converted
+checkpoints (LayerNorm gamma/beta) are renamed on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from bert_dist.config import BertConfig
+from bert_dist.tokenizer import find_tokenizer_file, load_tokenizer, save_tokenizer
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+# Tied to the word embeddings (or to cls.predictions.bias): never stored twice.
+TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer.json",
+             "tokenizer_config.json"]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect (no retries: fails in `timeout` seconds)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_init(init: str) -> Path | None:
+    """`scratch` -> None; a local directory -> itself; anything else is a hub id, downloaded."""
+    if init == "scratch":
+        return None
+    p = Path(init).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists() or init.startswith((".", "/", "~")) or init.count("/") > 1:
+        raise ValueError(f"--init: {init} is not a directory (give a model dir, a run dir, a hub id or scratch)")
+    from huggingface_hub import snapshot_download
+
+    if not hub_reachable():
+        try:  # a copy downloaded earlier still works offline
+            return Path(snapshot_download(init, allow_patterns=HUB_FILES, local_files_only=True))
+        except Exception:
+            raise ValueError(
+                f"--init: {init} is neither a local directory nor reachable on the Hugging Face hub "
+                "(offline, and not in the cache); pass a local model directory"
+            ) from None
+    try:
+        return Path(snapshot_download(init, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise ValueError(f"--init: cannot fetch {init} from the hub: {str(e).splitlines()[0]}") from None
+
+
+def read_config(model_dir: Path) -> tuple[BertConfig, dict[str, Any]]:
+    """BertConfig and the bert-dist metadata ({} for a Hugging Face dir) from `model_dir`/config.json."""
+    f = model_dir / "config.json"
+    if not f.is_file():
+        raise ValueError(f"--init: {model_dir} has no config.json")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--init: {f} is not valid JSON ({e})") from None
+    if d.get("model_type", "bert") != "bert":
+        raise ValueError(f"--init: {f} describes a {d['model_type']!r} model, not BERT")
+    try:
+        return BertConfig.from_dict(d), d.get("bert_dist", {})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--init: {f} is not a usable BERT config: {e}") from None
+
+
+def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Weights of `model_dir` (safetensors preferred; .bin only with weights_only=True), HF keys mapped."""
+    for name in WEIGHT_FILES:
+        f = model_dir / name
+        if not f.is_file():
+            continue
+        try:
+            if f.suffix == ".safetensors":
+                sd = load_file(str(f))
+            else:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+            raise ValueError(
+                f"--init: {f} is corrupt or truncated ({str(e).splitlines()[0][:120]}); re-download or re-save it"
+            ) from None
+        return map_hf_keys(sd)
+    raise ValueError(f"--init: {model_dir} has no {' or '.join(WEIGHT_FILES)}")
+
+
+def map_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face / TF-converted BERT keys -> ours (a `bert.` prefix on the encoder, gamma/beta renamed)."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if k.startswith(ENCODER_PREFIXES):
+            k = "bert." + k
+        if k.endswith("position_ids") or k in TIED_KEYS:
+            continue
+        out[k] = v
+    return out
+
+
+def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """Copy `sd` into `model`. Encoder shape mismatches are an error; head mismatches start fresh.
+
+    Returns {"new": [...], "unused": [...]} key lists and logs each in one line.
+    """
+    own = model.state_dict()
+    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    bad = [k for k in mismatched if k.startswith("bert.")]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"--init: {source} does not fit the model: {k} is {tuple(sd[k].shape)} in the checkpoint but "
+            f"{tuple(own[k].shape)} here ({len(bad)} tensors differ); check the config/preset"
+        )
+    sd = {k: v for k, v in sd.items() if k not in mismatched}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in TIED_KEYS]
+    enc_missing = [k for k in missing if k.startswith("bert.")]
+    if enc_missing:
+        log.warning("%s lacks %d encoder tensors (e.g. %s): they start from random", source, len(enc_missing),
+                    enc_missing[0])
+    head = sorted({k.rsplit(".", 1)[0] for k in missing if not k.startswith("bert.")})
+    if head:
+        log.info("new head, freshly initialised: %s", ", ".join(head))
+    if unexpected:
+        groups = sorted({k.split(".")[0] + "." + k.split(".")[1] if "." in k else k for k in unexpected})
+        log.info("unused weights of %s: %d tensors (%s)", source, len(unexpected), ", ".join(groups))
+    return {"new": missing, "unused": list(unexpected)}
+
+
+def save_model(model: nn.Module, out_dir: Path, config: BertConfig, meta: dict[str, Any]) -> None:
+    """model.safetensors (tied tensors once) and config.json (BertConfig fields + `bert_dist` metadata)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "model.safetensors")  # never a half-written model under the real name
+    cfg = {"model_type": "bert", **config.to_dict(), "bert_dist": meta}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+@dataclass
+class InitSource:
+    """What `--init` (and `--tokenizer`) provide: nothing for scratch, else config, weights, tokenizer."""
+
+    name: str
+    dir: Path | None = None
+    config: BertConfig | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] | None = None
+    tokenizer: Tokenizer | None = None
+
+
+def load_init(init: str, tokenizer_path: str | None = None) -> InitSource:
+    """Resolve `--init` (scratch | local dir | run dir | hub id) and `--tokenizer` (which wins)."""
+    src = InitSource(name=init, dir=resolve_init(init))
+    if src.dir is not None:
+        src.config, src.meta = read_config(src.dir)
+        src.state_dict = load_state_dict(src.dir)
+        if tokenizer_path is None and find_tokenizer_file(src.dir) is None:
+            raise ValueError(f"--init: {src.dir} has no tokenizer.json or vocab.txt; pass --tokenizer")
+    tok_from = tokenizer_path or src.dir
+    if tok_from is not None:
+        src.tokenizer = load_tokenizer(tok_from)
+    if src.tokenizer is not None and src.config is not None and src.tokenizer.get_vocab_size() > src.config.vocab_size:
+        raise ValueError(
+            f"--tokenizer: {src.tokenizer.get_vocab_size()} tokens but the model has {src.config.vocab_size} "
+            "word embeddings; use the model's own tokenizer"
+        )
+    return src
+
+
+def save_run_model(model: nn.Module, out_dir: Path, config: BertConfig, meta: dict[str, Any],
+                   tokenizer: Tokenizer) -> None:
+    """A reloadable model directory: weights, config (+ metadata) and tokenizer, for `--init out_dir`."""
+    save_model(model, out_dir, config, meta)
+    save_tokenizer(tokenizer, out_dir)

@@ -1,0 +1,293 @@
+"""Configuration dataclasses: every default of a run lives here, and nowhere else.
+
+`RunConfig` nests one dataclass per concern. The command line is generated from the fields (each
+field's `help` metadata is its documentation), so a new option is one field. Validation raises
+`ValueError` naming the flag, which the entry point turns into one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (used for --help)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class BertConfig:
+    """BERT architecture (Google/Hugging Face field names, so config.json files map one to one)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    """Std of the normal init of every Linear and Embedding weight (heads included)."""
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    classifier_dropout: float | None = None
+    """Dropout before a classification/QA head; None means hidden_dropout_prob."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters of the encoder + pooler (no task head)."""
+        h, i, n = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        layer = 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h
+        emb = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h
+        return n * layer + (h * h + h) + (emb if embeddings else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+        """Build from a Hugging Face or bert-dist config.json; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    # Tests and smoke runs: trains in milliseconds per step on a CPU.
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+    # Google's compact BERTs (Turc et al. 2019): mini = L4/H256, small = L4/H512.
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
+    # sentence-transformers/all-MiniLM-L6-v2 (nreimers/MiniLM-L6-H384-uncased).
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def preset(name: str, **overrides: Any) -> BertConfig:
+    """A `BertConfig` from a named preset; `overrides` win (e.g. vocab_size from a tokenizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return BertConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is batched."""
+
+    data_dir: str | None = _f(None, "read DIR/<task>/<split>.jsonl|csv|parquet instead of the hub")
+    train_file: str | None = _f(None, "custom training data (CSV or JSON Lines)")
+    validation_file: str | None = _f(None, "custom validation data (CSV or JSON Lines)")
+    max_length: int | None = _f(None, "max tokens per sequence (default: 128, or 384 for SQuAD)")
+    batch_size: int = _f(32, "training examples per process per micro-batch")
+    eval_batch_size: int = _f(128, "evaluation examples per process per batch")
+    group_by_length: bool = _f(False, "batch examples of similar length together (less padding)")
+    pad_to_multiple_of: int | None = _f(None, "pad batches to a multiple of this (default: 8 under fp16/bf16)")
+    num_workers: int = _f(0, "DataLoader worker processes")
+    max_train_samples: int | None = _f(None, "use only the first N training examples")
+    max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
+    doc_stride: int = _f(128, "SQuAD: tokens of overlap between context windows")
+    max_query_length: int = _f(64, "SQuAD: questions are truncated to this many tokens")
+    n_best_size: int = _f(20, "SQuAD: start/end candidates per window in post-processing")
+    max_answer_length: int = _f(30, "SQuAD: longest answer span in tokens")
+    null_score_diff_threshold: float = _f(0.0, "SQuAD v2: predict no answer when null - best > this")
+    mlm_probability: float = _f(0.15, "pretraining: fraction of tokens chosen for MLM")
+    vocab_size: int = _f(30522, "tokenizer training: vocabulary size")
+    lowercase: bool = _f(True, "tokenizer training: lowercase and strip accents")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (defaults: the BERT paper's fine-tuning recipe)."""
+
+    lr: float = _f(2e-5, "peak learning rate")
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay (never on bias or LayerNorm)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    warmup_ratio: float = _f(0.1, "fraction of optimizer steps with linear warmup")
+    warmup_steps: int | None = _f(None, "warmup steps (overrides --warmup-ratio)")
+    scheduler: str = _f("linear", "after warmup: linear | cosine | constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    fused: bool | None = _f(None, "fused AdamW kernel (default: on for CUDA)")
+
+
+@dataclass
+class TrainConfig:
+    """The loop, counted in optimizer steps."""
+
+    epochs: float = _f(3.0, "passes over the training data")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides --epochs)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    log_every: int = _f(50, "optimizer steps between log lines (the only host syncs of the loss)")
+    eval_every: int | None = _f(None, "optimizer steps between evaluations (default: end only)")
+    save_every: int | None = _f(None, "optimizer steps between resumable checkpoints")
+    keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
+    resume: bool = _f(False, "resume from the newest complete checkpoint in --output-dir")
+    resume_from: str | None = _f(None, "resume from this checkpoint directory")
+    max_bad_steps: int = _f(20, "stop after this many consecutive non-finite losses")
+    compile: bool = _f(False, "torch.compile the model")
+    eval_only: bool = _f(False, "skip training: evaluate and predict with the --init weights")
+
+
+@dataclass
+class RunConfig:
+    """Everything that reproduces a run; written to <output_dir>/config.json."""
+
+    task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), squad, squad_v2, pretrain")
+    init: str = _f("scratch", "weights: scratch | HF-format dir | bert-dist run dir | hub id")
+    preset: str = _f("base", "architecture for --init scratch: " + " | ".join(PRESETS))
+    tokenizer: str | None = _f(None, "tokenizer.json, vocab.txt or a dir holding one (default: from --init)")
+    output_dir: str | None = _f(None, "where outputs go (default: runs/<task>-<timestamp>)")
+    overwrite: bool = _f(False, "allow writing into a non-empty --output-dir")
+    seed: int = _f(42, "seed for init, data order, dropout and masking")
+    mixed_precision: str | None = _f(None, "no | fp16 | bf16 (default: from accelerate config)")
+    smoke: bool = _f(False, "tiny preset on data the project makes itself, a few steps, offline")
+    report_to: str | None = _f(None, "tracker for accelerate (tensorboard, wandb, ...)")
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        d, o, t = self.data, self.optim, self.train
+        if d.max_length is not None and d.max_length < 8:
+            raise ValueError(f"--max-length must be at least 8, got {d.max_length}")
+        for flag, value in (("--batch-size", d.batch_size), ("--eval-batch-size", d.eval_batch_size),
+                            ("--grad-accum", t.grad_accum), ("--log-every", t.log_every)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        if o.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {o.lr}")
+        if not 0 <= o.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
+        if o.scheduler not in ("linear", "cosine", "constant"):
+            raise ValueError(f"--scheduler must be linear, cosine or constant, not {o.scheduler!r}")
+        if t.max_steps is None and t.epochs <= 0:
+            raise ValueError(f"--epochs must be positive, got {t.epochs}")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {t.max_steps}")
+        if t.resume and t.resume_from:
+            raise ValueError("--resume and --resume-from contradict each other: give one")
+        if not 0 < d.mlm_probability < 1:
+            raise ValueError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")
+        if d.doc_stride < 1:
+            raise ValueError(f"--doc-stride must be at least 1, got {d.doc_stride}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        sub = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+        kw = {k: (sub[k](**v) if k in sub else v) for k, v in d.items()}
+        return cls(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: one flag per leaf field, --field-name, help from the field's metadata.
+
+
+def _leaf_fields(cls: type) -> list[tuple[str | None, dataclasses.Field, Any]]:
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += [(f.name, g, t) for _, g, t in _leaf_fields(hints[f.name])]
+        else:
+            out.append((None, f, hints[f.name]))
+    return out
+
+
+def build_parser(prog: str = "bert-dist") -> argparse.ArgumentParser:
+    """The argparse parser generated from `RunConfig` (flags are field names with dashes)."""
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune or pretrain BERT with Accelerate.")
+    defaults = RunConfig()
+    for group, f, typ in _leaf_fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(getattr(defaults, group) if group else defaults, f.name)
+        helptext = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
+        if typ is bool or typ == (bool | None):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+            continue
+        base = next((t for t in (int, float, str) if typ in (t, t | None)), str)
+        p.add_argument(flag, dest=f.name, type=base, default=None, help=helptext)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse the command line into a validated `RunConfig`; only flags given override defaults."""
+    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    given = {k: v for k, v in args.items() if v is not None}
+    return config_from_overrides(given)
+
+
+def config_from_overrides(given: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Apply flat {field_name: value} overrides to `base` (or the defaults), then validate."""
+    d = (base or RunConfig()).to_dict()
+    leaf_groups = {f.name: group for group, f, _ in _leaf_fields(RunConfig)}
+    for k, v in given.items():
+        if k not in leaf_groups:
+            raise ValueError(f"unknown option {k!r}")
+        (d[leaf_groups[k]] if leaf_groups[k] else d)[k] = v
+    return RunConfig.from_dict(d)
+
+
+def dump(cfg: Any) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as data: where its rows come from, which columns are text, and how it is scored."""
+
+    name: str
+    kind: str
+    """classification | regression | qa | pretrain: picks the head, the loss and the features."""
+    hub_path: str
+    """Hugging Face dataset id (nyu-mll/glue, rajpurkar/squad, ...)."""
+    hub_config: str | None = None
+    text_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    label_names: tuple[str, ...] = ()
+    """Class names by label id; empty for regression."""
+    metric: str = "glue"
+    """A metric module of bert_dist/metrics."""
+    metric_config: str | None = None
+    main_metric: str = "accuracy"
+    """The metric that goes in tables and picks the best run."""
+    train_split: str = "train"
+    eval_splits: tuple[str, ...] = ("validation",)
+    test_splits: tuple[str, ...] = ("test",)
+    submission_names: tuple[str, ...] = ()
+    """GLUE submission file stem for each test split (SST-2, MNLI-m, ...)."""
+    submission_label_names: bool = False
+    """GLUE submissions of this task name the class (entailment) rather than give its id."""
+    max_length: int = 128
+    data_name: str | None = None
+    """Folder name under --data-dir (default: the task name)."""
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.label_names)

@@ -1,0 +1,351 @@
+"""BERT in plain PyTorch, with Hugging Face parameter names so checkpoints map by key.
+
+Shape legend used in this file:
+    B batch size, T sequence length, H hidden size, nh attention heads, hs head size (H / nh),
+    I intermediate size, V vocabulary size, M masked positions in a batch, C labels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bert_dist.config import BertConfig
+
+_ACT = {
+    "gelu": F.gelu,  # exact (erf) GELU, as in the original BERT
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # A buffer rather than torch.arange per call: no allocation in the step, moves with .to().
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, token_type_ids: (B, T) -> (B, T, H)."""
+        T = input_ids.shape[1]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:T])
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, H); mask: (B, 1, 1, T) bool, True = attend, or None -> (B, T, H)."""
+        B, T, H = x.shape
+        q, k, v = (
+            lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+            for lin in (self.query, self.key, self.value)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        return y.transpose(1, 2).reshape(B, T, H)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(y)) + residual)  # post-LN, as in BERT
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _ACT[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))  # (B, T, I)
+
+
+class BertOutput(BertSelfOutput):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, H) -> (B, T, H)."""
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, H) -> (B, H): tanh(dense) of the [CLS] position."""
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+class BertModel(nn.Module):
+    """The encoder: embeddings, `num_hidden_layers` post-LN layers, tanh pooler."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids, attention_mask (1 = real token), token_type_ids: (B, T).
+
+        Returns the sequence output (B, T, H) and the pooled output (B, H) (None without a pooler).
+        """
+        # Key-padding mask broadcast over heads and queries: (B, 1, 1, T). Padded queries still get
+        # (ignored) outputs; padded keys never contribute, so extra padding never changes real tokens.
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+        return x, (self.pooler(x) if self.pooler is not None else None)
+
+
+def _init_weights(module: nn.Module, std: float) -> None:
+    """The one init: N(0, std) for Linear/Embedding weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class _BertWithHead(nn.Module):
+    """Shared plumbing of the heads: `self.bert`, init, and the head dropout rate."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=add_pooling_layer)
+        p = config.classifier_dropout
+        self.head_dropout = nn.Dropout(config.hidden_dropout_prob if p is None else p)
+
+    def init_weights(self) -> None:
+        self.apply(lambda m: _init_weights(m, self.config.initializer_range))
+
+
+class BertForSequenceClassification(_BertWithHead):
+    """Classification (cross-entropy over `num_labels`) or regression (MSE, `num_labels == 1`).
+
+    The loss is chosen here, at build time: `regression=True` for STS-B-style scores.
+    """
+
+    def __init__(self, config: BertConfig, num_labels: int, regression: bool = False):
+        super().__init__(config)
+        if regression and num_labels != 1:
+            raise ValueError("a regression head has num_labels == 1")
+        self.num_labels = num_labels
+        self.regression = regression
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.loss_fn = nn.MSELoss() if regression else nn.CrossEntropyLoss()
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """(B, T) inputs, labels (B,) -> {"logits": (B, C) or (B,) for regression, "loss": ()}."""
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier(self.head_dropout(pooled))
+        if self.regression:
+            logits = logits.squeeze(-1)
+        out = {"logits": logits}
+        if labels is not None:
+            # The loss in fp32 even under autocast: MSE/CE on bf16 logits loses precision.
+            out["loss"] = self.loss_fn(logits.float(), labels.float() if self.regression else labels)
+        return out
+
+
+class BertForQuestionAnswering(_BertWithHead):
+    """Span extraction: a start and an end logit per token."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """(B, T) inputs, positions (B,) -> {"start_logits": (B, T), "end_logits": (B, T), "loss"}.
+
+        Positions point at [CLS] (0) when the window holds no answer.
+        """
+        x, _ = self.bert(input_ids, attention_mask, token_type_ids)
+        start, end = self.qa_outputs(x).float().unbind(-1)  # (B, T) each
+        out = {"start_logits": start, "end_logits": end}
+        if start_positions is not None and end_positions is not None:
+            out["loss"] = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
+        return out
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = _ACT[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight  # tied: one tensor, one gradient
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., H) -> (..., V)."""
+        return F.linear(self.transform(x), self.decoder.weight, self.bias)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, word_embeddings)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertForPreTraining(_BertWithHead):
+    """Masked LM (decoder tied to the word embeddings) + next sentence prediction."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """(B, T) inputs; labels (B, T) with -100 at unmasked positions; next_sentence_label (B,).
+
+        With `labels`, the MLM head runs only on the M masked positions:
+        {"mlm_logits": (M, V), "mlm_labels": (M,), "nsp_logits": (B, 2), "loss", "mlm_loss", "nsp_loss"}.
+        Without, it runs on every token: {"mlm_logits": (B, T, V), "nsp_logits": (B, 2)}.
+        """
+        x, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        nsp_logits = self.cls.seq_relationship(pooled)
+        out = {"nsp_logits": nsp_logits}
+        if labels is None:
+            out["mlm_logits"] = self.cls.predictions(x)
+            return out
+        # Gather before the vocabulary projection: V-wide logits for ~15% of tokens, not all of them.
+        # (boolean indexing syncs with the host for the count; the price of the smaller matmul)
+        masked = labels != -100
+        mlm_labels = labels[masked]  # (M,)
+        mlm_logits = self.cls.predictions(x[masked]).float()  # (M, V)
+        out.update(mlm_logits=mlm_logits, mlm_labels=mlm_labels)
+        out["mlm_loss"] = F.cross_entropy(mlm_logits, mlm_labels) if mlm_labels.numel() else mlm_logits.sum() * 0
+        out["loss"] = out["mlm_loss"]
+        if next_sentence_label is not None:
+            out["nsp_loss"] = F.cross_entropy(nsp_logits.float(), next_sentence_label)
+            out["loss"] = out["loss"] + out["nsp_loss"]
+        return out
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(config: BertConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), the usual 6N + attention rule."""
+    n = config.num_params(embeddings=False)
+    attn = 12 * config.num_hidden_layers * config.hidden_size * seq_len  # 2 (QK, AV) x 2 flops x 3 passes
+    return 6 * n + attn
+
+
+__all__ = [
+    "BertModel",
+    "BertForSequenceClassification",
+    "BertForQuestionAnswering",
+    "BertForPreTraining",
+    "count_params",
+    "flops_per_token",
+]

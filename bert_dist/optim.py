@@ -1,0 +1,52 @@
+"""AdamW with BERT's parameter groups, and the warmup + decay schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from bert_dist.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; never biases or LayerNorm (every 1-D parameter)."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        fused=fused or None,
+    )
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    """Linear warmup to the peak lr, then linear (or cosine) decay to 0 at `total_steps`, or constant."""
+    warmup = warmup_steps(cfg, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup  # the schedule of BERT and of transformers' get_linear_schedule_with_warmup
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,130 @@
+"""WordPiece tokenizers with the `tokenizers` library: load (tokenizer.json or vocab.txt) and train.
+
+Every tokenizer handed out here has BERT's post-processor ([CLS] A [SEP] (B [SEP]) with token type
+ids 0/1), and no padding or truncation of its own: callers set truncation per use (GLUE pairs are
+truncated longest-first, SQuAD windows are built by hand) and padding happens per batch in the collator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+"""Fixed order, so a trained tokenizer has [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4."""
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def find_tokenizer_file(path: str | os.PathLike) -> Path | None:
+    """tokenizer.json or vocab.txt: `path` itself, or the first one found inside the directory `path`."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for name in TOKENIZER_FILES:
+        if (p / name).is_file():
+            return p / name
+    return None
+
+
+def _bert_post_processor(tok: Tokenizer) -> processors.TemplateProcessing:
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    return processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+
+
+def _vocab_is_cased(vocab: dict[str, int]) -> bool:
+    """A cased vocabulary holds many capitalised pieces; an uncased one only a stray few."""
+    upper = sum(1 for t in vocab if t[:1].isupper() and not t.startswith("["))
+    return upper > 0.01 * len(vocab)
+
+
+def check_special_tokens(tok: Tokenizer, source: str, need_mask: bool = False) -> None:
+    """Raise ValueError naming `source` if BERT's special tokens are missing."""
+    need = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + (["[MASK]"] if need_mask else [])
+    missing = [t for t in need if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"tokenizer {source} lacks the special tokens {' '.join(missing)}; BERT needs them")
+
+
+def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None) -> Tokenizer:
+    """Load a BERT tokenizer from tokenizer.json, vocab.txt, or a directory holding either.
+
+    For vocab.txt, lowercasing comes from `lowercase`, else from a tokenizer_config.json beside it
+    (`do_lower_case`), else from the vocabulary itself (uncased vocabularies have almost no capitals).
+    """
+    file = find_tokenizer_file(path)
+    if file is None:
+        raise ValueError(f"--tokenizer/--init: no tokenizer.json or vocab.txt at {path}")
+    try:
+        if file.suffix == ".json":
+            tok = Tokenizer.from_file(str(file))
+        else:
+            vocab = {}
+            with open(file, encoding="utf-8") as fh:
+                for line in fh:
+                    vocab.setdefault(line.rstrip("\n"), len(vocab))
+            if lowercase is None:
+                cfg_file = file.parent / "tokenizer_config.json"
+                if cfg_file.is_file():
+                    lowercase = json.loads(cfg_file.read_text()).get("do_lower_case")
+            if lowercase is None:
+                lowercase = not _vocab_is_cased(vocab)
+            tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+            tok.normalizer = normalizers.BertNormalizer(
+                clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+            )
+            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            tok.decoder = decoders.WordPiece(prefix="##")
+    except (OSError, UnicodeDecodeError, Exception) as e:  # tokenizers raises plain Exception
+        if isinstance(e, ValueError) and "--tokenizer" in str(e):
+            raise
+        raise ValueError(f"--tokenizer/--init: cannot read tokenizer {file}: {str(e).splitlines()[0]}") from e
+    check_special_tokens(tok, str(file))
+    # Some shipped tokenizer.json files pad/truncate to a fixed length (sentence-transformers: 128).
+    tok.no_padding()
+    tok.no_truncation()
+    tok.post_processor = _bert_post_processor(tok)
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 30522, lowercase: bool = True) -> Tokenizer:
+    """Train a BERT WordPiece tokenizer on `texts` (special tokens at ids 0-4)."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None if lowercase else False, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##", show_progress=False
+    )
+    tok.train_from_iterator(_batched(texts), trainer=trainer)
+    tok.post_processor = _bert_post_processor(tok)
+    return tok
+
+
+def _batched(texts: Iterable[str], n: int = 1000) -> Iterator[list[str]]:
+    batch = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
+    """Write tokenizer.json and vocab.txt (for tools that read only the latter) into `out_dir`."""
+    out = Path(out_dir)
+    tok.save(str(out / "tokenizer.json"))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
