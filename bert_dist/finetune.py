@@ -136,7 +136,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
 def write_predictions(out_dir: Path, spec: TaskSpec, split: str, rows: Any, logits: np.ndarray,
                       preds: np.ndarray) -> None:
     """predictions_<split>.jsonl for every split; <GLUE name>.tsv (the submission format) for test splits."""
-    idx = rows["idx"] if "idx" in rows.column_names else list(range(len(rows)))
+    idx = D.column(rows, "idx") if "idx" in rows.column_names else list(range(len(rows)))
     with open(out_dir / f"predictions_{split}.jsonl", "w") as fh:
         for i, p, lg in zip(idx, preds.tolist(), logits):
             row: dict[str, Any] = {"idx": i, "prediction": p}

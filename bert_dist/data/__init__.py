@@ -147,7 +147,7 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
                 raw[split] = ds.add_column(spec.label_column, [-1] * len(ds))
                 continue
             raise ValueError(f"{source}: the {split} split of {spec.name} has no {spec.label_column!r} column")
-        labels = ds[spec.label_column]
+        labels = column(ds, spec.label_column)
         if spec.kind == "classification" and any(isinstance(v, str) for v in labels):
             # Custom files may name the classes; map names to ids.
             ids = {n: i for i, n in enumerate(spec.label_names)}
@@ -176,6 +176,11 @@ def describe_source(spec: TaskSpec, cfg: DataConfig) -> str:
     if cfg.train_file:
         return f"--train-file {cfg.train_file}"
     return f"--data-dir {cfg.data_dir}" if cfg.data_dir else spec.hub_path
+
+
+def column(ds: Dataset, name: str) -> list:
+    """A whole column as a Python list, straight from Arrow (`ds[name]` decodes row by row: 100x slower)."""
+    return ds.with_format("arrow")[name].to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +225,7 @@ def task_texts(raw: DatasetDict, spec: TaskSpec, split: str | None = None):
     """Every text of the training split (for training a tokenizer with --init scratch)."""
     ds = raw[split or spec.train_split]
     for col in spec.text_columns:
-        for t in ds[col]:
+        for t in column(ds, col):
             if t:
                 yield t
 
@@ -242,7 +247,7 @@ def train_loader(ds: Dataset, cfg: DataConfig, collator: Any, seed: int) -> tupl
 
     from bert_dist.data.collate import BatchSampler
 
-    lengths = ds["length"] if cfg.group_by_length else None
+    lengths = column(ds, "length") if cfg.group_by_length else None
     sampler = BatchSampler(len(ds), cfg.batch_size, shuffle=True, seed=seed, lengths=lengths,
                            group_by_length=cfg.group_by_length)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers)

@@ -1,0 +1,182 @@
+"""GLUE accuracy side by side: bert-dist's real entry point vs transformers' BertForSequenceClassification.
+
+Both sides start from the same weights and see the same batches in the same order (the reference
+uses bert-dist's batch sampler and collator on features from transformers' own tokenizer, which the
+script checks are identical to ours), the same optimizer groups, schedule, clipping and precision.
+What differs is the model code and the training loop: ours is `python -m bert_dist.run`.
+
+    python benchmarks/glue_accuracy.py --init ../shared/models/all-MiniLM-L6-v2 --data-dir ../shared/data \
+        --tasks sst2,cola,mrpc,stsb,rte --mixed-precision bf16 --out benchmarks/results/glue_minilm.json
+
+Prints a markdown table (metric ours / reference / difference, train examples/s ours / reference / ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bert_dist import data as D
+from bert_dist.config import DataConfig, OptimConfig
+from bert_dist.data.collate import BatchSampler, PadCollator
+from bert_dist.metrics import load_metric
+from bert_dist.optim import param_groups
+from bert_dist.tokenizer import load_tokenizer
+
+# Per-task recipe (both sides). SST-2 is large: one epoch is enough to show the model learns.
+RECIPES = {
+    "sst2": dict(epochs=1, lr=5e-5),
+    "cola": dict(epochs=3, lr=5e-5),
+    "mrpc": dict(epochs=3, lr=5e-5),
+    "stsb": dict(epochs=3, lr=5e-5),
+    "rte": dict(epochs=3, lr=5e-5),
+    "wnli": dict(epochs=3, lr=5e-5),
+    "qnli": dict(epochs=1, lr=5e-5),
+}
+BATCH, MAX_LEN, SEED, WARMUP = 32, 128, 42, 0.1
+
+
+def run_ours(task: str, args: argparse.Namespace, recipe: dict) -> dict:
+    out = Path(args.work_dir) / f"{task}-ours"
+    cmd = [sys.executable, "-m", "bert_dist.run", "--task", task, "--init", args.init, "--data-dir", args.data_dir,
+           "--output-dir", str(out), "--overwrite", "--epochs", str(recipe["epochs"]), "--lr", str(recipe["lr"]),
+           "--batch-size", str(BATCH), "--max-length", str(MAX_LEN), "--seed", str(SEED), "--warmup-ratio",
+           str(WARMUP), "--mixed-precision", args.mixed_precision, "--group-by-length", "--log-every", "100"]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    res = json.loads((out / "results.json").read_text())
+    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def run_reference(task: str, args: argparse.Namespace, recipe: dict) -> dict:
+    from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
+
+    spec = D.get_task(task)
+    raw = D.check_raw(D.load_raw(spec, DataConfig(data_dir=args.data_dir)), spec, args.data_dir)
+    hf_tok = AutoTokenizer.from_pretrained(args.init)
+    ours_tok = load_tokenizer(args.init)
+    ours_feats = D.tokenize_classification(raw, spec, ours_tok, MAX_LEN)
+
+    def hf_encode(batch: dict) -> dict:
+        cols = [batch[c] for c in spec.text_columns]
+        enc = hf_tok(*cols, truncation=True, max_length=MAX_LEN, padding=False)
+        return {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"],
+                "length": [len(x) for x in enc["input_ids"]], "labels": batch["label"]}
+
+    feats = raw.map(hf_encode, batched=True, remove_columns=raw[spec.train_split].column_names)
+    for split in (spec.train_split, spec.eval_splits[0]):
+        a, b = D.column(feats[split], "input_ids"), D.column(ours_feats[split], "input_ids")
+        same = sum(x == y for x, y in zip(a, b))
+        print(f"[{task}] {split}: transformers and bert-dist tokenize {same}/{len(a)} examples identically", flush=True)
+        assert same == len(a), "tokenizers disagree: the comparison would not be on the same batches"
+    unk = hf_tok.unk_token_id
+    pieces = sum(x != unk for ids in D.column(feats[spec.train_split], "input_ids")[:500] for x in ids)
+    print(f"[{task}] real word pieces in the first 500 training examples: {pieces}", flush=True)
+
+    torch.manual_seed(SEED)
+    regression = spec.kind == "regression"
+    model = BertForSequenceClassification.from_pretrained(
+        args.init, num_labels=spec.num_labels, problem_type="regression" if regression else "single_label_classification",
+        attn_implementation="sdpa",
+    )
+    ocfg = OptimConfig(lr=recipe["lr"])
+    optimizer = torch.optim.AdamW(param_groups(model, ocfg.weight_decay), lr=ocfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    train = feats[spec.train_split]
+    sampler = BatchSampler(len(train), BATCH, shuffle=True, seed=SEED, lengths=D.column(train, "length"),
+                           group_by_length=True)
+    collate = PadCollator(0, 8 if args.mixed_precision != "no" else None)
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate)
+    steps = int(recipe["epochs"] * len(sampler) + 0.999)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(WARMUP * steps + 0.999), steps)
+    amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+    step, examples, t_train = 0, 0, 0.0
+    model.train()
+    epoch = 0
+    while step < steps:
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        for batch in loader:
+            with torch.autocast(**amp):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            examples += batch["input_ids"].shape[0]
+            if step % 100 == 0:
+                print(f"[{task} ref] step {step}/{steps} loss {loss.item():.4f}", flush=True)
+            if step >= steps:
+                break
+        t_train += time.perf_counter() - t0
+        epoch += 1
+    model.eval()
+    metric = load_metric(spec.metric, spec.metric_config)
+    ev = feats[spec.eval_splits[0]]
+    preds, refs = [], []
+    with torch.no_grad(), torch.autocast(**amp):
+        for batch in torch.utils.data.DataLoader(ev, batch_size=128, collate_fn=collate):
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            preds += (logits.squeeze(-1) if regression else logits.argmax(-1)).tolist()
+            refs += labels.tolist()
+    scores = metric.compute(predictions=preds, references=refs)
+    return {**{k: float(v) for k, v in scores.items()}, "steps": step, "train_seconds": round(t_train, 2),
+            "examples_per_second": round(examples / t_train, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--init", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--tasks", default="sst2,cola,mrpc,stsb,rte")
+    p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"])
+    p.add_argument("--side", default="both", choices=["both", "ours", "ref"])
+    p.add_argument("--work-dir", default="runs/glue_accuracy")
+    p.add_argument("--out", default="benchmarks/results/glue_accuracy.json")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    for task in args.tasks.split(","):
+        recipe = RECIPES[task]
+        entry = results.setdefault(task, {"recipe": {**recipe, "batch_size": BATCH, "max_length": MAX_LEN,
+                                                     "mixed_precision": args.mixed_precision}})
+        if args.side in ("both", "ours"):
+            entry["ours"] = run_ours(task, args, recipe)
+        if args.side in ("both", "ref"):
+            entry["reference"] = run_reference(task, args, recipe)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    print("| task | metric | ours | transformers | diff | ours ex/s | transformers ex/s | speed ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task, e in results.items():
+        if not isinstance(e, dict) or "ours" not in e or "reference" not in e:
+            continue
+        o, r = e["ours"], e["reference"]
+        main_metric = D.get_task(task).main_metric
+        for m in [k for k in r if k in o and k not in ("steps", "train_seconds", "examples_per_second")]:
+            ratio = o["examples_per_second"] / r["examples_per_second"]
+            print(f"| {task} | {m} | {100 * o[m]:.2f} | {100 * r[m]:.2f} | {100 * (o[m] - r[m]):+.2f} | "
+                  f"{o['examples_per_second']:.1f} | {r['examples_per_second']:.1f} | {ratio:.2f}x |"
+                  + (" (main)" if m == main_metric else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Offline evaluation metrics for GLUE and SQuAD.
+
+The metric modules live next to this file (``glue/glue.py``, ``squad/squad.py``, ``squad_v2/squad_v2.py``)
+and are loaded by path, so ``evaluate`` never has to reach the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import evaluate
+
+AVAILABLE_METRICS = ("glue", "squad", "squad_v2")
+
+_METRICS_DIR = Path(__file__).resolve().parent
+
+
+def load_metric(name: str, config_name: str | None = None) -> evaluate.EvaluationModule:
+    """Loads one of the package's metric modules without touching the network.
+
+    ``evaluate`` copies the module into ``$HF_HOME/modules`` (under a file lock, so concurrent first loads
+    from several processes are safe) and imports it from there. The metric keeps its predictions and
+    references in memory rather than in an Arrow cache file under ``$HF_HOME/metrics``, which avoids lock
+    files shared between processes that evaluate at the same time.
+
+    Args:
+        name: One of ``AVAILABLE_METRICS``: ``"glue"``, ``"squad"`` or ``"squad_v2"``.
+        config_name: The metric configuration; for ``"glue"`` the task name (``"cola"``, ``"sst2"``,
+            ``"mrpc"``, ``"qqp"``, ``"stsb"``, ``"mnli"``, ``"mnli_matched"``, ``"mnli_mismatched"``,
+            ``"qnli"``, ``"rte"``, ``"wnli"`` or ``"ax"``). The SQuAD metrics take none.
+
+    Returns:
+        The loaded metric, ready for ``add_batch`` / ``compute``.
+
+    Raises:
+        ValueError: If ``name`` is not one of ``AVAILABLE_METRICS``.
+        KeyError: If ``name`` is ``"glue"`` and ``config_name`` is not a GLUE task (same as the Hub metric).
+    """
+    # Imported here because importing evaluate takes seconds, which e.g. a CLI failing on a bad path or a
+    # module that merely imports this package should not pay.
+    import evaluate
+
+    if name not in AVAILABLE_METRICS:
+        raise ValueError(f"Unknown metric {name!r}; valid metrics are: {', '.join(AVAILABLE_METRICS)}")
+    # A path ending in <name>.py makes evaluate take the local branch outright, never the Hub fallback.
+    script = _METRICS_DIR / name / f"{name}.py"
+    return evaluate.load(str(script), config_name, keep_in_memory=True)
