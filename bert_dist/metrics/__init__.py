@@ -40,10 +40,31 @@ def load_metric(name: str, config_name: str | None = None) -> evaluate.Evaluatio
     """
     # Imported here because importing evaluate takes seconds, which e.g. a CLI failing on a bad path or a
     # module that merely imports this package should not pay.
-    import evaluate
+    evaluate = _import_evaluate()
 
     if name not in AVAILABLE_METRICS:
         raise ValueError(f"Unknown metric {name!r}; valid metrics are: {', '.join(AVAILABLE_METRICS)}")
     # A path ending in <name>.py makes evaluate take the local branch outright, never the Hub fallback.
     script = _METRICS_DIR / name / f"{name}.py"
     return evaluate.load(str(script), config_name, keep_in_memory=True)
+
+
+def _import_evaluate():
+    """`import evaluate`, without the ~6 s import of transformers' pipelines when transformers is installed.
+
+    evaluate's `Evaluator` classes import transformers inside try/except ImportError; metrics never use
+    them. Hiding transformers for the duration of that one import makes evaluate skip them. If
+    transformers is already imported, nothing is hidden.
+    """
+    import sys
+
+    if "evaluate" in sys.modules or "transformers" in sys.modules:
+        import evaluate
+
+        return evaluate
+    sys.modules["transformers"] = None  # type: ignore[assignment]  # makes `import transformers` fail
+    try:
+        import evaluate
+    finally:
+        del sys.modules["transformers"]
+    return evaluate

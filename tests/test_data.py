@@ -1,0 +1,119 @@
+"""Tasks as data: every GLUE TaskSpec preprocesses rows; tokenizers give real word pieces; collation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bert_dist import data as D
+from bert_dist.config import DataConfig
+from bert_dist.data.collate import BatchSampler, PadCollator
+from bert_dist.data.glue import GLUE_TASKS
+from bert_dist.data.synthetic import FILLER, NEGATIVE, POSITIVE, write_task_data
+from bert_dist.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+MINILM = Path(__file__).resolve().parents[2] / "shared" / "models" / "all-MiniLM-L6-v2"
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "quick", "brown", "fox", "jump", "##s", "over",
+         "lazy", "dog", ".", "un", "##aff", "##able"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([" ".join(POSITIVE + NEGATIVE + FILLER)] * 50, vocab_size=300)
+
+
+def test_vocab_txt_tokenizes_to_expected_pieces(tmp_path):
+    (tmp_path / "vocab.txt").write_text("".join(w + "\n" for w in WORDS))
+    tok = load_tokenizer(tmp_path / "vocab.txt")
+    enc = tok.encode("The quick brown fox jumps over the lazy dog.", "Unaffable!")
+    assert enc.tokens == ["[CLS]", "the", "quick", "brown", "fox", "jump", "##s", "over", "the", "lazy", "dog", ".",
+                          "[SEP]", "un", "##aff", "##able", "[UNK]", "[SEP]"]
+    assert enc.type_ids == [0] * 13 + [1] * 5
+
+
+@pytest.mark.skipif(not MINILM.is_dir(), reason="the shared MiniLM model is not beside this checkout")
+def test_real_vocab_gives_word_pieces_not_unk():
+    """The tutorials' failure: every word became [UNK] and SST-2 sat at 50.9%."""
+    for path in (MINILM / "vocab.txt", MINILM / "tokenizer.json"):
+        tok = load_tokenizer(path)
+        enc = tok.encode("The film's unaffable charm")
+        assert enc.tokens == ["[CLS]", "the", "film", "'", "s", "una", "##ffa", "##ble", "charm", "[SEP]"]
+        assert tok.padding is None and tok.truncation is None  # the shipped file pads/truncates to 128
+
+
+def test_tokenizer_without_special_tokens_is_refused(tmp_path):
+    (tmp_path / "vocab.txt").write_text("a\nb\n[UNK]\n")
+    with pytest.raises(ValueError, match=r"\[PAD\].*\[CLS\].*\[SEP\]"):
+        load_tokenizer(tmp_path / "vocab.txt")
+
+
+def test_trained_tokenizer_roundtrip(tmp_path, tokenizer):
+    save_tokenizer(tokenizer, tmp_path)
+    for f in ("tokenizer.json", "vocab.txt"):
+        again = load_tokenizer(tmp_path / f)
+        assert again.encode("good film", "bad plot").ids == tokenizer.encode("good film", "bad plot").ids
+    assert [tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("name", sorted(GLUE_TASKS))
+def test_every_glue_task_preprocesses(name, tmp_path, tokenizer):
+    spec = GLUE_TASKS[name]
+    write_task_data(spec, tmp_path, n_train=40, n_eval=9, n_test=7)
+    raw = D.check_raw(D.load_raw(spec, DataConfig(data_dir=str(tmp_path))), spec, "test")
+    assert set(raw) == {spec.train_split, *spec.eval_splits, *spec.test_splits}
+    feats = D.tokenize_classification(raw, spec, tokenizer, max_length=12)
+    row = feats[spec.train_split][0]
+    assert row["input_ids"][0] == tokenizer.token_to_id("[CLS]") and row["input_ids"][-1] == tokenizer.token_to_id("[SEP]")
+    assert max(D.column(feats[spec.train_split], "length")) <= 12
+    if len(spec.text_columns) == 2:
+        assert 1 in row["token_type_ids"]  # the second segment is marked
+    collate = PadCollator(0, pad_to_multiple_of=8)
+    b = collate([feats[spec.train_split][i] for i in range(5)])
+    assert b["input_ids"].shape[1] % 8 == 0 and b["attention_mask"].shape == b["input_ids"].shape
+    assert b["labels"].dtype == (torch.float32 if spec.kind == "regression" else torch.long)
+    test_labels = D.column(feats[spec.test_splits[0]], "labels")
+    assert set(test_labels) == {-1}
+
+
+def test_custom_files_with_label_names(tmp_path, tokenizer):
+    spec = GLUE_TASKS["sst2"]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.csv").write_text("sentence,label\ngood film,positive\nbad film,negative\n")
+    cfg = DataConfig(train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "validation.csv"))
+    raw = D.check_raw(D.load_raw(spec, cfg), spec, "csv")
+    assert D.column(raw["train"], "label") == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ('{"sentence": "a", "label": 2}\n', "outside 0..1"),
+        ('{"text": "a", "label": 1}\n', "no text column 'sentence'"),
+        ('{"sentence": "a"}\n', "no 'label' column"),
+        ('{"sentence": "a", "label": 0.5}\n', "fractional"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path, rows, message):
+    spec = GLUE_TASKS["sst2"]
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.jsonl").write_text(rows)
+    (tmp_path / "sst2" / "validation.jsonl").write_text('{"sentence": "b", "label": 0}\n')
+    with pytest.raises(ValueError, match=message):
+        D.check_raw(D.load_raw(spec, DataConfig(data_dir=str(tmp_path))), spec, "test")
+
+
+def test_batch_sampler_is_a_function_of_seed_and_epoch():
+    lengths = [i % 17 for i in range(200)]
+    a = BatchSampler(200, 16, seed=3, lengths=lengths, group_by_length=True)
+    b = BatchSampler(200, 16, seed=3, lengths=lengths, group_by_length=True)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    flat = sorted(i for batch in a for i in batch)
+    assert flat == list(range(200))  # every example once per epoch
+    first = next(iter(a))
+    assert max(lengths[i] for i in first) == max(lengths)  # the longest batch first
+    spread = [max(lengths[i] for i in bt) - min(lengths[i] for i in bt) for bt in a]
+    assert sum(spread) / len(spread) < 8  # grouped: batches hold similar lengths

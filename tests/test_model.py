@@ -1,0 +1,154 @@
+"""Model: shapes, padding invariance, heads, and parity with transformers on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bert_dist.checkpoint import load_init, load_weights, save_model
+from bert_dist.config import BertConfig, preset
+from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, BertModel
+
+V = 97
+
+
+def tiny(**kw) -> BertConfig:
+    return preset("tiny", vocab_size=V, **kw)
+
+
+def batch(B: int = 3, T: int = 11, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros(B, T, dtype=torch.long)
+    types[:, 5:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def test_shapes():
+    cfg = tiny()
+    b = batch()
+    seq, pooled = BertModel(cfg).eval()(**b)
+    assert seq.shape == (3, 11, cfg.hidden_size) and pooled.shape == (3, cfg.hidden_size)
+    clf = BertForSequenceClassification(cfg, num_labels=3)
+    out = clf(**b, labels=torch.tensor([0, 2, 1]))
+    assert out["logits"].shape == (3, 3) and out["loss"].ndim == 0
+    qa = BertForQuestionAnswering(cfg)
+    out = qa(**b, start_positions=torch.tensor([0, 1, 2]), end_positions=torch.tensor([0, 2, 2]))
+    assert out["start_logits"].shape == (3, 11) and out["end_logits"].shape == (3, 11) and out["loss"].ndim == 0
+
+
+def test_regression_head_uses_mse():
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(tiny(), num_labels=1, regression=True).eval()
+    b = batch()
+    labels = torch.tensor([0.5, 3.0, 4.2])
+    out = m(**b, labels=labels)
+    assert out["logits"].shape == (3,)
+    assert torch.allclose(out["loss"], torch.mean((out["logits"] - labels) ** 2))
+    with pytest.raises(ValueError):
+        BertForSequenceClassification(tiny(), num_labels=2, regression=True)
+
+
+def test_padding_invariance():
+    """Extra padding never changes the outputs at real tokens (nor the pooled [CLS])."""
+    torch.manual_seed(0)
+    m = BertModel(tiny()).eval()
+    b = batch()
+    seq, pooled = m(**b)
+    pad = 13
+    wide = {k: torch.cat([v, torch.zeros(v.shape[0], pad, dtype=v.dtype)], dim=1) for k, v in b.items()}
+    seq2, pooled2 = m(**wide)
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(seq2[:, :11][real], seq[real], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pooled2, pooled, atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = BertModel(tiny())
+    b = batch()
+    m.eval()
+    a1, a2 = m(**b)[0], m(**b)[0]
+    torch.testing.assert_close(a1, a2)
+    m.train()
+    assert not torch.allclose(m(**b)[0], m(**b)[0])
+
+
+def _hf_config(cfg: BertConfig):
+    transformers = pytest.importorskip("transformers")
+    fields = {k: v for k, v in cfg.to_dict().items() if k != "classifier_dropout"}
+    return transformers, transformers.BertConfig(**fields, attn_implementation="sdpa")
+
+
+def test_parity_with_transformers_bert_model():
+    """Same random weights -> same sequence and pooled outputs as transformers' BertModel (1e-5)."""
+    cfg = tiny()
+    transformers, hf_cfg = _hf_config(cfg)
+    torch.manual_seed(0)
+    hf = transformers.BertModel(hf_cfg).eval()
+    ours = BertModel(cfg).eval()
+    sd = {k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
+    ours.load_state_dict(sd, strict=True)
+    b = batch()
+    seq, pooled = ours(**b)
+    ref = hf(**b)
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(seq[real], ref.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_checkpoint_dir_loads_through_init(tmp_path):
+    """A transformers save_pretrained dir (no `bert.` prefix, plus a vocab) loads via --init's path."""
+    cfg = tiny()
+    transformers, hf_cfg = _hf_config(cfg)
+    torch.manual_seed(1)
+    hf = transformers.BertForSequenceClassification(hf_cfg).eval()  # keys with the bert. prefix
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    (tmp_path / "vocab.txt").write_text("".join(f"{t}\n" for t in
+                                                ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                                                [f"w{i}" for i in range(V - 5)]))
+    src = load_init(str(tmp_path))
+    assert src.config.hidden_size == cfg.hidden_size and src.tokenizer is not None
+    ours = BertForSequenceClassification(src.config, num_labels=2).eval()
+    report = load_weights(ours, src.state_dict, "hf")
+    assert report["new"] == [] and report["unused"] == []
+    b = batch()
+    torch.testing.assert_close(ours(**b)["logits"], hf(**b).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    torch.manual_seed(2)
+    m = BertForSequenceClassification(tiny(), num_labels=2).eval()
+    save_model(m, tmp_path, m.config, {"task": "sst2"})
+    from bert_dist.checkpoint import load_state_dict, read_config
+
+    cfg, meta = read_config(tmp_path)
+    assert meta == {"task": "sst2"} and cfg == m.config
+    m2 = BertForSequenceClassification(cfg, num_labels=2).eval()
+    load_weights(m2, load_state_dict(tmp_path), "roundtrip")
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_encoder_shape_mismatch_is_a_clear_error(tmp_path):
+    m = BertForSequenceClassification(tiny(), num_labels=2)
+    save_model(m, tmp_path, m.config, {})
+    from bert_dist.checkpoint import load_state_dict
+
+    other = BertForSequenceClassification(preset("tiny", vocab_size=V + 8), num_labels=2)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_weights(other, load_state_dict(tmp_path), str(tmp_path))
+
+
+def test_new_head_when_label_count_differs(tmp_path):
+    m = BertForSequenceClassification(tiny(), num_labels=2)
+    save_model(m, tmp_path, m.config, {})
+    from bert_dist.checkpoint import load_state_dict
+
+    three = BertForSequenceClassification(tiny(), num_labels=3)
+    report = load_weights(three, load_state_dict(tmp_path), "two-label run")
+    assert sorted(report["new"]) == ["classifier.bias", "classifier.weight"]
