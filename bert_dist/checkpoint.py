@@ -18,13 +18,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
 from bert_dist.config import BertConfig
-from bert_dist.tokenizer import find_tokenizer_file, load_tokenizer, save_tokenizer
+from bert_dist.tokenizer import check_special_tokens, find_tokenizer_file, load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_init(init: str) -> Path | None:
-    """`scratch` -> None; a local directory -> itself; anything else is a hub id, downloaded."""
+def local_init(init: str) -> Path | None:
+    """The directory `--init` names, or None for scratch and hub ids (ValueError for a path that is no directory)."""
     if init == "scratch":
         return None
     p = Path(init).expanduser()
@@ -57,6 +57,14 @@ def resolve_init(init: str) -> Path | None:
         return p
     if p.exists() or init.startswith((".", "/", "~")) or init.count("/") > 1:
         raise ValueError(f"--init: {init} is not a directory (give a model dir, a run dir, a hub id or scratch)")
+    return None
+
+
+def resolve_init(init: str) -> Path | None:
+    """`scratch` -> None; a local directory -> itself; anything else is a hub id, downloaded."""
+    local = local_init(init)
+    if local is not None or init == "scratch":
+        return local
     from huggingface_hub import snapshot_download
 
     if not hub_reachable():
@@ -107,6 +115,33 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
             ) from None
         return map_hf_keys(sd)
     raise ValueError(f"--init: {model_dir} has no {' or '.join(WEIGHT_FILES)}")
+
+
+def check_init(init: str, tokenizer: str | None = None, need_mask: bool = False) -> BertConfig | None:
+    """Cheap checks of --init and --tokenizer, before a run creates anything: a local --init has a usable
+    config.json, a weights file whose safetensors header is intact (a truncated file fails here) and a
+    tokenizer; the tokenizer has BERT's special tokens. Returns the local --init's BertConfig, else None
+    (scratch, or a hub id: checked when it is loaded)."""
+    d = local_init(init)
+    bert = None
+    if d is not None:
+        bert, _ = read_config(d)
+        weights = next((d / n for n in WEIGHT_FILES if (d / n).is_file()), None)
+        if weights is None:
+            raise ValueError(f"--init: {d} has no {' or '.join(WEIGHT_FILES)}")
+        if weights.suffix == ".safetensors":
+            try:
+                with safe_open(str(weights), framework="pt") as fh:
+                    fh.keys()
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"--init: {weights} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
+                                 "re-download or re-save it") from None
+        if tokenizer is None and find_tokenizer_file(d) is None:
+            raise ValueError(f"--init: {d} has no tokenizer.json or vocab.txt; pass --tokenizer")
+    if tokenizer is not None or d is not None:
+        tok_from = tokenizer or d
+        check_special_tokens(load_tokenizer(tok_from), str(find_tokenizer_file(tok_from) or tok_from), need_mask)
+    return bert
 
 
 def map_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

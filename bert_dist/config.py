@@ -141,11 +141,12 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     log_every: int = _f(50, "optimizer steps between log lines (the only host syncs of the loss)")
     eval_every: int | None = _f(None, "optimizer steps between evaluations (default: end only)")
-    save_every: int | None = _f(None, "optimizer steps between resumable checkpoints")
+    save_every: int | None = _f(None, "optimizer steps between resumable checkpoints (SIGTERM also saves one)")
     keep_checkpoints: int = _f(2, "keep the newest K checkpoints")
     resume: bool = _f(False, "resume from the newest complete checkpoint in --output-dir")
     resume_from: str | None = _f(None, "resume from this checkpoint directory")
-    max_bad_steps: int = _f(20, "stop after this many consecutive non-finite losses")
+    max_bad_steps: int = _f(20, "stop after this many optimizer steps in a row with a non-finite loss or gradient "
+                                "(their updates are zeroed; checked at log and save steps)")
     compile: bool = _f(False, "torch.compile the model")
     eval_only: bool = _f(False, "skip training: evaluate and predict with the --init weights")
 
@@ -188,8 +189,24 @@ class RunConfig:
             raise ValueError(f"--epochs must be positive, got {t.epochs}")
         if t.max_steps is not None and t.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {t.max_steps}")
+        for flag, value in (("--save-every", t.save_every), ("--eval-every", t.eval_every)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        if t.keep_checkpoints < 1:
+            raise ValueError(f"--keep-checkpoints must be at least 1, got {t.keep_checkpoints}")
+        if t.max_bad_steps < 1:
+            raise ValueError(f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
         if t.resume and t.resume_from:
             raise ValueError("--resume and --resume-from contradict each other: give one")
+        if (t.resume or t.resume_from) and self.overwrite:
+            raise ValueError("--overwrite discards the run in --output-dir and --resume continues it: give one")
+        if t.eval_only and (t.resume or t.resume_from):
+            raise ValueError("--eval-only does not train, so there is nothing to resume: drop --resume/--resume-from "
+                             "(evaluate a finished run with --init RUN_DIR)")
+        if t.eval_only and self.init == "scratch":
+            raise ValueError("--eval-only evaluates the --init weights: pass --init DIR (not scratch)")
+        if d.train_file and d.data_dir:
+            raise ValueError("--train-file/--validation-file and --data-dir both say where the data is: give one")
         if not 0 < d.mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")
         if d.doc_stride < 1:

@@ -76,6 +76,9 @@ def print_table(title: str, rows: dict[str, dict[str, Any]], is_main: bool = Tru
     """A rich table: one row per key of `rows` (e.g. an eval split), one column per metric."""
     if not is_main or not rows:
         return
+    if len(rows) == 1 and len(next(iter(rows.values()))) > 4:  # one wide row reads better as a column
+        (name, only), = rows.items()
+        rows = {k: {name: v} for k, v in only.items()}
     cols: list[str] = []
     for r in rows.values():
         cols += [c for c in r if c not in cols]

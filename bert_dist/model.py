@@ -2,10 +2,13 @@
 
 Shape legend used in this file:
     B batch size, T sequence length, H hidden size, nh attention heads, hs head size (H / nh),
-    I intermediate size, V vocabulary size, M masked positions in a batch, C labels.
+    I intermediate size, V vocabulary size, M masked positions in a batch, C labels,
+    N real (non-padding) tokens in a batch, when the encoder runs unpadded.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,17 +56,26 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, H); mask: (B, 1, 1, T) bool, True = attend, or None -> (B, T, H)."""
-        B, T, H = x.shape
-        q, k, v = (
-            lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-            for lin in (self.query, self.key, self.value)
-        )
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None) -> torch.Tensor:
+        """x: (B, T, H), or (N, H) with `unpad`; mask: (B, 1, 1, T) bool, True = attend, or None -> x's shape."""
+        if unpad is None:
+            B, T, H = x.shape
+            q, k, v = (
+                lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+                for lin in (self.query, self.key, self.value)
+            )
+        else:
+            # Projections on the N real tokens only; attention itself needs the (B, nh, T, hs) layout back.
+            B, T, H = unpad.batch_size, unpad.seq_len, x.shape[-1]
+            q, k, v = (
+                unpad.pad(lin(x)).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+                for lin in (self.query, self.key, self.value)
+            )
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
         )
-        return y.transpose(1, 2).reshape(B, T, H)
+        y = y.transpose(1, 2).reshape(B, T, H)
+        return y if unpad is None else unpad.unpad(y)  # (N, H): padded queries' outputs are dropped
 
 
 class BertSelfOutput(nn.Module):
@@ -83,8 +95,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None) -> torch.Tensor:
+        return self.output(self.self(x, mask, unpad), x)
 
 
 class BertIntermediate(nn.Module):
@@ -110,9 +122,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, H) -> (B, T, H)."""
-        x = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None) -> torch.Tensor:
+        """x: (B, T, H), or (N, H) with `unpad` -> the same shape."""
+        x = self.attention(x, mask, unpad)
         return self.output(self.intermediate(x), x)
 
 
@@ -121,9 +133,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, mask)
+            x = layer(x, mask, unpad)
         return x
 
 
@@ -135,6 +147,46 @@ class BertPooler(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H) -> (B, H): tanh(dense) of the [CLS] position."""
         return torch.tanh(self.dense(x[:, 0]))
+
+
+@dataclass
+class Unpadding:
+    """Where the N real tokens of a (B, T) batch sit, so the encoder can run on (N, H) rather than (B, T, H).
+
+    Every projection, LayerNorm, GELU and dropout of a layer is per token: on real tokens only, they do
+    N/(B*T) of the work and give the same values. Only attention needs the padded layout, and gets it
+    back for the duration of the call.
+    """
+
+    index: torch.Tensor
+    """(N,) positions b * T + t of the real tokens in the flattened batch, in order."""
+    batch_size: int
+    seq_len: int
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> Unpadding | None:
+        """The batch's real tokens, or None where the padded path is the one to take.
+
+        Only on the CPU: there, reading the mask (`all`, `nonzero`) costs nothing, whereas on CUDA it
+        would stall the host until the GPU catches up, once per forward. Never under torch.compile
+        (N varies per batch: a recompile or a graph break each time). None too when nothing is padded.
+        """
+        if attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        keep = attention_mask.bool()
+        if keep.all():
+            return None
+        B, T = keep.shape
+        return cls(keep.view(-1).nonzero().squeeze(1), B, T)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)."""
+        return x.reshape(self.batch_size * self.seq_len, *x.shape[2:]).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at the padding."""
+        full = x.new_zeros(self.batch_size * self.seq_len, *x.shape[1:]).index_copy(0, self.index, x)
+        return full.view(self.batch_size, self.seq_len, *x.shape[1:])
 
 
 class BertModel(nn.Module):
@@ -157,10 +209,13 @@ class BertModel(nn.Module):
 
         Returns the sequence output (B, T, H) and the pooled output (B, H) (None without a pooler).
         """
-        # Key-padding mask broadcast over heads and queries: (B, 1, 1, T). Padded queries still get
-        # (ignored) outputs; padded keys never contribute, so extra padding never changes real tokens.
+        # Key-padding mask broadcast over heads and queries: (B, 1, 1, T). Padded keys never contribute,
+        # so extra padding never changes real tokens. Padded positions of the sequence output are
+        # zeros on the unpadded (CPU) path and ignored values otherwise: no head may read them.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+        x = self.embeddings(input_ids, token_type_ids)
+        unpad = None if attention_mask is None else Unpadding.of(attention_mask)
+        x = self.encoder(x, mask) if unpad is None else unpad.pad(self.encoder(unpad.unpad(x), mask, unpad))
         return x, (self.pooler(x) if self.pooler is not None else None)
 
 

@@ -21,7 +21,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.AdamW:
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    """AdamW over `param_groups`; the fused kernel by default on CUDA and on the CPU.
+
+    On the CPU, torch's own default is a Python loop over the parameters (one small kernel per op per
+    tensor); the fused kernel (torch >= 2.4) does each tensor's whole update in one pass and is ~8x
+    faster there (BENCHMARKS.md, "Speed (CPU)"). Elsewhere (mps, ...) torch picks.
+    """
+    fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,

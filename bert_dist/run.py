@@ -1,7 +1,11 @@
 """Entry point: `accelerate launch bert_dist/run.py --task sst2 [--init DIR|hub-id|scratch] ...`.
 
-Flags -> RunConfig, console, Accelerator, output directory, then the recipe for the task.
-User errors (bad flags, data, checkpoints) end in one clear line and exit status 1.
+Flags -> RunConfig, the checks that need no data, Accelerator, output directory, then the recipe for the task.
+
+Exit status: 0 when the run finished, or when SIGTERM stopped it after saving a checkpoint (no results.json then:
+rerun with --resume to finish it); 1 for a user error (bad flags, data or checkpoints: one red line, no traceback,
+and an output directory this run created is removed) or a loss that stayed non-finite (--max-bad-steps: the
+checkpoints are kept); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -9,60 +13,140 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from bert_dist.config import RunConfig, config_from_args
+from bert_dist.config import RunConfig, config_from_args, config_from_overrides, preset
 from bert_dist.console import fail, print_table, setup_logging
 
 log = logging.getLogger("bert_dist")
+RUN_FILES = ("results.json", "metrics.jsonl", "model.safetensors")
+"""What marks a finished run: cleared by --overwrite before the new run starts."""
 
 
-def prepare_output_dir(cfg: RunConfig, accelerator) -> Path:
-    """runs/<task>-<timestamp> by default (one name for all processes); refuse to clobber a finished run."""
+def preflight(cfg: RunConfig) -> None:
+    """What can be checked before anything is created or loaded: task, paths, flags against the model."""
+    from bert_dist import data as D
+    from bert_dist.checkpoint import check_init
+
+    spec = D.get_task("pretrain" if cfg.task == "tokenizer" else cfg.task)
+    if spec.kind != "pretrain":  # the pretraining recipe reads its corpus its own way
+        D.source_files(spec, cfg.data)
+    bert = check_init(cfg.init, cfg.tokenizer, need_mask=spec.kind == "pretrain")
+    if bert is None and cfg.init == "scratch":
+        bert = preset(cfg.preset)
+    max_length = cfg.data.max_length or spec.max_length
+    if bert is not None and max_length > bert.max_position_embeddings:  # a hub model is checked once loaded
+        raise ValueError(f"--max-length {max_length} is above the model's {bert.max_position_embeddings} positions; "
+                         "give a smaller --max-length (longer texts are truncated)")
+    if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
+        raise ValueError(f"--resume-from {cfg.train.resume_from}: no such checkpoint directory")
+    out = Path(cfg.output_dir) if cfg.output_dir else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file")
+    resuming = cfg.train.resume or cfg.train.resume_from
+    if out is not None and out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or resuming):
+        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or --resume to continue it")
+
+
+def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
+    """runs/<task>-<timestamp> by default (one name for all processes); returns (dir, whether this run made it)."""
     from accelerate.utils import broadcast_object_list
 
     name = [cfg.output_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"]
     broadcast_object_list(name)
     out = Path(name[0])
     resuming = cfg.train.resume or cfg.train.resume_from
-    if out.exists() and any(out.iterdir()) and not (cfg.overwrite or resuming):
-        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to reuse it or --resume to continue")
+    created = [not out.exists()]
+    broadcast_object_list(created)  # decided before the main process makes it
+    if resuming:
+        run_dir = Path(cfg.train.resume_from).parent.parent if cfg.train.resume_from else out
+        check_same_run(cfg, run_dir / "run_config.json")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite and not resuming:
-            for stale in ("metrics.jsonl", "results.json"):
+            for stale in RUN_FILES:
                 (out / stale).unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # else --resume would pick up the old run
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
-    return out
+    return out, created[0]
+
+
+RESUME_FIXED = ("task", "init", "preset", "seed", "data.batch_size", "data.group_by_length", "data.max_length",
+                "data.max_train_samples", "data.data_dir", "data.train_file", "train.grad_accum")
+"""Flags a checkpoint's data position and model depend on: a resume must not change them."""
+
+
+def check_same_run(cfg: RunConfig, saved: Path) -> None:
+    if not saved.is_file():
+        return
+    old, new = _flat(json.loads(saved.read_text())), _flat(cfg.to_dict())
+    for key in RESUME_FIXED:
+        if old.get(key) != new.get(key):
+            flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+            raise ValueError(f"--resume: {flag} is {new.get(key)} here but {old.get(key)} in the run being resumed "
+                             f"({saved}); resume with that run's flags")
+
+
+def resume_tokenizer(cfg: RunConfig, out_dir: Path) -> RunConfig:
+    """A resumed --init scratch run must reuse the tokenizer it trained: WordPiece training is not
+    deterministic (huggingface/tokenizers#1794), and the checkpoint's embeddings fit only its own ids."""
+    from bert_dist.train import list_checkpoints
+
+    t = cfg.train
+    if cfg.init != "scratch" or cfg.tokenizer or not (t.resume or t.resume_from):
+        return cfg
+    run_dir = Path(t.resume_from).parent.parent if t.resume_from else out_dir
+    if t.resume and not list_checkpoints(out_dir):
+        return cfg  # nothing to resume: a fresh start trains its tokenizer
+    saved = run_dir / "tokenizer.json"
+    if not saved.is_file():
+        raise ValueError(f"--resume: {saved} is missing, and a tokenizer trained again would not match the "
+                         "checkpoint's embeddings; pass the run's tokenizer with --tokenizer")
+    log.info("resuming with the run's own tokenizer %s", saved)
+    return config_from_overrides({"tokenizer": str(saved)}, base=cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
     is_main = os.environ.get("RANK", "0") == "0"
+    accelerator = out_dir = None
+    created = False
     try:
         cfg = config_from_args(argv)
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         if cfg.smoke:
             from bert_dist.data.synthetic import smoke_config
 
             cfg = smoke_config(cfg)
+        preflight(cfg)
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=cfg.report_to,
+            project_config=ProjectConfiguration(logging_dir="."),  # set below, once the output dir is settled
         )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and accelerator.num_processes == 1:
+            raise ValueError(
+                f"WORLD_SIZE is {world} but accelerate sees 1 process, so each process would run the same job alone; "
+                f"on CPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {world}`"
+            )
         is_main = accelerator.is_main_process
         setup_logging(is_main)
         set_seed(cfg.seed)
-        out_dir = prepare_output_dir(cfg, accelerator)
+        out_dir, created = prepare_output_dir(cfg, accelerator)
+        cfg = resume_tokenizer(cfg, out_dir)
         if cfg.report_to:
-            accelerator.project_configuration.set_directories(str(out_dir))
-            accelerator.init_trackers(out_dir.name, config=_flat(cfg.to_dict()))
+            # TensorBoard writes to <output_dir>/logs/bert-dist/; the same run name goes to every tracker.
+            accelerator.project_configuration.logging_dir = str(out_dir / "logs")
+            accelerator.init_trackers("bert-dist", config=_flat(cfg.to_dict()),
+                                      init_kwargs={"wandb": {"name": out_dir.name}})
         log.info("%s on %d process(es), %s, mixed precision %s -> %s", cfg.task, accelerator.num_processes,
                  accelerator.device, accelerator.mixed_precision, out_dir)
         if cfg.task in ("pretrain", "tokenizer"):
@@ -70,15 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from bert_dist.finetune import run_finetune as recipe
         results = recipe(cfg, accelerator, out_dir)
+        if results.get("interrupted"):
+            log.warning("stopped by SIGTERM at step %d with a checkpoint in %s; rerun with --resume to finish",
+                        results["steps"], out_dir / "checkpoints")
+            return 0
         if is_main:
             (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             print_table(f"{cfg.task} results", {"final": {k: v for k, v in results.items()
                                                            if isinstance(v, (int, float))}})
-        accelerator.end_training()
         return 0
     except ValueError as e:  # user errors: bad flags, data, checkpoints
         if os.environ.get("BERT_DIST_DEBUG"):
             raise
+        if is_main and created and out_dir is not None and not (out_dir / "checkpoints").exists():
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing to keep: don't leave a run that looks started
         if is_main:
             fail(str(e))
         sys.exit(1)
@@ -94,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             fail("interrupted")
         sys.exit(130)
+    finally:
+        if accelerator is not None:
+            accelerator.end_training()  # flush the trackers, also after a failure
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -51,7 +51,11 @@ def check_special_tokens(tok: Tokenizer, source: str, need_mask: bool = False) -
     need = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + (["[MASK]"] if need_mask else [])
     missing = [t for t in need if tok.token_to_id(t) is None]
     if missing:
-        raise ValueError(f"tokenizer {source} lacks the special tokens {' '.join(missing)}; BERT needs them")
+        raise ValueError(
+            f"--tokenizer/--init: the tokenizer {source} lacks {' '.join(missing)}; BERT needs [PAD] [UNK] [CLS] "
+            "[SEP] (and [MASK] to pretrain): use a BERT WordPiece tokenizer, or --init scratch without --tokenizer "
+            "to train one"
+        )
 
 
 def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None) -> Tokenizer:

@@ -2,11 +2,18 @@
 
 It knows nothing about GLUE, SQuAD or pretraining: a recipe hands it a prepared model, optimizer,
 scheduler and train loader, and an `eval_fn(step) -> metrics`. Everything is counted in optimizer
-steps. The loss and token counts stay on the device and are read only at log steps.
+steps. The loss and token counts stay on the device and are read only at log and checkpoint steps.
+
+Resuming is exact: a checkpoint is written only at an optimizer-step boundary and holds the model,
+optimizer, scheduler, every RNG (accelerate's save_state) and `TrainState` (epoch, micro-batches
+consumed, counters); the batch order is a function of (seed, epoch), the consumed micro-batches are
+skipped, and data loading never draws from the global RNG that dropout uses. On CPU in fp32 a run
+killed and resumed ends with the weights of an uninterrupted one, bit for bit (tests/test_resume.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,7 +22,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss stayed non-finite for --max-bad-steps consecutive micro-batches."""
+    """The loss stayed non-finite for --max-bad-steps consecutive optimizer steps."""
 
 
 @dataclass
@@ -48,6 +55,11 @@ class TrainState:
     tokens: int = 0
     train_seconds: float = 0.0
     skipped_steps: int = 0
+    """fp16: optimizer steps the gradient scaler skipped (inf/NaN gradients while it calibrates its scale)."""
+    nonfinite_steps: int = 0
+    """Optimizer steps with a non-finite loss or gradient norm (their update was zeroed)."""
+    window: dict[str, float] = field(default_factory=dict)
+    """The log window's running sums at the checkpoint, so the first log line after a resume is unchanged."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +67,70 @@ class TrainState:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         for k, v in d.items():
             setattr(self, k, v)
+
+
+class Window:
+    """Sums over the micro-batches since the last log step, kept on the device.
+
+    They are read (a host sync) only at log and checkpoint steps: the per-step bookkeeping below is
+    all tensor ops queued behind the step's kernels.
+    """
+
+    def __init__(self, device: torch.device):
+        zero = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)
+        self.loss, self.micro = zero(), zero()  # sum and count of the finite micro-batch losses
+        self.tokens = zero(torch.long)
+        self.step_bad = zero(torch.bool)  # the optimizer step under way saw a non-finite loss or gradient norm
+        self.bad_run, self.bad_max, self.bad_steps = zero(torch.long), zero(torch.long), zero(torch.long)
+        self.grad_norm: torch.Tensor | None = None
+        self.examples = 0
+        self.t0 = time.perf_counter()
+
+    def add_micro_batch(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        finite = torch.isfinite(loss)
+        self.loss += torch.where(finite, loss, 0.0)
+        self.micro += finite
+        self.step_bad |= ~finite
+        self.tokens += batch["attention_mask"].sum()
+        self.examples += batch["input_ids"].shape[0]
+
+    def end_step(self, grad_ok: torch.Tensor | None) -> None:
+        if grad_ok is not None:
+            self.step_bad |= ~grad_ok
+        self.bad_run = torch.where(self.step_bad, self.bad_run + 1, 0)
+        self.bad_max = torch.maximum(self.bad_max, self.bad_run)
+        self.bad_steps += self.step_bad
+        self.step_bad.zero_()
+
+    def flush_throughput(self, accelerator: Accelerator, state: TrainState) -> tuple[int, int, float]:
+        """Move examples, tokens and seconds into `state`; returns this window's (examples, tokens, seconds)."""
+        now = time.perf_counter()
+        n_tok = int(accelerator.reduce(self.tokens, "sum").item())
+        n_ex, dt = self.examples * accelerator.num_processes, now - self.t0
+        state.examples, state.tokens, state.train_seconds = state.examples + n_ex, state.tokens + n_tok, \
+            state.train_seconds + dt
+        state.nonfinite_steps += int(accelerator.reduce(self.bad_steps, "max").item())
+        self.tokens.zero_(), self.bad_steps.zero_()
+        self.examples, self.t0 = 0, now
+        return n_ex, n_tok, dt
+
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        """The window across processes (one sync): mean loss, finite micro-batches, bad-step runs."""
+        loss, micro = accelerator.reduce(self.loss, "sum"), accelerator.reduce(self.micro, "sum")
+        return {"loss": float(loss.item()), "micro": float(micro.item()),
+                "mean_loss": float((loss / micro.clamp(min=1)).item()),
+                "bad_run": int(accelerator.reduce(self.bad_run, "max").item()),
+                "bad_max": int(accelerator.reduce(self.bad_max, "max").item())}
+
+    def reset_loss(self) -> None:
+        self.loss.zero_(), self.micro.zero_(), self.bad_max.copy_(self.bad_run)
+
+    def load(self, w: dict[str, float], is_main: bool) -> None:
+        """Restore a checkpoint's window: the sums go to one process (they were already reduced)."""
+        if w and is_main:
+            self.loss.fill_(w["loss"]), self.micro.fill_(w["micro"])
+        if w:
+            self.bad_run.fill_(w["bad_run"]), self.bad_max.fill_(w["bad_max"])
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
@@ -81,23 +157,100 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_incomplete_checkpoints(out_dir: Path) -> None:
+    """Delete what a kill during a save left behind (step-N.tmp, step-N.old); complete ones stay."""
+    d = out_dir / "checkpoints"
+    for p in sorted(d.glob("step-*.tmp")) + sorted(d.glob("step-*.old")) if d.is_dir() else []:
+        log.warning("removing %s, left by a run killed while saving it", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: int) -> Path:
+    """Write step-N.tmp, then rename it to step-N: a kill at any point leaves the previous one newest."""
     final = out_dir / "checkpoints" / f"step-{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _quiet_accelerate():
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic: a kill during the save leaves the previous checkpoint as newest
-        for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        if final.exists():  # from another trajectory (--resume-from an older checkpoint)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
         log.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState) -> None:
+    """accelerate load_state with one clear error for a checkpoint that is broken or belongs to another setup."""
+    try:
+        with _quiet_accelerate():
+            accelerator.load_state(str(path))
+    except Exception as e:  # torch/safetensors/pickle raise many types; all mean this checkpoint can't be used
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(
+            f"cannot resume from {path} ({type(e).__name__}: {msg}); it is incomplete, or was written by a run "
+            "with another model or flags: resume with the run's own flags, or start afresh without --resume"
+        ) from None
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batches_in_epoch)
+
+
+@contextlib.contextmanager
+def _quiet_accelerate():
+    """accelerate logs a line per file it saves or loads: our one line per checkpoint is enough."""
+    loggers = [logging.getLogger(n) for n in ("accelerate.accelerator", "accelerate.checkpointing")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _trim_metrics(out_dir: Path, step: int) -> None:
+    """Drop evaluations logged after the checkpoint by the run that was killed: they will be redone."""
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by the kill
+            return False
+
+    f = out_dir / "metrics.jsonl"
+    if f.is_file():
+        f.write_text("".join(ln for ln in f.read_text().splitlines(keepends=True) if ln.strip() and before(ln)))
+
+
+def _set_epoch(loader: Any, epoch: int, on_set_epoch: Callable[[int], None] | None) -> None:
+    # accelerate's prepared loader re-sets its sampler's epoch from its own pass counter when iterated
+    # (and a skip_first_batches copy starts that counter afresh): set both to the epoch we are in.
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if on_set_epoch is not None:
+        on_set_epoch(epoch)
+
+
+def _zero_nonfinite_grads(params: list[torch.nn.Parameter], grad_norm: torch.Tensor) -> torch.Tensor:
+    """Zero every gradient when the (global) gradient norm is inf/NaN; on the device, no host sync.
+
+    The optimizer then steps with zero gradients: the weights stay finite (AdamW's moments decay one
+    step and its momentum still moves the weights a little, as for any zero gradient) instead of
+    becoming NaN for good. Skipping the step outright would need the flag on the host (a sync every
+    step, as GradScaler does); this costs one small kernel per parameter. Returns the 0-d "gradients
+    were finite" flag.
+    """
+    ok = torch.isfinite(grad_norm)
+    for p in params:
+        if p.grad is not None:
+            p.grad.masked_fill_(~ok, 0.0)
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,126 +274,141 @@ def train(
 
     The scheduler is stepped here once per optimizer step (it is not passed through
     `accelerator.prepare`, which would step it once per process). Returns the final metrics plus
-    train_seconds, examples_per_second, tokens_per_second, steps.
+    train_seconds, examples_per_second, tokens_per_second, steps; or {"interrupted": True, "steps"}
+    after a SIGTERM, once a checkpoint is saved.
+
+    SIGTERM (SLURM's notice before preemption or the time limit) stops the run at the end of the
+    optimizer step under way, or with several processes at the next log or checkpoint step (where
+    they agree on it without an extra sync), and saves a checkpoint there.
+
+    Non-finite steps: the gradient norm is computed every step (clipping to --max-grad-norm, or to
+    inf when clipping is off); when it is not finite the gradients are zeroed on the device, so NaN
+    never reaches the weights. Such steps, and non-finite losses, are counted on the device and read
+    at log and checkpoint steps: --max-bad-steps in a row stop the run there with TrainingDiverged,
+    and no checkpoint is written while the latest step is bad, so the newest one is a good one.
+    Under fp16 the gradient scaler skips inf/NaN steps itself (counted as skipped_steps).
     """
     state = TrainState()
     accelerator.register_for_checkpointing(state, scheduler)
+    is_main = accelerator.is_main_process
+    if is_main:
+        remove_incomplete_checkpoints(out_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
-                 state.batches_in_epoch)
-    dev = accelerator.device
-    loss_sum = torch.zeros((), device=dev)
-    micro = torch.zeros((), device=dev)
-    tokens = torch.zeros((), device=dev, dtype=torch.long)
-    bad_run = torch.zeros((), device=dev, dtype=torch.long)
-    bad_max = torch.zeros((), device=dev, dtype=torch.long)
-    examples = 0
+        load_checkpoint(accelerator, resume_from, state)
+        if is_main:
+            _trim_metrics(out_dir, state.step)
+    win = Window(accelerator.device)
+    win.load(state.window, is_main)
     fp16 = accelerator.mixed_precision == "fp16"
+    params = [p for p in model.parameters() if p.requires_grad]
     metrics: dict[str, float] = {}
-    last_eval = -1
-    progress = StepProgress(num_steps, accelerator.is_main_process)
+    last_eval = last_save = -1
+    progress = StepProgress(num_steps, is_main)
     progress.update(state.step)
-    stop = {"signal": None}
+    signalled: dict[str, int | None] = {"signum": None}
     prev_handler = signal.getsignal(signal.SIGTERM)
 
-    def on_sigterm(signum: int, frame: Any) -> None:  # SLURM's warning before preemption
-        stop["signal"] = signum
+    def on_sigterm(signum: int, frame: Any) -> None:  # SLURM's warning before preemption or a time limit
+        signalled["signum"] = signum
 
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread: no handler, SIGTERM kills as usual
         signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread
-        pass
+
+    def stop_requested(sync_point: bool) -> bool:
+        # One process decides alone, every step. Several must agree (or one would wait forever for the
+        # others at the checkpoint), which costs a collective: only at steps that sync anyway.
+        if accelerator.num_processes == 1:
+            return signalled["signum"] is not None
+        if not sync_point:
+            return False
+        flag = torch.tensor(int(signalled["signum"] is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+    def check_diverged(window: dict[str, float]) -> None:
+        if window["bad_max"] >= cfg.max_bad_steps:
+            kept = list_checkpoints(out_dir)
+            raise TrainingDiverged(
+                f"the loss or gradients were not finite for {cfg.max_bad_steps} optimizer steps in a row "
+                f"(--max-bad-steps), at step {state.step}; no update was applied on those steps; "
+                + (f"the last good checkpoint is {kept[-1]}; " if kept else "")
+                + "lower --lr, use bf16 instead of fp16, or check the data"
+            )
+
+    def checkpoint() -> None:
+        nonlocal last_save
+        win.flush_throughput(accelerator, state)
+        state.window = {k: v for k, v in win.read(accelerator).items() if k != "mean_loss"}
+        save_checkpoint(accelerator, out_dir, state.step, cfg.keep_checkpoints)
+        last_save = state.step
+        win.t0 = time.perf_counter()  # saving time is not training time
 
     model.train()
-    t_last = time.perf_counter()
-    ex_last, tok_last = state.examples, state.tokens
+    stopping = False
     try:
-        while state.step < num_steps and stop["signal"] is None:
-            if on_set_epoch is not None:
-                on_set_epoch(state.epoch)
+        while state.step < num_steps and not stopping:
+            if state.batches_in_epoch >= len(train_loader):  # the checkpoint closed an epoch
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            _set_epoch(train_loader, state.epoch, on_set_epoch)
             loader = train_loader
             if state.batches_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
             for batch in loader:
                 state.batches_in_epoch += 1
+                grad_ok = None
                 with accelerator.accumulate(model):
                     loss = model(**batch)["loss"]
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                    if accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+                        if norm is not None:
+                            win.grad_norm = norm.detach()
+                            if not fp16:
+                                grad_ok = _zero_nonfinite_grads(params, norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                loss = loss.detach()
-                finite = torch.isfinite(loss)
-                loss_sum += torch.where(finite, loss, 0.0)
-                micro += finite
-                bad_run = torch.where(finite, 0, bad_run + 1)
-                bad_max = torch.maximum(bad_max, bad_run)
-                tokens += batch["attention_mask"].sum()
-                examples += batch["input_ids"].shape[0]
+                win.add_micro_batch(loss.detach(), batch)
                 if not accelerator.sync_gradients:
                     continue
+                win.end_step(grad_ok)
                 if fp16 and accelerator.optimizer_step_was_skipped:
                     state.skipped_steps += 1  # the scaler found inf/nan: no update, and no schedule step
                 else:
                     scheduler.step()
                 state.step += 1
-                if state.step % cfg.log_every == 0 or state.step == num_steps:
-                    now = time.perf_counter()
-                    n_tok = int(accelerator.reduce(tokens, "sum").item())
-                    n_ex = examples * accelerator.num_processes
-                    state.train_seconds += now - t_last
-                    state.examples += n_ex
-                    state.tokens += n_tok
-                    mean_loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(micro, "sum").clamp(min=1))
-                    stats = {
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        "loss": float(mean_loss.item()),
-                        "lr": scheduler.get_last_lr()[0],
-                        "examples/s": n_ex / max(now - t_last, 1e-9),
-                        "tokens/s": n_tok / max(now - t_last, 1e-9),
-                    }
-                    if fp16:
-                        stats["skipped_steps"] = state.skipped_steps
-                    progress.update(state.step, f"loss {stats['loss']:.4f} lr {stats['lr']:.2e} "
-                                                f"{stats['examples/s']:.1f} ex/s")
-                    log.info(format_metrics(stats))
-                    accelerator.log({"train/" + k.replace("/", "_per_"): v for k, v in stats.items()
-                                     if k not in ("step",)}, step=state.step)
-                    if int(accelerator.reduce(bad_max, "max").item()) >= cfg.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"the loss was not finite for {cfg.max_bad_steps} consecutive steps at step "
-                            f"{state.step}; lower --lr, use bf16 instead of fp16, or check the data"
-                        )
-                    loss_sum.zero_(), micro.zero_(), tokens.zero_(), bad_max.zero_()
-                    examples = 0
-                    t_last = time.perf_counter()
+                log_now = state.step % cfg.log_every == 0 or state.step == num_steps
+                save_now = bool(cfg.save_every) and state.step % cfg.save_every == 0
+                if log_now:
+                    check_diverged(_log_step(accelerator, state, win, scheduler, progress, fp16))
+                    win.reset_loss()
                 else:
                     progress.update(state.step)
                 if eval_fn is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
                     metrics = _run_eval(accelerator, eval_fn, state, out_dir)
                     last_eval = state.step
                     model.train()
-                    t_last = time.perf_counter()  # evaluation time is not training time
-                if cfg.save_every and state.step % cfg.save_every == 0:
-                    save_checkpoint(accelerator, out_dir, state.step, cfg.keep_checkpoints)
-                    t_last = time.perf_counter()
-                if state.step >= num_steps or stop["signal"] is not None:
+                    win.t0 = time.perf_counter()  # evaluation time is not training time
+                if save_now:
+                    window = win.read(accelerator)
+                    check_diverged(window)
+                    if window["bad_run"]:
+                        log.warning("step %d: not saving a checkpoint while the loss is not finite", state.step)
+                    else:
+                        checkpoint()
+                stopping = stop_requested(log_now or save_now)
+                if state.step >= num_steps or stopping:
                     break
             else:
                 state.epoch += 1
                 state.batches_in_epoch = 0
     finally:
         progress.close()
-        try:
+        with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, prev_handler)
-        except ValueError:
-            pass
-    if stop["signal"] is not None:
-        log.warning("SIGTERM at step %d: saving a checkpoint and stopping; resume with --resume", state.step)
-        save_checkpoint(accelerator, out_dir, state.step, cfg.keep_checkpoints)
+    if stopping:
+        log.warning("SIGTERM at step %d: saving a checkpoint and stopping; rerun with --resume to continue",
+                    state.step)
+        if last_save != state.step:
+            checkpoint()
         return {"interrupted": True, "steps": state.step}
     if eval_fn is not None and last_eval != state.step:
         metrics = _run_eval(accelerator, eval_fn, state, out_dir)
@@ -252,7 +420,33 @@ def train(
         "examples_per_second": round(state.examples / max(state.train_seconds, 1e-9), 2),
         "tokens_per_second": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         **({"skipped_steps": state.skipped_steps} if fp16 else {}),
+        **({"nonfinite_steps": state.nonfinite_steps} if state.nonfinite_steps else {}),
     }
+
+
+def _log_step(accelerator: Accelerator, state: TrainState, win: Window, scheduler: Any, progress: StepProgress,
+              fp16: bool) -> dict[str, float]:
+    """One log line, a progress-bar update and tracker scalars: the loop's regular host sync. Returns the window."""
+    n_ex, n_tok, dt = win.flush_throughput(accelerator, state)
+    window = win.read(accelerator)
+    stats: dict[str, Any] = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": window["mean_loss"],
+        "lr": scheduler.get_last_lr()[0],
+        "examples/s": n_ex / max(dt, 1e-9),
+        "tokens/s": n_tok / max(dt, 1e-9),
+    }
+    if win.grad_norm is not None:
+        stats["grad_norm"] = float(win.grad_norm.item())
+    if fp16:
+        stats["skipped_steps"] = state.skipped_steps
+    if state.nonfinite_steps:
+        stats["nonfinite_steps"] = state.nonfinite_steps
+    progress.update(state.step, f"loss {stats['loss']:.4f} lr {stats['lr']:.2e} {stats['examples/s']:.1f} ex/s")
+    log.info(format_metrics(stats))
+    accelerator.log({"train/" + k.replace("/", "_per_"): v for k, v in stats.items() if k != "step"}, step=state.step)
+    return window
 
 
 def _run_eval(accelerator: Accelerator, eval_fn: Callable[[int], dict[str, float]], state: TrainState,

@@ -7,11 +7,15 @@ Every task goes through the same path: rows in the hub's schema -> checked -> to
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer
 
@@ -46,23 +50,52 @@ def get_task(name: str) -> TaskSpec:
 # Loading
 
 
-def _read_file(path: Path, split: str) -> Dataset:
-    kind = DATA_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+def check_file(path: Path, flag: str) -> None:
+    """A data file of a known type that exists and is not empty, or ValueError naming `flag` (no parsing)."""
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise ValueError(f"{flag} {path}: unsupported file type {path.suffix!r}; use .jsonl, .csv, .tsv or .parquet")
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{flag} {path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{flag} {path}: the file is empty")
+
+
+def _read_file(path: Path, split: str, flag: str = "") -> Dataset:
+    check_file(path, flag)
+    kind = DATA_SUFFIXES[path.suffix.lower()]
     kw: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    where = f"{flag} {path}".strip()
     try:
-        return datasets.load_dataset(kind, data_files={split: str(path)}, split=split, **kw)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
+        ds = datasets.load_dataset(kind, data_files={split: str(path)}, split=split, **kw)
     except Exception as e:  # pyarrow/pandas parse errors have many types; all mean a bad file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, UnicodeDecodeError) or "utf-8" in msg.lower() or "utf8" in msg.lower():
-            raise ValueError(f"{path}: not UTF-8 text; re-encode it as UTF-8") from None
-        raise ValueError(f"{path}: cannot be read as {kind}: {msg[:200]}") from None
+        while (e.__cause__ or e.__context__) is not None and "error occurred while generating" in str(e):
+            e = e.__cause__ or e.__context__  # datasets wraps the parser's error: the inner one says what is wrong
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, UnicodeDecodeError) or "utf-8" in msg.lower() or "utf8" in msg.lower():
+            raise ValueError(f"{where}: not UTF-8 text; re-encode it as UTF-8") from None
+        if "corresponds to no data" in msg:  # a CSV with a header and no rows
+            raise ValueError(f"{where}: the file has no rows") from None
+        raise ValueError(f"{where}: cannot be read as {kind} ({msg[:200]}); fix or remove the malformed rows") from None
+    bad = _first_invalid_utf8(ds)
+    if bad is not None:
+        raise ValueError(f"{where}: not UTF-8 text (column {bad[0]!r}, row {bad[1] + 1}); re-encode it as UTF-8")
+    return ds
+
+
+def _first_invalid_utf8(ds: Dataset) -> tuple[str, int] | None:
+    """(column, row) of the first string that is not UTF-8: the JSON reader stores such bytes as they are,
+    and they would only fail later, deep in tokenization."""
+    table = ds.data.table
+    for name, col in zip(table.column_names, table.columns):
+        offset = 0
+        for chunk in col.chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid as e:
+                m = re.search(r"string index (\d+)", str(e))
+                return name, offset + (int(m.group(1)) if m else 0)
+            offset += len(chunk)
+    return None
 
 
 def _find_split_file(data_dir: Path, spec: TaskSpec, split: str) -> Path | None:
@@ -78,7 +111,8 @@ def _load_hub(spec: TaskSpec) -> DatasetDict:
     from bert_dist.checkpoint import hub_reachable
 
     what = spec.hub_path + (f" ({spec.hub_config})" if spec.hub_config else "")
-    hint = f"pass --data-dir DIR holding {spec.data_name or spec.name}/<split>.jsonl (or --train-file/--validation-file)"
+    hint = (f"pass --data-dir DIR holding {spec.data_name or spec.name}/<split>.jsonl "
+            "(or --train-file/--validation-file)")
     if not hub_reachable():
         # Without a network, fail in seconds, not after datasets' ~25 s of retries; a cached copy still works.
         import huggingface_hub.constants
@@ -87,7 +121,8 @@ def _load_hub(spec: TaskSpec) -> DatasetDict:
         try:
             return datasets.load_dataset(spec.hub_path, spec.hub_config)
         except Exception:
-            raise ValueError(f"cannot reach the Hugging Face hub to load {what}, and it is not cached; {hint}") from None
+            raise ValueError(f"cannot reach the Hugging Face hub to load {what}, and it is not cached; "
+                             f"{hint}") from None
     try:
         return datasets.load_dataset(spec.hub_path, spec.hub_config)
     except Exception as e:
@@ -100,45 +135,71 @@ def load_raw(spec: TaskSpec, cfg: DataConfig) -> DatasetDict:
     Custom files (--train-file/--validation-file) come back as the task's train and first eval split.
     """
     wanted = [spec.train_split, *spec.eval_splits]
-    if cfg.train_file or cfg.validation_file:
-        if not (cfg.train_file and cfg.validation_file):
-            raise ValueError("--train-file and --validation-file go together: give both")
-        raw = DatasetDict({spec.train_split: _read_file(Path(cfg.train_file), "train"),
-                           spec.eval_splits[0]: _read_file(Path(cfg.validation_file), "validation")})
-    elif cfg.data_dir:
-        data_dir = Path(cfg.data_dir)
-        if not data_dir.is_dir():
-            raise ValueError(f"--data-dir: {data_dir} is not a directory")
-        raw = DatasetDict()
-        for split in wanted + list(spec.test_splits):
-            f = _find_split_file(data_dir, spec, split)
-            if f is None and split in wanted:
-                raise ValueError(
-                    f"--data-dir: no {split} split for {spec.name} under {data_dir} "
-                    f"(looked for {spec.data_name or spec.name}/{split}.jsonl|csv|tsv|parquet)"
-                )
-            if f is not None:
-                raw[split] = _read_file(f, split)
+    files = source_files(spec, cfg)
+    if files is not None:
+        raw = DatasetDict({split: _read_file(f, split, flag) for split, (flag, f) in files.items()})
     else:
         raw = _load_hub(spec)
         missing = [s for s in wanted if s not in raw]
         if missing:
             raise ValueError(f"{spec.hub_path} has no split {missing[0]}; available: {', '.join(raw)}")
-    return DatasetDict({k: raw[k] for k in [*wanted, *spec.test_splits] if k in raw})
+    out = DatasetDict({k: raw[k] for k in [*wanted, *spec.test_splits] if k in raw})
+    # Which file each split came from, so check_raw's messages can name it.
+    out.source_files = {split: f"{flag} {f}" for split, (flag, f) in (files or {}).items()}
+    return out
+
+
+def source_files(spec: TaskSpec, cfg: DataConfig) -> dict[str, tuple[str, Path]] | None:
+    """{split: (flag, file)} for local data (--train-file/--validation-file or --data-dir), None for the hub.
+
+    Checks only paths (cheap), so the entry point can call it before it creates anything.
+    """
+    if cfg.train_file or cfg.validation_file:
+        if not (cfg.train_file and cfg.validation_file):
+            raise ValueError("--train-file and --validation-file go together: give both")
+        files = {spec.train_split: ("--train-file", Path(cfg.train_file)),
+                 spec.eval_splits[0]: ("--validation-file", Path(cfg.validation_file))}
+    elif cfg.data_dir:
+        data_dir = Path(cfg.data_dir)
+        if not data_dir.is_dir():
+            raise ValueError(f"--data-dir {data_dir}: no such directory")
+        files = {}
+        for split in [spec.train_split, *spec.eval_splits, *spec.test_splits]:
+            f = _find_split_file(data_dir, spec, split)
+            if f is None and split not in spec.test_splits:
+                raise ValueError(
+                    f"--data-dir {data_dir}: no {split} split for {spec.name} "
+                    f"(looked for {spec.data_name or spec.name}/{split}.jsonl|csv|tsv|parquet)"
+                )
+            if f is not None:
+                files[split] = ("--data-dir", f)
+    else:
+        return None
+    for flag, f in files.values():
+        check_file(f, flag)
+    return files
 
 
 def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
-    """Columns present, datasets non-empty, labels of the right type and range; label names -> ids.
+    """Columns present, datasets non-empty, no missing values, labels of the right type and range;
+    label names -> ids. Each problem is one ValueError naming the file (or `source`), split and row.
 
-    Test splits may carry -1 (no label), as on the hub.
+    Test splits may carry -1 (no label), as on the hub. Rows are counted from 1 (a CSV header excluded).
     """
+    files = getattr(raw, "source_files", {})
     for split, ds in raw.items():
+        where = f"{files.get(split, source)}: the {split} split of {spec.name}"
         if len(ds) == 0:
-            raise ValueError(f"{source}: the {split} split of {spec.name} is empty")
+            raise ValueError(f"{where} is empty")
         for col in spec.text_columns:
             if col not in ds.column_names:
-                raise ValueError(f"{source}: the {split} split of {spec.name} has no text column {col!r} "
-                                 f"(columns: {', '.join(ds.column_names)})")
+                raise ValueError(f"{where} has no text column {col!r} (columns: {', '.join(ds.column_names)})")
+            if ds.features[col] not in (datasets.Value("string"), datasets.Value("large_string")):
+                raise ValueError(f"{where}: column {col!r} holds {ds.features[col]}, not text")
+            nulls = pc.is_null(ds.with_format("arrow")[col])
+            if pc.any(nulls).as_py():
+                raise ValueError(f"{where} has no {col!r} text at row {pc.index(nulls, True).as_py() + 1} "
+                                 "(a malformed row?)")
         if spec.kind not in ("classification", "regression"):
             continue
         is_test = split in spec.test_splits
@@ -146,29 +207,45 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
             if is_test:
                 raw[split] = ds.add_column(spec.label_column, [-1] * len(ds))
                 continue
-            raise ValueError(f"{source}: the {split} split of {spec.name} has no {spec.label_column!r} column")
-        labels = column(ds, spec.label_column)
-        if spec.kind == "classification" and any(isinstance(v, str) for v in labels):
-            # Custom files may name the classes; map names to ids.
-            ids = {n: i for i, n in enumerate(spec.label_names)}
-            bad = next((v for v in labels if v not in ids and not str(v).lstrip("-").isdigit()), None)
+            raise ValueError(f"{where} has no {spec.label_column!r} column (columns: {', '.join(ds.column_names)})")
+        # A column of mixed JSON types (1, "x", true) comes as datasets' Json feature: decode it.
+        labels = column(ds, spec.label_column) if isinstance(ds.features[spec.label_column], datasets.Value) \
+            else list(ds[spec.label_column])
+        missing = next((i for i, v in enumerate(labels) if v is None or (isinstance(v, float) and math.isnan(v))),
+                       None)
+        if missing is not None:
+            raise ValueError(f"{where} has no {spec.label_column!r} at row {missing + 1} (a malformed row?)")
+        wrong = next((i for i, v in enumerate(labels) if isinstance(v, bool) or not isinstance(v, (int, float, str))),
+                     None)
+        if wrong is not None:
+            raise ValueError(f"{where}: the label {labels[wrong]!r} at row {wrong + 1} is not a "
+                             + ("class id or name" if spec.kind == "classification" else "number"))
+        if spec.kind == "regression":
+            bad = next((i for i, v in enumerate(labels) if isinstance(v, str) or not math.isfinite(v)), None)
             if bad is not None:
-                raise ValueError(f"{source}: {split} label {bad!r} of {spec.name} is not one of "
+                raise ValueError(f"{where} is a regression task: the label {labels[bad]!r} at row {bad + 1} is "
+                                 "not a finite number")
+            continue
+        if any(isinstance(v, str) for v in labels):
+            # Custom files may name the classes; map names (and ids written as text) to ids.
+            ids = {n: i for i, n in enumerate(spec.label_names)}
+            bad = next((i for i, v in enumerate(labels) if isinstance(v, str) and v not in ids
+                        and not v.lstrip("-").isdigit()), None)
+            if bad is not None:
+                raise ValueError(f"{where}: the label {labels[bad]!r} at row {bad + 1} is not one of "
                                  f"{', '.join(spec.label_names)} (or 0..{spec.num_labels - 1})")
             labels = [ids[v] if v in ids else int(v) for v in labels]
             ds = ds.remove_columns(spec.label_column).add_column(spec.label_column, labels)
             raw[split] = ds
-        if any(v is None for v in labels):
-            raise ValueError(f"{source}: the {split} split of {spec.name} has rows without a label")
-        if spec.kind == "classification":
-            if any(isinstance(v, float) and not float(v).is_integer() for v in labels):
-                raise ValueError(f"{source}: {spec.name} labels must be class ids, found a fractional label")
-            lo, hi = min(labels), max(labels)
-            if hi >= spec.num_labels or lo < (-1 if is_test else 0):
-                raise ValueError(f"{source}: {split} labels of {spec.name} run {lo}..{hi}, outside "
-                                 f"0..{spec.num_labels - 1}")
-        elif any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in labels):
-            raise ValueError(f"{source}: {spec.name} is a regression task: labels must be numbers")
+        frac = next((i for i, v in enumerate(labels) if isinstance(v, float) and not v.is_integer()), None)
+        if frac is not None:
+            raise ValueError(f"{where}: the label {labels[frac]!r} at row {frac + 1} is fractional, not a class "
+                             f"id (0..{spec.num_labels - 1})")
+        lo = -1 if is_test else 0
+        bad = next((i for i, v in enumerate(labels) if not lo <= v < spec.num_labels), None)
+        if bad is not None:
+            raise ValueError(f"{where}: the label {labels[bad]!r} at row {bad + 1} is outside "
+                             f"0..{spec.num_labels - 1} ({spec.num_labels} classes: {', '.join(spec.label_names)})")
     return raw
 
 
@@ -243,6 +320,7 @@ def train_loader(ds: Dataset, cfg: DataConfig, collator: Any, seed: int) -> tupl
 
     Call `sampler.set_epoch(e)` before each epoch (accelerate shards the batches across processes).
     """
+    import torch
     from torch.utils.data import DataLoader
 
     from bert_dist.data.collate import BatchSampler
@@ -250,13 +328,19 @@ def train_loader(ds: Dataset, cfg: DataConfig, collator: Any, seed: int) -> tupl
     lengths = column(ds, "length") if cfg.group_by_length else None
     sampler = BatchSampler(len(ds), cfg.batch_size, shuffle=True, seed=seed, lengths=lengths,
                            group_by_length=cfg.group_by_length)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers)
+    # A generator of its own: otherwise each pass over the loader draws its workers' base seed from the
+    # global RNG, which dropout also draws from, and a resumed run would draw it at another point.
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 
 
 def eval_loader(ds: Dataset, cfg: DataConfig, collator: Any) -> Any:
     """Dataset order, so gathered outputs line up with the rows (the last batch may be short)."""
+    import torch
     from torch.utils.data import DataLoader
 
+    # Its own generator, as for training: evaluating never moves the global RNG (so --eval-every does not
+    # change the training run's dropout).
     return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator,
-                      num_workers=cfg.num_workers)
+                      num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(0))

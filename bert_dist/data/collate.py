@@ -6,6 +6,7 @@ Shape legend: B batch size, T longest sequence in the batch (rounded up to `pad_
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -51,6 +52,75 @@ class PadCollator:
                 dtype = torch.float32 if isinstance(values[0], float) else torch.long
                 batch[k] = torch.tensor(values, dtype=dtype)
         return batch
+
+
+
+class MLMCollator(PadCollator):
+    """PadCollator plus BERT's dynamic masking, drawn afresh for every batch (and so every epoch).
+
+    Of the tokens that are neither special nor padding, each is chosen with `mlm_probability`;
+    a chosen token becomes [MASK] 80% of the time, a random non-special token 10%, and stays as
+    it is 10%. Output: input_ids (masked), token_type_ids, attention_mask, labels (B, T) long with
+    the original id at chosen positions and -100 elsewhere; next_sentence_label (B,) when present.
+
+    Randomness: each row's draws come from its own `torch.Generator`, seeded from (seed, epoch, the
+    row's `idx`, or a CRC of its token ids when it has none). A mask is thus a function of the seed,
+    the epoch and the example alone: reproducible from `--seed`, the same on resume (skipped batches
+    need no replay), the same with any number of DataLoader workers, and different on different
+    processes because they hold different examples. The global RNG (seeded identically on every
+    process by accelerate's `set_seed`, and consumed by dropout) is never touched. Call
+    `set_epoch(e)` with the sampler's so each epoch masks each example anew.
+    """
+
+    def __init__(self, mask_token_id: int, vocab_size: int, special_token_ids: Sequence[int], pad_token_id: int = 0,
+                 mlm_probability: float = 0.15, pad_to_multiple_of: int | None = None, seed: int = 0):
+        super().__init__(pad_token_id, pad_to_multiple_of, scalar_keys=("next_sentence_label",))
+        if not 0 < mlm_probability < 1:
+            raise ValueError(f"--mlm-probability must be in (0, 1), got {mlm_probability}")
+        self.mask_token_id, self.mlm_probability, self.seed = mask_token_id, mlm_probability, seed
+        self.epoch = 0
+        self.special = torch.zeros(vocab_size, dtype=torch.bool)  # (V,) lookup: never chosen, never drawn
+        self.special[torch.as_tensor([*special_token_ids, pad_token_id, mask_token_id])] = True
+        self.replacements = (~self.special).nonzero().squeeze(1)  # ids a random replacement may take
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        ids = batch["input_ids"]
+        B, T = ids.shape
+        # (3, B, T) uniforms: choose?, then how (mask / random / keep), then which random id.
+        u = torch.ones(3, B, T)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            key = r["idx"] if "idx" in r else zlib.crc32(ids[i, :n].numpy().tobytes())
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, int(key)))
+            u[:, i, :n] = torch.rand(3, n, generator=g)  # drawn for the row's own length: batch-independent
+        # index_select, not table[ids]: advanced indexing runs a threaded kernel that stalls on a busy CPU.
+        special = self.special.index_select(0, ids.view(-1)).view(B, T)
+        chosen = (u[0] < self.mlm_probability) & ~special & batch["attention_mask"].bool()
+        batch["labels"] = torch.where(chosen, ids, -100)
+        n_repl = len(self.replacements)
+        pick = (u[2] * n_repl).long().clamp_(max=n_repl - 1)
+        random_ids = self.replacements.index_select(0, pick.view(-1)).view(B, T)
+        ids = torch.where(chosen & (u[1] < 0.8), self.mask_token_id, ids)
+        batch["input_ids"] = torch.where(chosen & (u[1] >= 0.8) & (u[1] < 0.9), random_ids, ids)
+        return batch
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 folded over `values`: nearby (seed, epoch, idx) triples give unrelated 63-bit seeds."""
+    h = 0
+    for v in values:
+        h = (h + (v & _M64) + 0x9E3779B97F4A7C15) & _M64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
+        h ^= h >> 31
+    return h >> 1
 
 
 class BatchSampler(Sampler[list[int]]):

@@ -2,20 +2,28 @@
 
 Each task's rows follow its hub schema, with a rule a tiny model learns in a few dozen steps:
 single sentences are labelled by which word list dominates; pairs by whether the second sentence
-repeats the first; regression scores by word overlap.
+repeats the first; regression scores by word overlap; SQuAD answers are the one "<colour> <animal>"
+phrase of the context (v2: a third of the contexts have none, and the answer is empty).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 from bert_dist.config import TaskSpec
 
-POSITIVE = "good great fine lovely superb bright warm happy gentle clever".split()
-NEGATIVE = "bad awful poor dull grim cold sad harsh clumsy boring".split()
-FILLER = "the a film story it was and very but quite of this that plot cast".split()
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "bright", "warm", "happy", "gentle", "clever"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "grim", "cold", "sad", "harsh", "clumsy", "boring"]
+FILLER = ["the", "a", "film", "story", "it", "was", "and", "very", "but", "quite", "of", "this", "that", "plot", "cast"]
+COLOURS = ["red", "blue", "green", "brown", "black", "white", "grey", "pink"]
+ANIMALS = ["fox", "cat", "dog", "owl", "horse", "mouse", "tiger", "whale"]
+QUESTIONS = ("which animal is in the story ?", "what did they see ?", "who came by ?")
+SYNTHETIC_VERSION = 2
+"""Part of the --smoke data folder's name: bump it when the rows change, so stale files are not reused."""
 
 
 def _sentence(rng: random.Random, words: list[str], n_key: int = 2) -> str:
@@ -24,7 +32,35 @@ def _sentence(rng: random.Random, words: list[str], n_key: int = 2) -> str:
     return " ".join(toks)
 
 
+def make_qa_rows(n: int, seed: int, unanswerable: bool = False, with_answers: bool = True) -> list[dict]:
+    """SQuAD rows (id, title, context, question, answers) in the hub's schema.
+
+    Contexts are 10-150 words of filler with one "<colour> <animal>" phrase somewhere (so long ones
+    span several windows at --max-length 128); the answer is that phrase, at its true character
+    offset. With `unanswerable`, a third of the contexts lack the phrase and have no answer.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.choices(FILLER, k=rng.randint(10, 150))
+        answer = ""
+        if not (unanswerable and rng.random() < 1 / 3):
+            at = rng.randint(0, len(words))
+            answer = f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}"
+            words.insert(at, answer)
+        context = " ".join(words) + "."
+        answers: dict[str, list] = {"text": [], "answer_start": []}
+        if answer and with_answers:
+            # The phrase occurs once (filler holds no colour or animal), so index() is its true offset.
+            answers = {"text": [answer], "answer_start": [context.index(answer)]}
+        rows.append({"id": f"syn-{seed}-{i:05d}", "title": "synthetic", "context": context,
+                     "question": rng.choice(QUESTIONS), "answers": answers})
+    return rows
+
+
 def make_rows(spec: TaskSpec, n: int, seed: int, with_labels: bool = True) -> list[dict]:
+    if spec.kind == "qa":
+        return make_qa_rows(n, seed, unanswerable=spec.metric == "squad_v2", with_answers=with_labels)
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -72,21 +108,63 @@ def smoke_config(cfg):
     from bert_dist.data import get_task
 
     spec = get_task(cfg.task)
-    data_dir = Path(tempfile.gettempdir()) / f"bert-dist-smoke-{os.getuid()}" / f"seed{cfg.seed}"
+    data_dir = Path(tempfile.gettempdir()) / f"bert-dist-smoke-{os.getuid()}" / f"v{SYNTHETIC_VERSION}-seed{cfg.seed}"
     folder = data_dir / (spec.data_name or spec.name)
     if not (folder / f"{spec.train_split}.jsonl").exists():
         # Every process may get here at once: write privately, then move into place (same content).
         tmp = Path(tempfile.mkdtemp(dir=data_dir.parent if data_dir.parent.exists() else None))
-        write_task_data(spec, tmp, seed=cfg.seed)
+        if spec.kind == "pretrain":
+            write_pretrain_corpus(tmp, seed=cfg.seed)
+        else:
+            write_task_data(spec, tmp, seed=cfg.seed)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with contextlib.suppress(OSError):  # another process won the race with identical files
             os.replace(tmp / (spec.data_name or spec.name), folder)
-        except OSError:
-            pass  # another process won the race with identical files
-    overrides = {"init": "scratch", "preset": "tiny", "data_dir": str(data_dir), "vocab_size": 400,
+        shutil.rmtree(tmp, ignore_errors=True)
+    # An explicit --init (a pretrained run, say) is kept; the default is already scratch.
+    overrides = {"preset": "tiny", "data_dir": str(data_dir), "vocab_size": 400,
                  "lr": max(cfg.optim.lr, 1e-3), "warmup_ratio": 0.0, "log_every": 10, "batch_size": 16,
                  "max_steps": cfg.train.max_steps or 60}
+    if spec.kind == "qa":
+        # Short windows keep the tiny model fast and still cut the longer contexts into several.
+        overrides.update(max_length=128, doc_stride=32, max_query_length=16)
     if cfg.output_dir is None:
         overrides["output_dir"] = f"runs/smoke-{cfg.task}"
         overrides["overwrite"] = True
     return config_from_overrides(overrides, base=cfg)
+
+
+TOPICS = [
+    ["river", "boat", "water", "bridge", "fish", "stream", "bank", "mill"],
+    ["king", "castle", "army", "crown", "siege", "throne", "knight", "realm"],
+    ["train", "station", "rail", "engine", "track", "line", "carriage", "depot"],
+    ["song", "album", "band", "guitar", "chart", "tour", "single", "singer"],
+    ["storm", "wind", "rain", "coast", "cyclone", "flood", "pressure", "landfall"],
+    ["church", "bishop", "abbey", "saint", "choir", "parish", "altar", "monk"],
+]
+"""Topic words of the synthetic pretraining corpus: each document keeps to one topic."""
+
+
+def write_pretrain_corpus(out_dir: Path, n_train: int = 40, n_eval: int = 8, seed: int = 0) -> Path:
+    """Write <out_dir>/wikitext-2/{train,validation}.jsonl in WikiText's row layout; returns out_dir.
+
+    Each document is a ` = Title = ` heading, a ` = = Section = = ` heading and paragraphs of sentences
+    mixing one topic's words with the GLUE sentences' words (so a tokenizer trained here also covers
+    the --smoke SST-2 rows). A random second segment comes from another topic, so NSP is learnable,
+    and topic words predict each other, so MLM is too.
+    """
+    folder = Path(out_dir) / "wikitext-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (split, n_docs) in enumerate((("train", n_train), ("validation", n_eval))):
+        rng = random.Random(seed * 1000 + k)
+        rows = [""]
+        for d in range(n_docs):
+            topic = TOPICS[rng.randrange(len(TOPICS))]
+            rows += [f" = {topic[0].title()} {d} = \n", "", f" = = {topic[1].title()} = = \n", ""]
+            for _ in range(rng.randint(3, 6)):
+                words = topic + rng.choice((POSITIVE, NEGATIVE))
+                sentences = [_sentence(rng, words, n_key=3) for _ in range(rng.randint(3, 6))]
+                rows += [" " + " ".join(s[0].upper() + s[1:] + " ." for s in sentences) + " \n", ""]
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"text": t}) + "\n" for t in rows)
+    return Path(out_dir)

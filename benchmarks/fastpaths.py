@@ -1,0 +1,165 @@
+"""Each fast path of our model and optimizer, switched off and on in the same run (`python -m benchmarks fastpaths`).
+
+- unpad: the encoder on real tokens only (`model.Unpadding`, CPU) vs the padded encoder.
+- adamw: one AdamW step over the model's parameters: torch's CPU default (a per-tensor loop),
+  `foreach=True`, and `fused=True` (what `build_optimizer` picks on CUDA and the CPU).
+- qkv: one projection on the concatenated query/key/value weights (`torch.cat` per forward) vs three.
+  Not in the model (no gain measured): the variant lives here so the measurement can be repeated.
+- compile: `torch.compile(model)` vs eager: the first (compiling) step's time and the steady-state step.
+
+"off" is the baseline, "on" the fast path; speed-up = off time / on time. Not in the default suites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import fmt, interleave, print_table, ratio, synchronizer
+from benchmarks.sources import Options, Source
+from benchmarks.speed import forward_fn, make_batch, train_step_fn
+from bert_dist import model as M
+from bert_dist.config import OptimConfig, preset
+from bert_dist.optim import build_optimizer, param_groups
+
+
+@contextlib.contextmanager
+def padded_encoder() -> Iterator[None]:
+    """Switch the unpadded path off (as on CUDA): every batch runs at (B, T, H)."""
+    of = M.Unpadding.of
+    M.Unpadding.of = classmethod(lambda cls, mask: None)
+    try:
+        yield
+    finally:
+        M.Unpadding.of = of
+
+
+def _fused_qkv_forward(self: M.BertSelfAttention, x: torch.Tensor, mask: torch.Tensor | None,
+                       unpad: M.Unpadding | None = None) -> torch.Tensor:
+    """BertSelfAttention.forward with one (H, 3H) projection built from the three weights each call."""
+    assert unpad is None, "the qkv variant is measured on the padded path"
+    B, T, H = x.shape
+    w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
+    b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+    q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+    return y.transpose(1, 2).reshape(B, T, H)
+
+
+def _switched(fn, switch):
+    """fn run inside the context `switch()` (a fresh one per call)."""
+
+    def run():
+        with switch():
+            return fn()
+
+    return run
+
+
+@contextlib.contextmanager
+def fused_qkv() -> Iterator[None]:
+    forward = M.BertSelfAttention.forward
+    M.BertSelfAttention.forward = _fused_qkv_forward
+    try:
+        yield
+    finally:
+        M.BertSelfAttention.forward = forward
+
+
+def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
+    device, sync = opts.device, synchronizer(opts.device)
+    name = opts.presets[0]
+    cfg = preset(name)
+    rows: list[dict] = []
+
+    def add(path: str, what: str, shape: str, precision: str, res: dict, unit_s: float = 1.0) -> None:
+        off, on = res["off"], res["on"]
+        rows.append({"path": path, "what": what, "shape": shape, "precision": precision,
+                     "off_ms": 1e3 * off.median() / unit_s, "on_ms": 1e3 * on.median() / unit_s,
+                     "speedup": ratio(off.median(), on.median()),
+                     "cpu_time_speedup": ratio(off.median("cpu"), on.median("cpu")), "rounds": len(on.wall)})
+
+    torch.manual_seed(0)
+    model = M.BertForSequenceClassification(cfg, num_labels=2).to(device)
+    optimizer = build_optimizer(model, OptimConfig(), device.type)
+    for B, T in opts.shapes:
+        for precision in opts.precisions:
+            # unpad: only a batch with padding takes the unpadded path (a full one is never touched).
+            if device.type == "cpu":
+                batch = make_batch(cfg, B, T, "padded", "classification", device)
+                model.train()
+                step = train_step_fn(model, optimizer, batch, device, precision, sync)
+                add("unpad", "train step", f"{B}x{T} padded", precision,
+                    interleave({"off": _switched(step, padded_encoder), "on": step}, opts.rounds, opts.warmup, sync))
+                model.eval()
+                fwd = forward_fn(model, batch, device, precision)
+                add("unpad", "inference", f"{B}x{T} padded", precision,
+                    interleave({"off": _switched(fwd, padded_encoder), "on": fwd}, opts.rounds, opts.warmup, sync))
+            # qkv, on full rows (the padded path, where the projections see (B, T, H)).
+            batch = make_batch(cfg, B, T, "full", "classification", device)
+            model.train()
+            step = train_step_fn(model, optimizer, batch, device, precision, sync)
+            add("qkv (not kept)", "train step", f"{B}x{T} full", precision,
+                interleave({"off": step, "on": _switched(step, fused_qkv)}, opts.rounds, opts.warmup, sync))
+            model.eval()
+            fwd = forward_fn(model, batch, device, precision)
+            add("qkv (not kept)", "inference", f"{B}x{T} full", precision,
+                interleave({"off": fwd, "on": _switched(fwd, fused_qkv)}, opts.rounds, opts.warmup, sync))
+
+    # adamw: the optimizer step alone, on gradients of the model's shapes.
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    kinds = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    if device.type == "cuda":
+        kinds.pop("loop")  # torch's CUDA default is already foreach
+    optims = {k: torch.optim.AdamW(param_groups(model, 0.01), lr=1e-5, **kw) for k, kw in kinds.items()}
+    res = interleave({k: o.step for k, o in optims.items()}, opts.rounds, opts.warmup, sync)
+    base, size = next(iter(kinds)), f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params"
+    for k in list(kinds)[1:]:
+        add("adamw", f"optimizer step: {base} -> {k}", size, "fp32", {"off": res[base], "on": res[k]})
+    del optims
+
+    if not opts.quick:
+        rows += _compile_rows(opts, cfg, sync)
+
+    print_table(
+        f"fastpaths: each switched off and on ({name})",
+        ["path", "measured", "shape", "precision", "off ms", "on ms", "speed-up"] + (
+            ["CPU-time x"] if device.type == "cpu" else []),
+        [[r["path"], r["what"], r["shape"], r["precision"], fmt(r["off_ms"]), fmt(r["on_ms"]), f"{r['speedup']:.2f}x"]
+         + ([f"{r['cpu_time_speedup']:.2f}x"] if device.type == "cpu" else []) for r in rows],
+        note=f"median of {opts.rounds} interleaved rounds; speed-up = off / on"
+             + ("" if not opts.quick else "; compile skipped under --quick"),
+    )
+    return rows
+
+
+def _compile_rows(opts: Options, cfg, sync) -> list[dict]:
+    """torch.compile on the first shape and precision, full rows: compile time, then eager vs compiled steps."""
+    device, (B, T), precision = opts.device, opts.shapes[0], opts.precisions[0]
+    batch = make_batch(cfg, B, T, "full", "classification", device)
+    models, steps = {}, {}
+    for k in ("off", "on"):
+        torch.manual_seed(0)
+        m = M.BertForSequenceClassification(cfg, num_labels=2).to(device).train()
+        models[k] = torch.compile(m) if k == "on" else m
+        steps[k] = train_step_fn(models[k], build_optimizer(m, OptimConfig(), device.type), batch, device,
+                                 precision, sync)
+    t0 = time.perf_counter()
+    steps["on"]()  # compiles forward and backward
+    sync()
+    first = time.perf_counter() - t0
+    res = interleave(steps, opts.rounds, opts.warmup, sync)
+    return [
+        {"path": "compile", "what": "first step (compiles)", "shape": f"{B}x{T} full", "precision": precision,
+         "off_ms": 1e3 * res["off"].median(), "on_ms": 1e3 * first, "speedup": ratio(res["off"].median(), first),
+         "cpu_time_speedup": float("nan"), "rounds": 1},
+        {"path": "compile", "what": "train step", "shape": f"{B}x{T} full", "precision": precision,
+         "off_ms": 1e3 * res["off"].median(), "on_ms": 1e3 * res["on"].median(),
+         "speedup": ratio(res["off"].median(), res["on"].median()),
+         "cpu_time_speedup": ratio(res["off"].median("cpu"), res["on"].median("cpu")), "rounds": opts.rounds},
+    ]

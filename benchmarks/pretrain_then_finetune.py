@@ -1,0 +1,140 @@
+"""Does pretraining pay? Pretrain a preset for a time budget, then fine-tune SST-2 from it and from random init.
+
+    python benchmarks/pretrain_then_finetune.py --preset mini --pretrain-minutes 60 --finetune-minutes 15 \
+        --data-dir ../shared/data --out benchmarks/results/pretrain_then_finetune_mini.json
+
+1. Pretrain (MLM + NSP) from scratch on WikiText-2: the raw test split is the only raw text offline,
+   so it is the training corpus; the tokenized variant's validation split (other articles) is held out.
+   With --sst2-text the SST-2 training sentences (no labels) are added as in-domain text: each is a
+   one-sentence document, so its NSP pairs are always "random" (Google's rule) and NSP skews.
+2. Fine-tune SST-2 from the pretrained run (encoder and tokenizer), for a time budget.
+3. Fine-tune SST-2 from random init: same preset, tokenizer, recipe and number of steps, so the
+   starting weights are the only difference.
+
+The WordPiece tokenizer is trained once (`--task tokenizer`) on the pretraining corpus and passed to
+every run with --tokenizer: `tokenizers`' trainer breaks count ties in hash-map order, so two trainings
+on the same text differ slightly, and one shared file also lets the runs reuse each other's cached data.
+
+Budgets are turned into step counts by a short calibration run of each kind (so the learning-rate
+schedule ends exactly at the budget); data preparation and evaluation are outside the budgets.
+Every run is the real entry point (`python -m bert_dist.run`), one process, in --work-dir.
+Prints one markdown table and writes --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Pretraining recipe: a short-budget one (higher lr than Google's 1e-4, which assumes 1M steps of 256).
+PRETRAIN = dict(batch_size=32, lr=5e-4, warmup_ratio=0.06, weight_decay=0.01, max_length=128)
+# Fine-tuning recipe, the same for both starting points.
+FINETUNE = dict(batch_size=32, lr=1e-4, warmup_ratio=0.1, weight_decay=0.01, max_length=128)
+SEED = 42
+
+
+def run(name: str, args: argparse.Namespace, flags: list[str]) -> dict:
+    """`python -m bert_dist.run <flags>` into work_dir/name; its results.json plus wall seconds."""
+    out = Path(args.work_dir) / name
+    cmd = [sys.executable, "-m", "bert_dist.run", *flags, "--output-dir", str(out), "--overwrite",
+           "--seed", str(SEED), "--mixed-precision", args.mixed_precision]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    res = json.loads((out / "results.json").read_text())
+    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    res["dir"] = str(out)
+    return res
+
+
+def recipe_flags(recipe: dict) -> list[str]:
+    return [x for k, v in recipe.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def budget_steps(calibration: dict, minutes: float) -> int:
+    """Steps that fit in `minutes` at the calibration run's pace (its first, slower steps included)."""
+    per_step = calibration["train_seconds"] / max(calibration["steps"], 1)
+    return max(1, int(minutes * 60 / per_step))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mini", help="architecture for both runs (mini, small, ...)")
+    p.add_argument("--pretrain-minutes", type=float, default=60.0, help="pretraining budget (training time)")
+    p.add_argument("--finetune-minutes", type=float, default=15.0, help="budget of EACH SST-2 fine-tuning run")
+    p.add_argument("--data-dir", default="../shared/data", help="holds wikitext-2/, wikitext-2-tokens/, glue/sst2/")
+    p.add_argument("--sst2-text", action="store_true", help="add the SST-2 training sentences to the corpus")
+    p.add_argument("--vocab-size", type=int, default=8192, help="WordPiece size (one tokenizer for all runs)")
+    p.add_argument("--mixed-precision", default="bf16", help="no | bf16 | fp16")
+    p.add_argument("--calibration-steps", type=int, default=10, help="steps of each timing run")
+    p.add_argument("--max-eval-samples", type=int, default=2000, help="held-out NSP pairs scored after pretraining")
+    p.add_argument("--work-dir", default="runs/pretrain_then_finetune")
+    p.add_argument("--out", default=None, help="write the results here (JSON)")
+    args = p.parse_args()
+
+    data = Path(args.data_dir)
+    corpus = [data / "wikitext-2" / "test.jsonl"] + ([data / "glue" / "sst2" / "train.jsonl"] if args.sst2_text else [])
+    held_out = data / "wikitext-2-tokens" / "validation.jsonl"
+    for f in [*corpus, held_out, data / "glue" / "sst2" / "train.jsonl"]:
+        if not f.is_file():
+            sys.exit(f"missing {f}: pass --data-dir holding wikitext-2/, wikitext-2-tokens/ and glue/sst2/")
+    t_start = time.perf_counter()
+
+    text = ["--train-file", ",".join(map(str, corpus))]
+    tok = run("tokenizer", args, ["--task", "tokenizer", *text, "--vocab-size", str(args.vocab_size)])["dir"]
+    pretrain = ["--task", "pretrain", "--preset", args.preset, "--tokenizer", tok, *text, "--validation-file",
+                str(held_out), *recipe_flags(PRETRAIN)]
+    calib = run("calibrate-pretrain", args, [*pretrain, "--max-steps", str(args.calibration_steps),
+                                             "--max-eval-samples", "8", "--log-every", str(args.calibration_steps)])
+    pt_steps = budget_steps(calib, args.pretrain_minutes)
+    pt = run("pretrain", args, [*pretrain, "--max-steps", str(pt_steps), "--max-eval-samples",
+                                str(args.max_eval_samples), "--log-every", str(max(1, pt_steps // 20))])
+
+    finetune = ["--task", "sst2", "--data-dir", str(data), "--group-by-length", *recipe_flags(FINETUNE)]
+    scratch = ["--init", "scratch", "--preset", args.preset, "--tokenizer", tok]
+    calib_ft = run("calibrate-finetune", args, [*finetune, *scratch, "--max-steps", str(args.calibration_steps),
+                                                "--max-eval-samples", "8", "--log-every",
+                                                str(args.calibration_steps)])
+    ft_steps = budget_steps(calib_ft, args.finetune_minutes)
+    log_every = ["--log-every", str(max(1, ft_steps // 10))]
+    from_pt = run("sst2-from-pretrained", args, [*finetune, "--init", pt["dir"], "--max-steps", str(ft_steps),
+                                                 *log_every])
+    from_scratch = run("sst2-from-scratch", args, [*finetune, *scratch, "--max-steps", str(ft_steps), *log_every])
+
+    results = {
+        "preset": args.preset, "vocab_size": args.vocab_size, "mixed_precision": args.mixed_precision,
+        "corpus": [str(c) for c in corpus], "held_out": str(held_out),
+        "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.finetune_minutes,
+        "pretrain": pt, "sst2_from_pretrained": from_pt, "sst2_from_scratch": from_scratch,
+        "total_wall_minutes": round((time.perf_counter() - t_start) / 60, 2),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "pretrain_recipe": PRETRAIN, "finetune_recipe": FINETUNE, "seed": SEED,
+    }
+    print_table(results)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_table(r: dict) -> None:
+    pt, a, b = r["pretrain"], r["sst2_from_pretrained"], r["sst2_from_scratch"]
+    tokens = pt["tokens_per_second"] * pt["train_seconds"]
+    print(f"\n{r['preset']}, vocab {r['vocab_size']}, {r['mixed_precision']}: pretrained {pt['steps']} steps "
+          f"({pt['train_seconds'] / 60:.1f} min, {tokens / 1e6:.2f}M tokens, {pt['tokens_per_second']:.0f} tokens/s, "
+          f"{pt['epochs']} epochs); each SST-2 run {a['steps']} steps ({a['train_seconds'] / 60:.1f} / "
+          f"{b['train_seconds'] / 60:.1f} min)\n")
+    print("| held-out MLM accuracy | perplexity | NSP accuracy | SST-2 acc. from checkpoint "
+          "| SST-2 acc. from random init | difference |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"| {pt['mlm_accuracy']:.4f} | {pt['perplexity']:.1f} | {pt['nsp_accuracy']:.4f} | {a['accuracy']:.4f} "
+          f"| {b['accuracy']:.4f} | {a['accuracy'] - b['accuracy']:+.4f} |")
+
+
+if __name__ == "__main__":
+    main()

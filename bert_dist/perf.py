@@ -1,0 +1,51 @@
+"""Hardware peaks and model FLOPs utilisation (MFU), for results.json and the benchmarks.
+
+MFU = achieved model FLOP/s / the device's peak. Model FLOPs are `model.flops_per_token` (6N + attention,
+the PaLM/Chinchilla convention): the work the model needs, not what the kernels happened to run (so
+recomputation and padding never count). The peak is the dense bf16 tensor-core figure of the device's
+datasheet, the usual denominator even for fp32 runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bert_dist.config import BertConfig
+from bert_dist.model import flops_per_token
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks in FLOP/s, from NVIDIA's datasheets. Matched in order
+# against torch.cuda.get_device_name(): more specific names first ("H100 PCIe" before "H100").
+PEAK_BF16_DENSE: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM5
+    ("A100", 312e12),  # SXM4 and PCIe alike
+)
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None where unknown (every CPU: no figure is honest there)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_DENSE if key in name), None)
+
+
+def mfu(tokens_per_second: float, config: BertConfig, seq_len: int, device: torch.device | str,
+        num_devices: int = 1) -> float | None:
+    """Model FLOPs utilisation of a training run, or None where the peak is unknown.
+
+    Args:
+        tokens_per_second: tokens trained on per second, summed over all `num_devices` devices.
+        config: the encoder's architecture (`flops_per_token` counts its non-embedding parameters).
+        seq_len: the sequence length the attention term is counted at (the run's max_length).
+        device: one of the devices the run trains on (all are assumed alike).
+        num_devices: how many devices produced `tokens_per_second`.
+    """
+    peak = peak_flops(device)
+    if peak is None:
+        return None
+    return round(tokens_per_second * flops_per_token(config, seq_len) / (peak * num_devices), 4)

@@ -1,0 +1,243 @@
+"""The pretraining recipe: text corpus -> WordPiece tokenizer -> NSP pairs -> BertForPreTraining -> train().
+
+Also `--task tokenizer`, which stops after the tokenizer (tokenizer.json + vocab.txt in --output-dir).
+
+Where the corpus comes from (first that applies):
+    --train-file F[,F...]      text files (one row per line), JSON Lines, CSV, TSV or Parquet; the text is
+                               the `text` column, else the first string column (SST-2's `sentence`).
+                               --validation-file F[,F...] gives the held-out text.
+    --data-dir DIR             DIR/wikitext-2/{train,validation}.jsonl|txt|...
+    (neither)                  the hub's Salesforce/wikitext, wikitext-2-raw-v1.
+Without held-out text, every 20th document of the training corpus is held out.
+
+The output directory has the fine-tuning layout (model.safetensors with the cls.* heads, config.json,
+tokenizer.json, vocab.txt), so `--task sst2 --init <this run>` starts from the pretrained encoder and
+tokenizer; the fine-tuning recipe reports the pretraining heads as unused and drops them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from datasets import Dataset
+from tokenizers import Tokenizer
+
+from bert_dist import data as D
+from bert_dist.checkpoint import load_init, load_weights, save_run_model
+from bert_dist.config import RunConfig, TaskSpec, preset
+from bert_dist.data.collate import MLMCollator
+from bert_dist.data.pretraining import TEXT_SUFFIXES, corpus_documents, hold_out_documents, make_pairs, read_corpus_file
+from bert_dist.model import BertForPreTraining, count_params
+from bert_dist.tokenizer import SPECIAL_TOKENS, check_special_tokens, load_tokenizer, save_tokenizer, train_tokenizer
+from bert_dist.train import evaluate, prepare_training, train
+
+log = logging.getLogger(__name__)
+
+EVAL_LOGITS_BUDGET = 1 << 26
+"""Most elements of one evaluation batch's (B, T, V) MLM logits. `evaluate()` calls the model with its
+inputs only, so the MLM head scores every position, not only the masked ones; the evaluation batch
+is made small enough that this tensor stays near 256 MB (fp32)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+
+
+def _paths(arg: str) -> list[Path]:
+    return [Path(p.strip()) for p in arg.split(",") if p.strip()]
+
+
+def _find_split(data_dir: Path, spec: TaskSpec, split: str) -> Path | None:
+    found = D._find_split_file(data_dir, spec, split)
+    if found is None:
+        for d in (data_dir / (spec.data_name or spec.name), data_dir):
+            found = next((d / f"{split}{s}" for s in TEXT_SUFFIXES if (d / f"{split}{s}").is_file()), None)
+            if found is not None:
+                break
+    return found
+
+
+def load_corpus(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Dataset], list[Dataset] | None, str]:
+    """(training files, held-out files or None, a description), each file a Dataset with one `text` column.
+
+    Files stay separate because each gets its own document rule (see `bert_dist.data.pretraining`).
+    """
+    d = cfg.data
+    if d.train_file:
+        held = [read_corpus_file(p, "validation") for p in _paths(d.validation_file)] if d.validation_file else None
+        return [read_corpus_file(p, "train") for p in _paths(d.train_file)], held, f"--train-file {d.train_file}"
+    if d.validation_file:
+        raise ValueError("--validation-file needs --train-file for pretraining")
+    if d.data_dir:
+        data_dir = Path(d.data_dir)
+        if not data_dir.is_dir():
+            raise ValueError(f"--data-dir: {data_dir} is not a directory")
+        train_path = _find_split(data_dir, spec, spec.train_split)
+        if train_path is None:
+            raise ValueError(
+                f"--data-dir: no {spec.train_split} split for pretraining under {data_dir} (looked for "
+                f"{spec.data_name}/{spec.train_split}.jsonl|txt|csv|parquet); pass --train-file FILE[,FILE...] "
+                "(text, JSON Lines, CSV or Parquet) instead"
+            )
+        val_path = _find_split(data_dir, spec, spec.eval_splits[0])
+        held = [read_corpus_file(val_path, "validation")] if val_path else None
+        return [read_corpus_file(train_path, "train")], held, f"--data-dir {data_dir}"
+    raw = D.load_raw(spec, d)  # the hub's wikitext: a `text` column, train/validation/test
+    return [raw[spec.train_split].select_columns(["text"])], [raw[spec.eval_splits[0]].select_columns(["text"])], \
+        spec.hub_path
+
+
+def corpus_texts(files: list[Dataset]):
+    """Every non-empty row of `files` (for training a tokenizer)."""
+    for ds in files:
+        for t in D.column(ds, "text"):
+            if t and t.strip():
+                yield t
+
+
+def corpus_tokenizer(cfg: RunConfig, texts: Any, accelerator: Accelerator, out_dir: Path) -> Tokenizer:
+    """Train WordPiece on the main process and save it to `out_dir`; the others load that file.
+
+    One file read by all, rather than one training per process: the vocabularies can't drift apart.
+    """
+    if accelerator.is_main_process:
+        log.info("training a WordPiece tokenizer (vocab %d, %s) on the corpus", cfg.data.vocab_size,
+                 "lowercased" if cfg.data.lowercase else "cased")
+        tok = train_tokenizer(texts(), vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase)
+        save_tokenizer(tok, out_dir)
+    accelerator.wait_for_everyone()
+    return tok if accelerator.is_main_process else load_tokenizer(out_dir / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def mlm_collect(batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-example sums, so only (B,)-sized tensors are gathered across processes, never (B, T, V).
+
+    batch: labels (B, T) with -100 where not masked, next_sentence_label (B,); out: mlm_logits (B, T, V),
+    nsp_logits (B, 2). Returns mlm_loss_sum, mlm_count, mlm_correct, nsp_correct, each (B,).
+    """
+    labels = batch["labels"]
+    masked = labels != -100
+    rows = masked.nonzero()[:, 0]  # (M,) the example each masked token belongs to
+    logits = out["mlm_logits"][masked].float()  # (M, V)
+    target = labels[masked]
+    zeros = torch.zeros(labels.shape[0], device=labels.device)
+    return {
+        "mlm_loss_sum": zeros.index_add(0, rows, F.cross_entropy(logits, target, reduction="none")),
+        "mlm_count": masked.sum(1),
+        "mlm_correct": zeros.index_add(0, rows, (logits.argmax(-1) == target).float()),
+        "nsp_correct": (out["nsp_logits"].argmax(-1) == batch["next_sentence_label"]).long(),
+    }
+
+
+def mlm_metrics(sums: dict[str, Any]) -> dict[str, float]:
+    n = max(int(sums["mlm_count"].sum()), 1)
+    loss = float(sums["mlm_loss_sum"].sum()) / n
+    return {
+        "mlm_loss": round(loss, 6),
+        "perplexity": round(math.exp(min(loss, 50.0)), 4),
+        "mlm_accuracy": round(float(sums["mlm_correct"].sum()) / n, 6),
+        "nsp_accuracy": round(float(sums["nsp_correct"].mean()), 6),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad_multiple(cfg: RunConfig, accelerator: Accelerator) -> int | None:
+    if cfg.data.pad_to_multiple_of is not None:
+        return cfg.data.pad_to_multiple_of or None
+    return 8 if accelerator.mixed_precision in ("fp16", "bf16") else None  # tensor cores / AMX tiles
+
+
+def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
+    """`--task pretrain` (MLM + NSP) or `--task tokenizer` (WordPiece only); returns the run's results."""
+    spec = D.get_task("pretrain")
+    with accelerator.main_process_first():
+        train_files, held_files, source = load_corpus(cfg, spec)
+    if cfg.task == "tokenizer":
+        tok = corpus_tokenizer(cfg, lambda: corpus_texts(train_files), accelerator, out_dir)
+        log.info("wrote %s and vocab.txt (%d tokens) from %s", out_dir / "tokenizer.json", tok.get_vocab_size(),
+                 source)
+        return {"vocab_size": tok.get_vocab_size(), "lowercase": cfg.data.lowercase, "source": source}
+
+    src = load_init(cfg.init, cfg.tokenizer)
+    if src.tokenizer is not None:
+        tok = src.tokenizer
+        check_special_tokens(tok, cfg.tokenizer or cfg.init, need_mask=True)  # MLM needs [MASK]
+    else:
+        tok = corpus_tokenizer(cfg, lambda: corpus_texts(train_files), accelerator, out_dir)
+    bert = src.config or preset(cfg.preset, vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"))
+    max_length = cfg.data.max_length or spec.max_length
+    if max_length > bert.max_position_embeddings:
+        raise ValueError(f"--max-length {max_length} is above the model's {bert.max_position_embeddings} positions")
+
+    with accelerator.main_process_first():
+        docs = corpus_documents(train_files, tok)
+        if held_files:
+            held_docs = corpus_documents(held_files, tok)
+        else:
+            docs, held_docs = hold_out_documents(docs)
+            log.info("no held-out text given: holding out %d of %d documents", len(held_docs),
+                     len(docs) + len(held_docs))
+        train_ds = make_pairs(docs, tok, max_length, cfg.seed)
+        eval_ds = make_pairs(held_docs, tok, max_length, cfg.seed + 1, dupe_factor=1)
+    if cfg.data.max_train_samples:
+        train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
+    if cfg.data.max_eval_samples:
+        eval_ds = eval_ds.select(range(min(cfg.data.max_eval_samples, len(eval_ds))))
+
+    torch.manual_seed(cfg.seed)  # the weights depend on the seed alone
+    model = BertForPreTraining(bert)
+    if src.state_dict is not None:
+        load_weights(model, src.state_dict, src.name)  # an HF BertForPreTraining dir brings its cls.* heads
+    n_tokens = sum(D.column(train_ds, "length"))
+    log.info("pretrain: %s parameters, %d documents -> %d pairs (%s tokens) / %d held-out pairs, max length %d, "
+             "from %s", f"{count_params(model):,}", len(docs), len(train_ds), f"{n_tokens:,}", len(eval_ds),
+             max_length, source)
+
+    specials = [i for t in SPECIAL_TOKENS if (i := tok.token_to_id(t)) is not None]
+    collator_args = dict(mask_token_id=tok.token_to_id("[MASK]"), vocab_size=tok.get_vocab_size(),
+                         special_token_ids=specials, pad_token_id=tok.token_to_id("[PAD]"),
+                         mlm_probability=cfg.data.mlm_probability, pad_to_multiple_of=_pad_multiple(cfg, accelerator))
+    collator = MLMCollator(**collator_args, seed=cfg.seed)
+    eval_collator = MLMCollator(**collator_args, seed=cfg.seed + 1)  # never set_epoch: the same masks every eval
+    loader, sampler = D.train_loader(train_ds, cfg.data, collator, cfg.seed)
+    eval_batch = max(1, min(cfg.data.eval_batch_size, EVAL_LOGITS_BUDGET // (max_length * bert.vocab_size)))
+    eval_cfg = dataclasses.replace(cfg.data, eval_batch_size=eval_batch)
+    run = prepare_training(cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg,
+                                                                                         eval_collator)}, out_dir)
+
+    def eval_fn(step: int) -> dict[str, float]:
+        return mlm_metrics(evaluate(accelerator, run.model, run.eval_loaders["validation"], mlm_collect))
+
+    def set_epoch(epoch: int) -> None:
+        sampler.set_epoch(epoch)
+        collator.set_epoch(epoch)
+
+    if cfg.train.eval_only:
+        results = {**eval_fn(0), "steps": 0}
+    else:
+        results = train(accelerator, run.model, run.optimizer, run.scheduler, run.train_loader, cfg.train,
+                        run.num_steps, out_dir, eval_fn, run.resume_from, set_epoch, cfg.optim.max_grad_norm)
+    if results.get("interrupted"):
+        return results
+    model = accelerator.unwrap_model(run.model)
+    if accelerator.is_main_process:
+        meta = {"task": "pretrain", "kind": "pretrain", "max_length": max_length,
+                "mlm_probability": cfg.data.mlm_probability}
+        save_run_model(model, out_dir, bert, meta, tok)
+    results.update(task="pretrain", init=cfg.init, num_params=count_params(model), max_length=max_length,
+                   main_metric="mlm_accuracy", train_pairs=len(train_ds), eval_pairs=len(eval_ds),
+                   vocab_size=tok.get_vocab_size())
+    return results

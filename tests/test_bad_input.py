@@ -1,0 +1,348 @@
+"""Bad input ends in one clear line and exit status 1: no traceback, and nothing that looks like a finished run.
+
+Most cases call `bert_dist.run.main` in this process (seconds, not an interpreter start each); two run the
+real entry point in a subprocess to prove that no traceback reaches stderr there either.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bert_dist.checkpoint import save_run_model
+from bert_dist.config import preset
+from bert_dist.data import get_task
+from bert_dist.data.synthetic import make_rows, write_task_data
+from bert_dist.model import BertForSequenceClassification
+from bert_dist.run import main
+from bert_dist.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SST2, STSB = get_task("sst2"), get_task("stsb")
+
+
+def _reset_accelerate() -> None:
+    """Each main() builds its own Accelerator; accelerate keeps process-wide singletons between them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def fails(args: list[str], capsys, *phrases: str, out: Path | None = None) -> str:
+    """main(args) exits 1 with one `error:` line (the last) holding each phrase; returns that line.
+
+    With `out`: nothing there pretends to be a finished run, and a directory the run made is gone.
+    """
+    existed = out is not None and out.exists()
+    _reset_accelerate()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    for p in phrases:
+        assert p in errors[0], errors[0]
+    if out is not None:
+        assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+        assert existed or not out.exists(), f"{out} was left behind: {list(out.iterdir())}"
+    return errors[0]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_task_data(SST2, tmp_path_factory.mktemp("data"), n_train=48, n_eval=9, n_test=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+    texts = [json.loads(ln)["sentence"] for ln in (data_dir / "sst2" / "train.jsonl").read_text().splitlines()]
+    return train_tokenizer(iter(texts), vocab_size=200)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny bert-dist run directory (config.json, model.safetensors, tokenizer.json), no training needed."""
+    d = tmp_path_factory.mktemp("model")
+    bert = preset("tiny", vocab_size=tokenizer.get_vocab_size())
+    save_run_model(BertForSequenceClassification(bert, 2), d, bert, {"task": "sst2"}, tokenizer)
+    return d
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def args(out: Path, *extra: str, data: Path | None = None, task: str = "sst2") -> list[str]:
+    """A tiny run: the flags each case starts from (the case's own flags come last and win)."""
+    base = ["--task", task, "--init", "scratch", "--preset", "tiny", "--vocab-size", "200", "--max-steps", "2",
+            "--batch-size", "8", "--eval-batch-size", "16", "--log-every", "1", "--output-dir", str(out)]
+    return base + (["--data-dir", str(data)] if data is not None else []) + list(extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+
+def test_unknown_task(tmp_path, capsys):
+    fails(args(tmp_path / "o", task="sst3"), capsys, "--task", "'sst3'", "sst2", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("extra, phrases", [
+    (["--resume", "--resume-from", "x"], ["--resume", "--resume-from", "give one"]),
+    (["--resume", "--overwrite"], ["--overwrite", "--resume"]),
+    (["--eval-only", "--resume"], ["--eval-only", "--resume"]),
+    (["--eval-only"], ["--eval-only", "--init"]),
+    (["--train-file", "t.jsonl"], ["--train-file", "--validation-file"]),
+    (["--train-file", "t.jsonl", "--validation-file", "v.jsonl"], ["--train-file", "--data-dir"]),
+    (["--keep-checkpoints", "0"], ["--keep-checkpoints"]),
+    (["--max-bad-steps", "0"], ["--max-bad-steps"]),
+    (["--save-every", "0"], ["--save-every"]),
+])
+def test_contradictory_or_invalid_flags(tmp_path, capsys, data_dir, extra, phrases):
+    data = None if "--train-file" in extra and "--validation-file" not in extra else data_dir
+    fails(args(tmp_path / "o", *extra, data=data), capsys, *phrases, out=tmp_path / "o")
+
+
+def test_max_length_above_the_models_positions(tmp_path, capsys, data_dir, model_dir):
+    fails(args(tmp_path / "o", "--max-length", "1024", data=data_dir), capsys, "--max-length 1024", "512",
+          out=tmp_path / "o")
+    fails(args(tmp_path / "o", "--init", str(model_dir), "--max-length", "600", data=data_dir), capsys,
+          "--max-length 600", out=tmp_path / "o")
+
+
+def test_non_empty_output_dir_without_overwrite(tmp_path, capsys, data_dir):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text('{"accuracy": 0.9}')
+    fails(args(out, data=data_dir), capsys, str(out), "--overwrite", "--resume")
+    assert [f.name for f in out.iterdir()] == ["results.json"]  # untouched
+    assert (out / "results.json").read_text() == '{"accuracy": 0.9}'
+
+
+def test_world_size_without_distributed_processes(tmp_path, capsys, data_dir, monkeypatch):
+    # What `accelerate launch --config_file multi_cpu.yaml` does without ACCELERATE_USE_CPU=1: torchrun
+    # starts 2 processes that each see one process, and each would run the whole job.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fails(args(tmp_path / "o", data=data_dir), capsys, "WORLD_SIZE is 2",
+          "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2", out=tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_missing_data_dir_split_and_file(tmp_path, capsys, data_dir):
+    fails(args(tmp_path / "o", data=tmp_path / "nowhere"), capsys, "--data-dir", "no such directory",
+          out=tmp_path / "o")
+    only_train = tmp_path / "d"
+    write_jsonl(only_train / "sst2" / "train.jsonl", make_rows(SST2, 8, 0))
+    fails(args(tmp_path / "o", data=only_train), capsys, "--data-dir", "no validation split", "sst2/validation",
+          out=tmp_path / "o")
+    train = data_dir / "sst2" / "train.jsonl"
+    fails(args(tmp_path / "o", "--train-file", str(train), "--validation-file", str(tmp_path / "v.jsonl")), capsys,
+          "--validation-file", "no such file", out=tmp_path / "o")
+    fails(args(tmp_path / "o", "--train-file", str(train), "--validation-file", str(tmp_path / "v.xlsx")), capsys,
+          "--validation-file", "unsupported file type", out=tmp_path / "o")
+
+
+def custom(tmp_path: Path, train_rows: list[dict] | None = None, val_rows: list[dict] | None = None,
+           spec=SST2) -> Path:
+    """A --data-dir whose splits are the given rows (synthetic ones where not given)."""
+    d = tmp_path / "custom"
+    write_jsonl(d / spec.name / "train.jsonl", train_rows if train_rows is not None else make_rows(spec, 24, 0))
+    write_jsonl(d / spec.name / "validation.jsonl", val_rows if val_rows is not None else make_rows(spec, 5, 1))
+    return d
+
+
+def test_missing_text_or_label_column(tmp_path, capsys):
+    rows = [{"text": r["sentence"], "label": r["label"]} for r in make_rows(SST2, 8, 0)]
+    fails(args(tmp_path / "o", data=custom(tmp_path, train_rows=rows)), capsys, "train.jsonl", "train split",
+          "no text column 'sentence'", "columns: text, label", out=tmp_path / "o")
+    rows = [{"sentence": r["sentence"]} for r in make_rows(SST2, 8, 0)]
+    fails(args(tmp_path / "o", data=custom(tmp_path, val_rows=rows)), capsys, "validation.jsonl",
+          "no 'label' column", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("label, phrases", [
+    (2, ["the label 2 at row 3", "outside 0..1"]),
+    (-1, ["the label -1 at row 3", "outside 0..1"]),
+    (0.5, ["the label 0.5 at row 3", "not a class id"]),
+    ("maybe", ["the label 'maybe' at row 3", "negative, positive"]),
+    (True, ["the label True at row 3", "not a class id or name"]),
+    ([1], ["at row 3", "not a class id or name"]),
+])
+def test_labels_out_of_range_or_of_the_wrong_type(tmp_path, capsys, label, phrases):
+    rows = make_rows(SST2, 8, 0)
+    rows[2]["label"] = label
+    fails(args(tmp_path / "o", data=custom(tmp_path, train_rows=rows)), capsys, "train.jsonl", *phrases,
+          out=tmp_path / "o")
+
+
+def test_regression_labels_must_be_finite_numbers(tmp_path, capsys):
+    rows = make_rows(STSB, 8, 0)
+    rows[1]["label"] = "high"
+    fails(args(tmp_path / "o", data=custom(tmp_path, train_rows=rows, spec=STSB), task="stsb"), capsys,
+          "regression", "'high' at row 2", out=tmp_path / "o")
+
+
+def test_label_names_are_mapped_to_ids(tmp_path, capsys):
+    rows = make_rows(SST2, 24, 0)
+    for r in rows:
+        r["label"] = SST2.label_names[r["label"]]
+    _reset_accelerate()
+    assert main(args(tmp_path / "o", "--max-steps", "1", data=custom(tmp_path, train_rows=rows))) == 0
+    assert (tmp_path / "o" / "results.json").is_file()
+
+
+def test_empty_files_and_datasets(tmp_path, capsys):
+    d = custom(tmp_path)
+    (d / "sst2" / "validation.jsonl").write_text("")
+    fails(args(tmp_path / "o", data=d), capsys, "validation.jsonl", "empty", out=tmp_path / "o")
+    (d / "sst2" / "validation.jsonl").unlink()
+    (d / "sst2" / "validation.csv").write_text("sentence,label\n")
+    fails(args(tmp_path / "o", data=d), capsys, "validation.csv", "no rows", out=tmp_path / "o")
+
+
+def test_non_utf8_bytes(tmp_path, capsys):
+    d = custom(tmp_path)
+    f = d / "sst2" / "train.jsonl"
+    f.write_bytes(f.read_bytes() + '{"sentence": "caf\u00e9 noir", "label": 1, "idx": 99}\n'.encode("latin-1"))
+    fails(args(tmp_path / "o", data=d), capsys, "train.jsonl", "not UTF-8", "re-encode", out=tmp_path / "o")
+
+
+def test_csv_with_malformed_rows(tmp_path, capsys):
+    d = custom(tmp_path)
+    (d / "sst2" / "validation.jsonl").unlink()
+    f = d / "sst2" / "validation.csv"
+    f.write_text("sentence,label\ngood film,1\nbad, bad film,0\n")  # a row with a field too many
+    fails(args(tmp_path / "o", data=d), capsys, "validation.csv", "cannot be read as csv", "line 3",
+          out=tmp_path / "o")
+    f.write_text("sentence,label\ngood film,1\na row without its label\nbad film,0\n")  # a field too few
+    fails(args(tmp_path / "o", data=d), capsys, "validation.csv", "no 'label' at row 2", out=tmp_path / "o")
+
+
+def test_texts_far_longer_than_the_model_are_truncated(tmp_path, capsys):
+    rows = make_rows(SST2, 24, 0)
+    rows[0]["sentence"] = " ".join(["good film"] * 3000)  # 6000 words against 512 positions
+    val = make_rows(SST2, 5, 1)
+    val[0]["sentence"] = rows[0]["sentence"]
+    _reset_accelerate()
+    assert main(args(tmp_path / "o", "--max-steps", "1", data=custom(tmp_path, rows, val))) == 0
+    assert len((tmp_path / "o" / "predictions_validation.jsonl").read_text().splitlines()) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and tokenizers
+
+
+def test_init_whose_shapes_do_not_fit(tmp_path, capsys, data_dir, model_dir):
+    bad = copy_dir(model_dir, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(hidden_size=128, intermediate_size=512)  # the weights are hidden_size 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    fails(args(tmp_path / "o", "--init", str(bad), data=data_dir), capsys, "--init", "does not fit", "(64,",
+          out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_or_truncated_safetensors(tmp_path, capsys, data_dir, model_dir, damage):
+    bad = copy_dir(model_dir, tmp_path / "bad")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2] if damage == "truncate" else b"not safetensors" * 100)
+    fails(args(tmp_path / "o", "--init", str(bad), data=data_dir), capsys, "--init", "model.safetensors",
+          "corrupt or truncated", out=tmp_path / "o")
+
+
+def test_init_that_is_not_a_model_dir(tmp_path, capsys, data_dir, model_dir):
+    fails(args(tmp_path / "o", "--init", str(tmp_path / "missing"), data=data_dir), capsys, "--init",
+          "not a directory", out=tmp_path / "o")
+    bad = copy_dir(model_dir, tmp_path / "bad")
+    (bad / "config.json").write_text("{not json")
+    fails(args(tmp_path / "o", "--init", str(bad), data=data_dir), capsys, "config.json", "not valid JSON",
+          out=tmp_path / "o")
+
+
+def _tokenizer_without(tmp_path: Path, missing: str, texts: list[str]) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t != missing]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    f = tmp_path / f"no-{missing.strip('[]').lower()}" / "tokenizer.json"
+    f.parent.mkdir()
+    tok.save(str(f))
+    return f
+
+
+def test_tokenizer_without_special_tokens(tmp_path, capsys, data_dir):
+    texts = [r["sentence"] for r in make_rows(SST2, 50, 0)]
+    no_sep = _tokenizer_without(tmp_path, "[SEP]", texts)
+    fails(args(tmp_path / "o", "--tokenizer", str(no_sep), data=data_dir), capsys, "--tokenizer", str(no_sep),
+          "lacks [SEP]", out=tmp_path / "o")
+    no_mask = _tokenizer_without(tmp_path, "[MASK]", texts)
+    _reset_accelerate()  # fine-tuning needs no [MASK]: this one trains
+    assert main(args(tmp_path / "ft", "--tokenizer", str(no_mask), "--max-steps", "1", data=data_dir)) == 0
+    fails(args(tmp_path / "o", "--tokenizer", str(no_mask), task="pretrain"), capsys, "lacks [MASK]",
+          "pretrain", out=tmp_path / "o")
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit(tmp_path, capsys, data_dir, tokenizer):
+    out = tmp_path / "o"
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000001" / "model.safetensors").write_bytes(b"\0" * 64)
+    tok = tmp_path / "tokenizer.json"
+    tokenizer.save(str(tok))
+    fails(args(out, "--resume", "--tokenizer", str(tok), data=data_dir), capsys, "cannot resume from",
+          "step-00000001", out=out)
+    fails(args(out, "--resume", data=data_dir), capsys, "--resume", "tokenizer.json", "--tokenizer", out=out)
+    fails(args(tmp_path / "p", "--resume-from", str(tmp_path / "nowhere"), data=data_dir), capsys,
+          "--resume-from", "no such checkpoint directory", out=tmp_path / "p")
+
+
+def test_resume_with_other_flags(tmp_path, capsys, data_dir):
+    from bert_dist.config import config_from_args
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps(config_from_args(args(out, data=data_dir)).to_dict()))
+    fails(args(out, "--resume", "--batch-size", "16", data=data_dir), capsys, "--resume", "--batch-size is 16",
+          "8 in the run being resumed")
+
+
+# ---------------------------------------------------------------------------------------------
+# The real entry point, in a subprocess
+
+
+@pytest.mark.parametrize("case", ["unknown-task", "corrupt-init"])
+def test_subprocess_shows_one_line_and_no_traceback(tmp_path, data_dir, model_dir, case, offline_env):
+    out = tmp_path / "o"
+    if case == "unknown-task":
+        argv = args(out, task="sst3", data=data_dir)
+    else:
+        bad = copy_dir(model_dir, tmp_path / "bad")
+        (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:1000])
+        argv = args(out, "--init", str(bad), data=data_dir)
+    p = subprocess.run([sys.executable, str(REPO / "bert_dist" / "run.py"), *argv], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:") and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not out.exists()

@@ -1,0 +1,47 @@
+"""The speed benchmarks run end to end (`python -m benchmarks --quick`): exit 0, every table printed.
+
+No speed is asserted anywhere: --quick sizes are smoke sizes, and CI machines are shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from bert_dist.config import preset
+from bert_dist.perf import mfu, peak_flops
+
+TABLES = ("### step:", "### inference:", "### e2e:", "### preprocess:", "### pretrain:")
+
+
+@pytest.mark.slow
+def test_quick_benchmarks_run_and_print_every_table(tmp_path):
+    out = tmp_path / "quick.json"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--synthetic", "--out", str(out)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for title in TABLES:
+        assert title in p.stdout, title
+    assert "speed-up" in p.stdout and "Traceback" not in p.stderr
+    results = json.loads(out.read_text())
+    assert set(results["suites"]) == {"step", "inference", "e2e", "preprocess", "pretrain"}
+    assert all(rows for rows in results["suites"].values())
+    assert results["machine"]["torch"] == torch.__version__
+
+
+def test_unknown_suite_is_refused():
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "nosuch", "--quick"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "unknown suite 'nosuch'" in p.stderr
+
+
+def test_no_peak_and_no_mfu_on_the_cpu():
+    assert peak_flops("cpu") is None
+    assert mfu(1e5, preset("tiny"), 128, "cpu") is None

@@ -1,0 +1,104 @@
+"""Two gloo processes on the CPU (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`) with
+batch 8 each train like one process with batch 16, and evaluation counts each example of an odd-sized split once.
+
+Why the runs agree: the batch order is a function of (seed, epoch) alone, so with 2 processes rank r gets batches
+r, r+2, ... of the 8-example order, and global step t sees exactly the 16 examples of the 1-process run's batch t
+(the training set is a multiple of 16 and the run stays inside one epoch); DDP averages the two means, which is
+the mean over 16. Dropout is the one thing that must differ between processes, so the model starts from an
+--init directory whose config.json sets it to 0 (no extra flag needed: that is where Hugging Face configs keep it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from safetensors.torch import load_file
+
+from bert_dist.checkpoint import save_run_model
+from bert_dist.config import preset
+from bert_dist.data import get_task
+from bert_dist.data.synthetic import write_task_data
+from bert_dist.model import BertForSequenceClassification
+from bert_dist.tokenizer import train_tokenizer
+
+N_EVAL, N_TEST = 97, 7  # odd, and not a multiple of 2 processes x the eval batch
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    spec = get_task("sst2")
+    data = write_task_data(spec, root / "data", n_train=160, n_eval=N_EVAL, n_test=N_TEST, seed=11)
+    texts = [json.loads(ln)["sentence"] for ln in (data / "sst2" / "train.jsonl").read_text().splitlines()]
+    tok = train_tokenizer(iter(texts), vocab_size=200)
+    bert = preset("tiny", vocab_size=tok.get_vocab_size(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                  classifier_dropout=0.0)
+    import torch
+
+    torch.manual_seed(0)
+    save_run_model(BertForSequenceClassification(bert, 2), root / "init", bert, {"task": "sst2"}, tok)
+    flags = ["--task", "sst2", "--data-dir", str(data), "--init", str(root / "init"), "--max-steps", "8",
+             "--log-every", "4", "--eval-every", "4", "--eval-batch-size", "8", "--lr", "2e-3", "--warmup-ratio", "0",
+             "--seed", "3"]
+    return root, flags
+
+
+def predictions(out: Path, split: str = "validation") -> list[dict]:
+    return [json.loads(ln) for ln in (out / f"predictions_{split}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """The reference: one process, batch 16 (in this process: the comparison has an fp32 tolerance anyway)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bert_dist.run import main
+
+    root, flags = setup
+    out = root / "one"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert main([*flags, "--batch-size", "16", "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_of_8_equal_one_process_of_16(setup, one_process):
+    root, flags = setup
+    out = root / "two"
+    p = run_cli([*flags, "--batch-size", "8", "--output-dir", str(out)], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "sst2 on 2 process(es)" in " ".join(p.stderr.split())
+    one, two = (json.loads((d / "results.json").read_text()) for d in (one_process, out))
+    assert two["steps"] == one["steps"] == 8
+    assert two["accuracy"] == pytest.approx(one["accuracy"], abs=1e-9)
+    assert [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(ln) for ln in (one_process / "metrics.jsonl").read_text().splitlines()]
+    w1, w2 = load_file(str(one_process / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        np.testing.assert_allclose(w2[k].numpy(), w1[k].numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+    for split, n in (("validation", N_EVAL), ("test", N_TEST)):
+        p1, p2 = predictions(one_process, split), predictions(out, split)
+        assert len(p2) == len(p1) == n  # every example once: none dropped, none doubled by the padding
+        assert [r["idx"] for r in p2] == [r["idx"] for r in p1] == list(range(n))
+        assert [r["prediction"] for r in p2] == [r["prediction"] for r in p1]
+        np.testing.assert_allclose([r["probabilities"] for r in p2], [r["probabilities"] for r in p1], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_with_grad_accum_and_group_by_length_count_each_example_once(setup, one_process):
+    root, flags = setup
+    out = root / "two-accum-grouped"
+    p = run_cli([*flags, "--batch-size", "8", "--grad-accum", "2", "--group-by-length", "--output-dir", str(out)],
+                nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for split, n in (("validation", N_EVAL), ("test", N_TEST)):
+        rows = predictions(out, split)
+        assert len(rows) == n
+        assert [r["idx"] for r in rows] == [r["idx"] for r in predictions(one_process, split)]
+    assert json.loads((out / "results.json").read_text())["steps"] == 8

@@ -1,0 +1,289 @@
+"""Pretraining: masking statistics, documents and NSP pairs, the tied MLM head, parity with transformers'
+BertForPreTraining, and the pretrain -> fine-tune hand-off through the real entry point.
+
+CPU, tiny sizes, data the tests make themselves, no network. transformers is the reference only here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from datasets import Dataset  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from bert_dist.config import preset  # noqa: E402
+from bert_dist.data.collate import MLMCollator, PadCollator  # noqa: E402
+from bert_dist.data.pretraining import (  # noqa: E402
+    IS_NEXT,
+    IS_RANDOM,
+    corpus_documents,
+    hold_out_documents,
+    make_pairs,
+    pairs_from_texts,
+    split_sentences,
+)
+from bert_dist.model import BertForPreTraining, BertForSequenceClassification  # noqa: E402
+from bert_dist.tokenizer import train_tokenizer  # noqa: E402
+
+SPECIAL = [0, 1, 2, 3, 4]  # [PAD] [UNK] [CLS] [SEP] [MASK]
+PAD, CLS, SEP, MASK = 0, 2, 3, 4
+V = 1000
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    """[CLS] A [SEP] B [SEP] rows of random ordinary ids, 16-128 long (so batches are padded)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a = [rng.randrange(5, V) for _ in range(rng.randint(5, 60))]
+        b = [rng.randrange(5, V) for _ in range(rng.randint(5, 60))]
+        ids = [CLS, *a, SEP, *b, SEP]
+        rows.append({"input_ids": ids, "token_type_ids": [0] * (len(a) + 2) + [1] * (len(b) + 1),
+                     "next_sentence_label": rng.randrange(2), "idx": i})
+    return rows
+
+
+def _collator(seed: int = 0) -> MLMCollator:
+    return MLMCollator(MASK, V, SPECIAL, pad_token_id=PAD, pad_to_multiple_of=8, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking
+
+
+def test_masking_rates_and_special_tokens():
+    rows, collator, pad = _rows(1600, 0), _collator(), PadCollator(PAD, 8, scalar_keys=("next_sentence_label",))
+    maskable = chosen = masked = kept = replaced = 0
+    for i in range(0, len(rows), 32):
+        batch, plain = collator(rows[i : i + 32]), pad(rows[i : i + 32])
+        orig, ids, labels = plain["input_ids"], batch["input_ids"], batch["labels"]
+        sel = labels != -100
+        never = torch.isin(orig, torch.tensor(SPECIAL)) | (plain["attention_mask"] == 0)
+        assert not sel[never].any(), "a special or pad token was chosen"
+        assert torch.equal(ids[never], orig[never]), "a special or pad token was changed"
+        assert torch.equal(labels[sel], orig[sel])
+        assert not torch.isin(ids[sel & (ids != MASK)], torch.tensor(SPECIAL)).any(), "replaced by a special token"
+        assert torch.equal(batch["next_sentence_label"], plain["next_sentence_label"])
+        assert torch.equal(batch["attention_mask"], plain["attention_mask"])
+        maskable += int((~never).sum())
+        chosen += int(sel.sum())
+        masked += int((ids[sel] == MASK).sum())
+        kept += int((ids[sel] == orig[sel]).sum())
+        replaced += int(((ids[sel] != MASK) & (ids[sel] != orig[sel])).sum())
+    assert maskable > 100_000
+    assert abs(chosen / maskable - 0.15) < 0.005
+    # A random replacement can draw the original id (1 in ~1000): it then counts as kept.
+    assert abs(masked / chosen - 0.8) < 0.015
+    assert abs(replaced / chosen - 0.1) < 0.015
+    assert abs(kept / chosen - 0.1) < 0.015
+
+
+def test_masks_are_reproducible_fresh_each_epoch_and_independent_of_the_batch():
+    rows = _rows(64, 1)
+    a, b = _collator(seed=5)(rows[:32]), _collator(seed=5)(rows[:32])
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    other_seed = _collator(seed=6)(rows[:32])
+    assert not torch.equal(a["labels"], other_seed["labels"])
+    c = _collator(seed=5)
+    c.set_epoch(1)
+    assert not torch.equal(a["labels"], c(rows[:32])["labels"])
+    # A row's mask depends on (seed, epoch, row), not on what else is in its batch (nor its padding).
+    alone = _collator(seed=5)([rows[3]])
+    n = len(rows[3]["input_ids"])
+    assert torch.equal(alone["labels"][0, :n], a["labels"][3, :n])
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents and NSP pairs
+
+
+class _Ids:
+    """Just the two ids make_pairs asks a tokenizer for."""
+
+    def token_to_id(self, token: str) -> int:
+        return {"[CLS]": CLS, "[SEP]": SEP}[token]
+
+
+def _documents(n_docs: int = 40, seed: int = 0) -> list[list[list[int]]]:
+    """Document d's tokens are consecutive integers from 10_000 * (d + 1): the source of any token is known."""
+    rng = random.Random(seed)
+    docs = []
+    for d in range(n_docs):
+        nxt, doc = 10_000 * (d + 1), []
+        for _ in range(rng.randint(4, 30)):
+            k = rng.randint(3, 40)
+            doc.append(list(range(nxt, nxt + k)))
+            nxt += k
+        docs.append(doc)
+    return docs
+
+
+def test_nsp_pairs_are_balanced_and_never_pair_a_segment_with_itself():
+    docs = Dataset.from_dict({"segments": _documents()})
+    pairs = make_pairs(docs, _Ids(), max_length=64, seed=0, dupe_factor=3)
+    labels = pairs["next_sentence_label"]
+    assert len(pairs) > 500
+    assert 0.42 < labels.count(IS_NEXT) / len(labels) < 0.58
+    for ids, types, label, length in zip(pairs["input_ids"], pairs["token_type_ids"], labels, pairs["length"]):
+        assert len(ids) == length <= 64
+        assert ids[0] == CLS and ids[-1] == SEP and ids.count(SEP) == 2
+        cut = ids.index(SEP)
+        a, b = ids[1:cut], ids[cut + 1 : -1]
+        assert a and b
+        assert types == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+        doc_a, doc_b = {t // 10_000 for t in a}, {t // 10_000 for t in b}
+        assert len(doc_a) == len(doc_b) == 1
+        assert a == list(range(a[0], a[0] + len(a))) and b == list(range(b[0], b[0] + len(b)))  # contiguous runs
+        if label == IS_NEXT:
+            assert doc_a == doc_b and a[-1] < b[0], "B must follow A in the same document"
+        else:
+            assert label == IS_RANDOM and doc_a != doc_b, "a random B must come from another document"
+    again = make_pairs(docs, _Ids(), max_length=64, seed=0, dupe_factor=3)
+    assert again["input_ids"] == pairs["input_ids"]
+    assert make_pairs(docs, _Ids(), max_length=64, seed=1, dupe_factor=3)["input_ids"] != pairs["input_ids"]
+
+
+def test_document_rules_and_sentences():
+    assert split_sentences(" He was born in 1950 . In 1970 he moved to H. americanus ! Then \"Quoted.\" Next\nLine") \
+        == ["He was born in 1950 .", "In 1970 he moved to H. americanus !", "Then \"Quoted.\"", "Next", "Line"]
+    wiki = ["", " = Alpha = \n", "", " First one here . Second one there . \n", "", " = = Early life = = \n", "",
+            " Third one . \n", "", " = Beta = \n", "", " Fourth one . \n", ""]
+    blank = ["first one here .", "second one there .", "", "", "third one .", "", "fourth one ."]
+    rows = ["first one here . Second one there .", "third one .", "fourth one ."]
+    tok = train_tokenizer(wiki + blank + rows, vocab_size=120)
+    sentences = [[len(d) for d in corpus_documents([Dataset.from_dict({"text": t})], tok)["segments"]]
+                 for t in (wiki, blank, rows)]
+    # WikiText: articles start at ` = Title = `; headings are dropped. Else blank rows, else one row each.
+    assert sentences == [[3, 1], [2, 1, 1], [2, 1, 1]]
+    tokens = corpus_documents([Dataset.from_dict({"text": wiki})], tok)["segments"]
+    assert tok.decode(tokens[0][0]) == "first one here."  # the heading row is not a sentence
+    train, held = hold_out_documents(Dataset.from_dict({"segments": _documents(40)}))
+    assert (len(train), len(held)) == (38, 2)
+    assert not set(map(str, train["segments"])) & set(map(str, held["segments"]))
+
+
+def test_pairs_from_real_text():
+    texts = ["", " = Alpha = \n", ""] + [" ".join(f"Word{i} goes here and there ." for i in range(j, j + 6)) + "\n"
+                                         for j in range(0, 60, 6)]
+    texts += ["", " = Beta = \n", ""] + [" ".join(f"Other{i} stays put ." for i in range(j, j + 5)) + "\n"
+                                        for j in range(0, 50, 5)]
+    tok = train_tokenizer(texts, vocab_size=200)
+    pairs = pairs_from_texts(texts, tok, max_length=32, seed=0)
+    assert len(pairs) > 10 and max(pairs["length"]) <= 32
+    assert set(pairs["next_sentence_label"]) == {IS_NEXT, IS_RANDOM}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def _tiny() -> BertForPreTraining:
+    torch.manual_seed(0)
+    return BertForPreTraining(preset("tiny", vocab_size=V, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _batch(model_inputs_only: bool = False) -> dict[str, torch.Tensor]:
+    batch = _collator()(_rows(4, 2))
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")} if model_inputs_only else batch
+
+
+def test_decoder_weight_is_the_word_embedding_tensor():
+    model = _tiny()
+    dec, emb = model.cls.predictions.decoder.weight, model.bert.embeddings.word_embeddings.weight
+    assert dec is emb and dec.data_ptr() == emb.data_ptr()
+    assert sum(p is emb for p in model.parameters()) == 1  # one parameter, one gradient, one optimizer state
+    model(**_batch())["loss"].backward()
+    with torch.no_grad():
+        emb.add_(1.0)
+    assert torch.equal(model.cls.predictions.decoder.weight, emb)
+
+
+def test_masked_position_logits_equal_full_vocabulary_logits():
+    model = _tiny().eval()
+    batch = _batch()
+    with torch.no_grad():
+        masked = model(**batch)
+        full = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    sel = batch["labels"] != -100
+    assert masked["mlm_logits"].shape == (int(sel.sum()), V)
+    torch.testing.assert_close(masked["mlm_logits"], full["mlm_logits"][sel], atol=1e-5, rtol=1e-5)
+    assert torch.equal(masked["mlm_labels"], batch["labels"][sel])
+    torch.testing.assert_close(masked["nsp_logits"], full["nsp_logits"])
+
+
+def test_parity_with_transformers_bert_for_pretraining():
+    transformers = pytest.importorskip("transformers")
+    ours = _tiny().eval()
+    c = ours.config
+    ref = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+        layer_norm_eps=c.layer_norm_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation="eager")).eval()
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"cls.predictions.decoder.bias", "bert.embeddings.position_ids"}
+    batch = _batch(model_inputs_only=True)
+    with torch.no_grad():
+        mine, theirs = ours(**batch), ref(**batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(mine["mlm_logits"][real], theirs.prediction_logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mine["nsp_logits"], theirs.seq_relationship_logits, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, through the real entry point
+
+
+def test_tokenizer_task_writes_tokenizer_files(tmp_path):
+    from bert_dist.run import main
+    from bert_dist.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The Quick fox number {i} jumps over Lazy dogs ." for i in range(200)) + "\n")
+    out = tmp_path / "tok"
+    assert main(["--task", "tokenizer", "--train-file", str(corpus), "--vocab-size", "120", "--no-lowercase",
+                 "--output-dir", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file() and (out / "vocab.txt").is_file()
+    assert (out / "vocab.txt").read_text().splitlines()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert "Quick" in load_tokenizer(out).encode("Quick").tokens  # --no-lowercase kept the case
+
+
+def test_pretrain_then_finetune_through_the_entry_point(tmp_path):
+    from bert_dist.checkpoint import load_init, load_weights
+    from bert_dist.run import main
+
+    pt, ft, ft_eval = tmp_path / "pt", tmp_path / "ft", tmp_path / "ft_eval"
+    assert main(["--task", "pretrain", "--smoke", "--max-steps", "4", "--output-dir", str(pt)]) == 0
+    results = json.loads((pt / "results.json").read_text())
+    assert {"mlm_loss", "perplexity", "mlm_accuracy", "nsp_accuracy"} <= results.keys()
+    assert results["steps"] == 4 and 0 <= results["mlm_accuracy"] <= 1
+    pretrained = load_file(str(pt / "model.safetensors"))
+    assert "cls.predictions.transform.dense.weight" in pretrained and "cls.seq_relationship.weight" in pretrained
+    assert "cls.predictions.decoder.weight" not in pretrained  # tied: stored once, as the word embeddings
+    assert json.loads((pt / "config.json").read_text())["bert_dist"]["task"] == "pretrain"
+    assert (pt / "tokenizer.json").is_file()
+
+    # The hand-off: the encoder and tokenizer load, the pretraining heads are unused, the classifier is new.
+    src = load_init(str(pt))
+    report = load_weights(BertForSequenceClassification(src.config, 2), src.state_dict, str(pt))
+    assert report["unused"] and all(k.startswith("cls.") for k in report["unused"])
+    assert sorted(report["new"]) == ["classifier.bias", "classifier.weight"]
+
+    # --eval-only saves the model as loaded: its encoder is the pretrained one, tensor for tensor.
+    assert main(["--task", "sst2", "--smoke", "--init", str(pt), "--eval-only", "--output-dir", str(ft_eval)]) == 0
+    loaded = load_file(str(ft_eval / "model.safetensors"))
+    assert not any(k.startswith("cls.") for k in loaded)
+    for k, v in pretrained.items():
+        if k.startswith("bert."):
+            assert torch.equal(loaded[k], v), k
+    assert main(["--task", "sst2", "--smoke", "--init", str(pt), "--max-steps", "3", "--output-dir", str(ft)]) == 0
+    assert json.loads((ft / "results.json").read_text())["steps"] == 3

@@ -1,0 +1,270 @@
+"""Fault tolerance: a run killed (SIGKILL) mid-epoch, or while saving, and resumed with --resume ends with weights
+bitwise equal to an uninterrupted run's (CPU, fp32, dropout on), and the same metrics and predictions; SIGTERM
+saves a checkpoint and exits 0; non-finite losses never reach the weights and --max-bad-steps stops the run.
+
+The kills are real: each run is a child process whose faults (a SIGKILL a few micro-batches after a checkpoint,
+one halfway through writing a checkpoint, a SIGTERM) are injected by the small driver below, so the library
+carries no test hooks. The driver also records, before every training forward pass, a digest of the global RNG
+(what dropout draws from) and of the batch: the resumed run's records must be the uninterrupted run's last ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bert_dist.data import get_task
+from bert_dist.data.synthetic import write_task_data
+from bert_dist.tokenizer import save_tokenizer, train_tokenizer
+
+
+def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
+    """Record the trajectory to `trace` and inject `fault`; returns the function that undoes the patches.
+
+    Before each training forward pass, one line: a digest of the global RNG (what dropout draws from) and of
+    the batch. Faults: {"kill_after_save": N, "forwards": k} SIGKILLs on the k-th micro-batch after the
+    step-N checkpoint (mid-step); {"kill_in_save": N} SIGKILLs halfway through writing step N's checkpoint;
+    {"sigterm_at_forward": k} sends SIGTERM on the k-th micro-batch.
+    """
+    from accelerate import Accelerator
+
+    import bert_dist.train as T
+    from bert_dist.model import BertForSequenceClassification
+
+    seen = {"forwards": 0, "countdown": None}
+    forward, save, save_state = BertForSequenceClassification.forward, T.save_checkpoint, Accelerator.save_state
+
+    def traced_forward(self, *args, **kw):
+        if self.training:
+            rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+            ids = hashlib.sha1(kw["input_ids"].numpy().tobytes()).hexdigest()[:16]
+            with open(trace, "a") as fh:
+                fh.write(f"{rng} {ids}\n")
+            seen["forwards"] += 1
+            if seen["countdown"] is not None:
+                seen["countdown"] -= 1
+                if seen["countdown"] == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)  # mid-step: this micro-batch never finishes
+            if fault.get("sigterm_at_forward") == seen["forwards"]:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kw)
+
+    def save_checkpoint(accelerator, out_dir, step, keep):
+        path = save(accelerator, out_dir, step, keep)
+        if fault.get("kill_after_save") == step:
+            seen["countdown"] = fault["forwards"]
+        return path
+
+    def killed_save_state(self, output_dir=None, **kw):
+        out = save_state(self, output_dir, **kw)
+        if output_dir and output_dir.endswith(f"step-{fault.get('kill_in_save', -1):08d}.tmp"):
+            weights = os.path.join(output_dir, "model.safetensors")
+            with open(weights, "r+b") as w:
+                w.truncate(os.path.getsize(weights) // 2)  # as if the kill came halfway through the write
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    BertForSequenceClassification.forward, T.save_checkpoint = traced_forward, save_checkpoint
+    Accelerator.save_state = killed_save_state
+
+    def undo() -> None:
+        BertForSequenceClassification.forward, T.save_checkpoint, Accelerator.save_state = forward, save, save_state
+
+    return undo
+
+
+# 72 examples in micro-batches of 8: 9 per epoch, so with --grad-accum 2 an epoch is 5 optimizer steps, the
+# last one a single micro-batch (accelerate syncs at the end of the loader). 14 steps cross two epoch ends;
+# checkpoints at 4, 8 and 12 are all mid-epoch (micro-batch 8 of 9, 6 of 9, 4 of 9).
+STEPS, SAVE_EVERY = 14, 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    spec = get_task("sst2")
+    data = write_task_data(spec, root / "data", n_train=72, n_eval=33, n_test=7, seed=5)
+    # One tokenizer for every run: WordPiece training is not deterministic (huggingface/tokenizers#1794).
+    texts = [json.loads(ln)["sentence"] for ln in (data / "sst2" / "train.jsonl").read_text().splitlines()]
+    (root / "tok").mkdir()
+    save_tokenizer(train_tokenizer(iter(texts), vocab_size=200), root / "tok")
+    flags = ["--task", "sst2", "--data-dir", str(data), "--init", "scratch", "--preset", "tiny", "--tokenizer",
+             str(root / "tok" / "tokenizer.json"), "--max-steps", str(STEPS), "--batch-size", "8", "--grad-accum",
+             "2", "--save-every", str(SAVE_EVERY), "--log-every", "3", "--eval-every", "5", "--lr", "3e-3",
+             "--warmup-ratio", "0.2", "--seed", "7"]
+    return root, flags
+
+
+def run(setup, out: Path, *extra: str, fault: dict | None = None, trace: str = "trace",
+        child: bool = False) -> subprocess.CompletedProcess | int:
+    """One run with `fault`: in a child process (this file is its driver) when it will be killed, else here.
+
+    Both use one thread, so they run the same kernels: their weights are bitwise comparable.
+    """
+    root, flags = setup
+    argv = [*flags, "--output-dir", str(out), *extra]
+    trace_file = out.parent / f"{out.name}.{trace}"
+    if child:
+        env = {**os.environ, "FAULT": json.dumps(fault or {}), "TRACE": str(trace_file), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True,
+                              timeout=300)
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bert_dist.run import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    undo = install_faults(fault or {}, trace_file)
+    try:
+        return main(argv)
+    finally:
+        undo()
+        torch.set_num_threads(threads)
+
+
+def lines(p: Path) -> list[str]:
+    return p.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    out = setup[0] / "uninterrupted"
+    assert run(setup, out) == 0
+    assert (out / "results.json").is_file()
+    return out
+
+
+def assert_same_run(resumed: Path, reference: Path, trace: str) -> None:
+    """Bitwise weights, and the same metrics, predictions and (resumed part of the) trajectory."""
+    assert (resumed / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert lines(resumed / "metrics.jsonl") == lines(reference / "metrics.jsonl")  # no eval logged twice
+    assert lines(resumed / "predictions_validation.jsonl") == lines(reference / "predictions_validation.jsonl")
+    drop = ("train_seconds", "examples_per_second", "tokens_per_second")
+    r, ref = (json.loads((d / "results.json").read_text()) for d in (resumed, reference))
+    assert {k: v for k, v in r.items() if k not in drop} == {k: v for k, v in ref.items() if k not in drop}
+    after = lines(resumed.parent / f"{resumed.name}.{trace}")
+    assert after == lines(reference.parent / f"{reference.name}.trace")[-len(after):]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # rich would wrap (and fold long paths in) log lines at 80
+
+
+def logged(capsys) -> str:
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(setup, uninterrupted, capsys):
+    out = setup[0] / "killed"
+    # Killed on the 5th micro-batch after the step-8 checkpoint: step 11, in the next epoch, after the
+    # step-10 evaluation was logged.
+    p = run(setup, out, fault={"kill_after_save": 8, "forwards": 5}, child=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step-00000004", "step-00000008"]
+    assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+    assert [json.loads(ln)["step"] for ln in lines(out / "metrics.jsonl")] == [5, 10]
+    capsys.readouterr()
+    assert run(setup, out, "--resume", trace="resumed") == 0
+    assert f"resumed from {out}/checkpoints/step-00000008 at step 8 (epoch 1, batch 6)" in logged(capsys)
+    assert_same_run(out, uninterrupted, "resumed")
+
+
+def test_kill_during_a_save_resumes_from_the_previous_checkpoint(setup, uninterrupted, capsys):
+    out = setup[0] / "killed-saving"
+    p = run(setup, out, fault={"kill_in_save": 12}, child=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    names = sorted(c.name for c in (out / "checkpoints").iterdir())
+    assert names == ["step-00000004", "step-00000008", "step-00000012.tmp"]
+    capsys.readouterr()
+    assert run(setup, out, "--resume", trace="resumed") == 0
+    err = logged(capsys)
+    assert "removing" in err and "step-00000012.tmp" in err and "resumed from" in err and "step-00000008" in err
+    assert_same_run(out, uninterrupted, "resumed")
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
+
+
+def test_sigterm_saves_exits_0_and_resumes_bitwise_equal(setup, uninterrupted, capsys):
+    out = setup[0] / "sigterm"
+    # The signal lands on the 13th micro-batch, the first half of step 7: the run finishes that step,
+    # saves step-7 (an accumulation boundary, off the --save-every grid) and returns 0 without results.
+    capsys.readouterr()
+    assert run(setup, out, fault={"sigterm_at_forward": 13}) == 0
+    err = logged(capsys)
+    assert "SIGTERM at step 7" in err and "rerun with --resume" in err
+    assert (out / "checkpoints" / "step-00000007").is_dir()
+    assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+    assert run(setup, out, "--resume", trace="resumed") == 0
+    assert_same_run(out, uninterrupted, "resumed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite losses
+
+
+@pytest.fixture
+def nan_at(monkeypatch):
+    """nan_at(steps): the training loss is NaN on those micro-batches (1-based), and so the gradients."""
+    from bert_dist.model import BertForSequenceClassification
+
+    forward = BertForSequenceClassification.forward
+    bad: set[int] = set()
+    seen = [0]
+
+    def patched(self, *args, **kw):
+        out = forward(self, *args, **kw)
+        if self.training:
+            seen[0] += 1
+            if seen[0] in bad:
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", patched)
+    return bad.update
+
+
+def test_a_few_nan_steps_leave_the_weights_finite(setup, nan_at, capsys):
+    out = setup[0] / "nan-few"
+    nan_at({3, 4})  # steps 3 and 4; step 4 is a --save-every step
+    assert run(setup, out, "--grad-accum", "1", "--max-steps", "6", "--max-bad-steps", "3", "--log-every", "1") == 0
+    assert "step 4: not saving a checkpoint while the loss is not finite" in logged(capsys)
+    assert not (out / "checkpoints" / "step-00000004").exists()
+    assert json.loads((out / "results.json").read_text())["nonfinite_steps"] == 2
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_max_bad_steps_stops_the_run_and_keeps_the_last_good_checkpoint(setup, nan_at, capsys):
+    out = setup[0] / "nan-diverged"
+    nan_at(set(range(6, 100)))  # from step 6 on
+    with pytest.raises(SystemExit) as e:
+        run(setup, out, "--grad-accum", "1", "--max-steps", "30", "--max-bad-steps", "3", "--log-every", "5")
+    assert e.value.code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1].startswith("error:") and sum(ln.startswith("error:") for ln in err) == 1
+    # Found at the next sync point (the step-8 checkpoint, which is not written), not on every step.
+    assert "3 optimizer steps in a row" in err[-1] and "--max-bad-steps" in err[-1] and "at step 8" in err[-1]
+    assert "step-00000004" in err[-1]
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step-00000004"]
+    assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+    weights = load_file(str(out / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+if __name__ == "__main__":  # the child process of `run(..., child=True)`
+    torch.set_num_threads(1)
+    install_faults(json.loads(os.environ["FAULT"]), Path(os.environ["TRACE"]))
+    from bert_dist.run import main
+
+    sys.exit(main(sys.argv[1:]))
