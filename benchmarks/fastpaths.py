@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import fmt, interleave, print_table, ratio, synchronizer
+from benchmarks.harness import fmt, interleave, print_table, progress, ratio, synchronizer
 from benchmarks.sources import Options, Source
 from benchmarks.speed import forward_fn, make_batch, train_step_fn
 from bert_dist import model as M
@@ -82,6 +82,7 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
                      "off_ms": 1e3 * off.median() / unit_s, "on_ms": 1e3 * on.median() / unit_s,
                      "speedup": ratio(off.median(), on.median()),
                      "cpu_time_speedup": ratio(off.median("cpu"), on.median("cpu")), "rounds": len(on.wall)})
+        progress(rows[-1])
 
     torch.manual_seed(0)
     model = M.BertForSequenceClassification(cfg, num_labels=2).to(device)
@@ -130,8 +131,9 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
         f"fastpaths: each switched off and on ({name})",
         ["path", "measured", "shape", "precision", "off ms", "on ms", "speed-up"] + (
             ["CPU-time x"] if device.type == "cpu" else []),
-        [[r["path"], r["what"], r["shape"], r["precision"], fmt(r["off_ms"]), fmt(r["on_ms"]), f"{r['speedup']:.2f}x"]
-         + ([f"{r['cpu_time_speedup']:.2f}x"] if device.type == "cpu" else []) for r in rows],
+        [[r["path"], r["what"], r["shape"], r["precision"], fmt(r["off_ms"]), fmt(r["on_ms"]),
+          f"{fmt(r['speedup'], 2)}x"] + ([f"{fmt(r['cpu_time_speedup'], 2)}x"] if device.type == "cpu" else [])
+         for r in rows],
         note=f"median of {opts.rounds} interleaved rounds; speed-up = off / on"
              + ("" if not opts.quick else "; compile skipped under --quick"),
     )

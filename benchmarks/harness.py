@@ -105,8 +105,13 @@ def print_table(title: str, header: list[str], rows: list[list], note: str | Non
     print(flush=True)
 
 
+def progress(row: dict) -> None:
+    """One line per measured configuration as it finishes (a full run takes a while on a CPU)."""
+    print("  " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
 def fmt(x: float | None, digits: int = 1) -> str:
-    return "n/a" if x is None else f"{x:,.{digits}f}"
+    return "n/a" if x is None or x != x else f"{x:,.{digits}f}"  # x != x: NaN
 
 
 def ratio(num: float, den: float) -> float:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import Samples, fmt, interleave, print_table, ratio, synchronizer
+from benchmarks.harness import Samples, fmt, interleave, print_table, progress, ratio, synchronizer
 from benchmarks.sources import Options, Source
 from bert_dist.config import BertConfig, OptimConfig, preset
 from bert_dist.model import BertForPreTraining, BertForSequenceClassification, flops_per_token
@@ -162,6 +162,7 @@ def step_suite(opts: Options, src: Source | None = None) -> list[dict]:
                                  "fwd_bwd_speedup": ratio(r.median("fwd_bwd"), o.median("fwd_bwd")),
                                  "ours_optim_ms": 1e3 * o.median("optim"), "ref_optim_ms": 1e3 * r.median("optim"),
                                  **_speedups(res, device), "rounds": opts.rounds})
+                    progress(rows[-1])
         del ours, ref, optims
         _free(device)
     _print_model_table("step: forward + backward + AdamW (BertForSequenceClassification)", rows, device,
@@ -188,6 +189,7 @@ def inference_suite(opts: Options, src: Source | None = None) -> list[dict]:
                                  "ours_ms": 1e3 * o.median(), "ref_ms": 1e3 * r.median(),
                                  "ours_examples_per_s": B / o.median(), "ref_examples_per_s": B / r.median(),
                                  **_speedups(res, device), "rounds": opts.rounds})
+                    progress(rows[-1])
         del ours, ref
         _free(device)
     _print_model_table("inference: eval forward, inference_mode (BertForSequenceClassification)", rows, device)
@@ -219,6 +221,7 @@ def pretrain_suite(opts: Options, src: Source | None = None) -> list[dict]:
                          "ours_tokens_per_s": tps["ours"], "ref_tokens_per_s": tps[REF],
                          "ours_mfu": mfu(tps["ours"], cfg, T, device), "ref_mfu": mfu(tps[REF], cfg, T, device),
                          "peak_flops": peak, **_speedups(res, device), "rounds": opts.rounds})
+            progress(rows[-1])
         del ours, ref, optims
         _free(device)
     peak_note = f"peak {peak / 1e12:.0f} TFLOP/s (dense bf16)" if peak else "no known peak for this device: MFU n/a"

@@ -1,9 +1,10 @@
-"""Checkpoints as data: safetensors + config.json + tokenizer.json, and Hugging Face BERT import.
+"""Checkpoints as data: safetensors + config.json + tokenizer.json, and Hugging Face BERT import and export.
 
 A bert-dist output directory and a Hugging Face BERT directory share one layout (config.json with
 Google/HF field names, model.safetensors, a tokenizer), so `--init` reads both the same way.
 Hugging Face keys map onto ours by prefix alone (our modules keep HF names); older TF-converted
-checkpoints (LayerNorm gamma/beta) are renamed on the way in.
+checkpoints (LayerNorm gamma/beta) are renamed on the way in. Export (`export_hf`) is the same weights
+under the same keys, plus the config and tokenizer files transformers' Auto classes look for.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from bert_dist.config import BertConfig
+from bert_dist.model import BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification
 from bert_dist.tokenizer import check_special_tokens, find_tokenizer_file, load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -189,13 +192,18 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
 
 def save_model(model: nn.Module, out_dir: Path, config: BertConfig, meta: dict[str, Any]) -> None:
     """model.safetensors (tied tensors once) and config.json (BertConfig fields + `bert_dist` metadata)."""
+    _save_weights(model, out_dir)
+    cfg = {"model_type": "bert", **config.to_dict(), "bert_dist": meta}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _save_weights(model: nn.Module, out_dir: Path) -> None:
+    # The tied decoder is left out, as transformers' own save_pretrained does: its loaders tie it again.
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
     tmp = out_dir / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / "model.safetensors")  # never a half-written model under the real name
-    cfg = {"model_type": "bert", **config.to_dict(), "bert_dist": meta}
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 @dataclass
@@ -234,3 +242,92 @@ def save_run_model(model: nn.Module, out_dir: Path, config: BertConfig, meta: di
     """A reloadable model directory: weights, config (+ metadata) and tokenizer, for `--init out_dir`."""
     save_model(model, out_dir, config, meta)
     save_tokenizer(tokenizer, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# A finished run as a model: rebuild its head, and export it for transformers
+
+HF_ARCHITECTURES = {"classification": "BertForSequenceClassification", "regression": "BertForSequenceClassification",
+                    "qa": "BertForQuestionAnswering", "pretrain": "BertForPreTraining"}
+"""bert_dist.kind -> the transformers class whose parameter names (and so whose checkpoint) ours are."""
+
+
+def build_model(config: BertConfig, meta: dict[str, Any], source: str) -> nn.Module:
+    """The model class a run saved, from its `bert_dist` metadata (kind, num_labels)."""
+    kind = meta.get("kind")
+    if kind in ("classification", "regression"):
+        return BertForSequenceClassification(config, meta["num_labels"], regression=kind == "regression")
+    if kind == "qa":
+        return BertForQuestionAnswering(config)
+    if kind == "pretrain":
+        return BertForPreTraining(config)
+    raise ValueError(f"--model: {source}/config.json names no bert-dist task (its `bert_dist.kind` is {kind!r}); "
+                     "give the output directory of a bert-dist run")
+
+
+def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, InitSource]:
+    """A finished run's model in eval mode, every tensor from the checkpoint (else ValueError), on the CPU."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise ValueError(f"--model: {d} is not a directory")
+    try:
+        src = load_init(str(d))
+    except ValueError as e:  # load_init speaks of --init; here the user gave --model
+        raise ValueError(str(e).replace("--init", "--model", 1)) from None
+    model = build_model(src.config, src.meta, str(d))
+    missing, unexpected = model.load_state_dict(src.state_dict, strict=False)
+    missing = [k for k in missing if k not in TIED_KEYS]
+    if missing or unexpected:
+        k = (missing or unexpected)[0]
+        raise ValueError(f"--model: {d}/model.safetensors does not match its config.json "
+                         f"({len(missing)} tensors missing, {len(unexpected)} unexpected, e.g. {k})")
+    return model.eval(), src
+
+
+def hf_tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json for transformers' BertTokenizer, its flags read off how `tok` normalizes, so a
+    tokenizer rebuilt from vocab.txt alone splits text as `tok` does."""
+    norm = tok.normalizer
+    lower = norm is not None and norm.normalize_str("A") == "a"
+    strip_accents = norm is not None and norm.normalize_str("\u00e9") == "e"
+    return {"tokenizer_class": "BertTokenizer", "do_lower_case": lower, "strip_accents": strip_accents,
+            "tokenize_chinese_chars": True, "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": False, **HF_SPECIAL_TOKENS}
+
+
+HF_SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                     "mask_token": "[MASK]"}
+
+
+def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a run as a Hugging Face model directory that transformers' Auto classes load.
+
+    config.json: `architectures`, `model_type`, the BertConfig fields, id2label/label2id from the task's
+    label names, problem_type (regression for STS-B-style heads), and the `bert_dist` metadata (so `--init`
+    and `predict` read the export as they read the run). model.safetensors: the run's tensors under the
+    same keys, which are transformers' (the tied MLM decoder left out, as save_pretrained leaves it out).
+    Tokenizer: tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json. The run's
+    model card (README.md) is copied when there is one.
+    """
+    model, src = load_run_model(run_dir)
+    out = Path(out_dir)
+    if out.resolve() == Path(run_dir).resolve():
+        raise ValueError("--out: give a directory other than the run's own")
+    meta, kind = src.meta, src.meta["kind"]
+    _save_weights(model, out)
+    cfg: dict[str, Any] = {"architectures": [HF_ARCHITECTURES[kind]], "model_type": "bert", **src.config.to_dict()}
+    if kind in ("classification", "regression"):
+        names = meta.get("label_names") or [f"LABEL_{i}" for i in range(meta["num_labels"])]
+        cfg.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
+                   problem_type="regression" if kind == "regression" else "single_label_classification")
+    if kind == "pretrain":
+        cfg["tie_word_embeddings"] = True
+    cfg["bert_dist"] = meta
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_tokenizer(src.tokenizer, out)
+    tok_cfg = hf_tokenizer_config(src.tokenizer, src.config.max_position_embeddings)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(HF_SPECIAL_TOKENS, indent=2) + "\n")
+    if (Path(run_dir) / "README.md").is_file():
+        shutil.copyfile(Path(run_dir) / "README.md", out / "README.md")
+    return out

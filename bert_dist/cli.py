@@ -1,18 +1,72 @@
 """The `bert-dist` console script: `bert-dist [train] --task ...` runs a job (same flags as run.py).
 
 `bert-dist pretrain ...` and `bert-dist tokenizer ...` are `--task pretrain` and `--task tokenizer`.
+After a run:
+
+    bert-dist predict --model RUN_DIR [--text T [--text-pair P]] [--file F.jsonl|.csv|.tsv]   (or stdin)
+    bert-dist export --model RUN_DIR --format hf --out DIR
+    bert-dist report RUN_DIR
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 
 SUBCOMMANDS = {"train": None, "pretrain": "pretrain", "tokenizer": "tokenizer"}
 """First word -> the --task it implies (None: the flags say)."""
 
 
+def predict(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bert-dist predict", description="Predict with a finished run: JSON Lines "
+                                "on stdout, one line per input (label and probabilities, a score, or an answer).")
+    p.add_argument("--model", required=True, help="a bert-dist run directory (or its Hugging Face export)")
+    p.add_argument("--text", action="append", help="a text (repeatable); the question for a SQuAD model")
+    p.add_argument("--text-pair", action="append", help="its second text (pair tasks), or the SQuAD context")
+    p.add_argument("--file", help=".jsonl, .csv or .tsv with the task's text columns (or text, text_pair); "
+                   "default: JSON Lines or plain lines on stdin (a tab between the two texts of a pair)")
+    p.add_argument("--batch-size", type=int, help="rows per forward pass (default: the run's --eval-batch-size)")
+    p.add_argument("--max-length", type=int, help="tokens per sequence (default: the run's)")
+    args = p.parse_args(argv)
+    from bert_dist.predict import predict_main
+
+    return predict_main(args.model, args.text, args.text_pair, args.file, args.batch_size, args.max_length)
+
+
+def export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bert-dist export", description="Write a run as a Hugging Face model "
+                                "directory (config, safetensors, tokenizer files) that transformers loads.")
+    p.add_argument("--model", required=True, help="a bert-dist run directory")
+    p.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face transformers (the only one)")
+    p.add_argument("--out", required=True, help="the directory to write")
+    args = p.parse_args(argv)
+    from bert_dist.checkpoint import export_hf
+
+    print(export_hf(args.model, args.out))
+    return 0
+
+
+def report(argv: list[str]) -> int:
+    from bert_dist.report import main as report_main
+
+    return report_main(argv)
+
+
+TOOLS = {"predict": predict, "export": export, "report": report}
+"""Commands that work on a finished run rather than train one."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in TOOLS:
+        from bert_dist.console import fail, setup_logging
+
+        setup_logging(True, logging.WARNING)  # stdout is the output: only problems go to stderr
+        try:
+            return TOOLS[argv[0]](argv[1:])
+        except ValueError as e:  # a bad run dir, input file or flag: one red line, no traceback
+            fail(str(e))
     if argv[:1] and argv[0] in SUBCOMMANDS:
         task = SUBCOMMANDS[argv[0]]
         argv = argv[1:] + (["--task", task] if task else [])  # last: the subcommand wins over a stray --task

@@ -155,7 +155,10 @@ class TrainConfig:
 class RunConfig:
     """Everything that reproduces a run; written to <output_dir>/config.json."""
 
-    task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), squad, squad_v2, pretrain")
+    task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), glue (every GLUE task, one "
+                           "after another), squad, squad_v2, pretrain")
+    tasks: str | None = _f(None, "--task glue: comma-separated GLUE tasks to run, e.g. cola,sst2 (implies --task glue; "
+                                 "default: all nine)")
     init: str = _f("scratch", "weights: scratch | HF-format dir | bert-dist run dir | hub id")
     preset: str = _f("base", "architecture for --init scratch: " + " | ".join(PRESETS))
     tokenizer: str | None = _f(None, "tokenizer.json, vocab.txt or a dir holding one (default: from --init)")
@@ -205,6 +208,8 @@ class RunConfig:
                              "(evaluate a finished run with --init RUN_DIR)")
         if t.eval_only and self.init == "scratch":
             raise ValueError("--eval-only evaluates the --init weights: pass --init DIR (not scratch)")
+        if self.tasks and self.task != "glue":
+            raise ValueError(f"--tasks picks the tasks of --task glue, not of --task {self.task}: drop one of them")
         if d.train_file and d.data_dir:
             raise ValueError("--train-file/--validation-file and --data-dir both say where the data is: give one")
         if not 0 < d.mlm_probability < 1:
@@ -257,6 +262,8 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
     """Parse the command line into a validated `RunConfig`; only flags given override defaults."""
     args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     given = {k: v for k, v in args.items() if v is not None}
+    if "tasks" in given:
+        given.setdefault("task", "glue")
     return config_from_overrides(given)
 
 

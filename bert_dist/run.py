@@ -22,7 +22,7 @@ from bert_dist.config import RunConfig, config_from_args, config_from_overrides,
 from bert_dist.console import fail, print_table, setup_logging
 
 log = logging.getLogger("bert_dist")
-RUN_FILES = ("results.json", "metrics.jsonl", "model.safetensors")
+RUN_FILES = ("results.json", "metrics.jsonl", "train_log.jsonl", "model.safetensors")
 """What marks a finished run: cleared by --overwrite before the new run starts."""
 
 
@@ -31,9 +31,14 @@ def preflight(cfg: RunConfig) -> None:
     from bert_dist import data as D
     from bert_dist.checkpoint import check_init
 
-    spec = D.get_task("pretrain" if cfg.task == "tokenizer" else cfg.task)
-    if spec.kind != "pretrain":  # the pretraining recipe reads its corpus its own way
-        D.source_files(spec, cfg.data)
+    if cfg.task == "glue":  # each task's data is checked by the suite, which skips a task whose data is missing
+        from bert_dist.glue_suite import suite_tasks
+
+        spec = D.get_task(suite_tasks(cfg)[0])
+    else:
+        spec = D.get_task("pretrain" if cfg.task == "tokenizer" else cfg.task)
+        if spec.kind != "pretrain":  # the pretraining recipe reads its corpus its own way
+            D.source_files(spec, cfg.data)
     bert = check_init(cfg.init, cfg.tokenizer, need_mask=spec.kind == "pretrain")
     if bert is None and cfg.init == "scratch":
         bert = preset(cfg.preset)
@@ -111,6 +116,29 @@ def resume_tokenizer(cfg: RunConfig, out_dir: Path) -> RunConfig:
     return config_from_overrides({"tokenizer": str(saved)}, base=cfg)
 
 
+def run_task(cfg: RunConfig, accelerator, out_dir: Path) -> dict:
+    """One recipe into a prepared `out_dir`; then (main process) results.json, the results table and the report."""
+    cfg = resume_tokenizer(cfg, out_dir)
+    log.info("%s on %d process(es), %s, mixed precision %s -> %s", cfg.task, accelerator.num_processes,
+             accelerator.device, accelerator.mixed_precision, out_dir)
+    if cfg.task in ("pretrain", "tokenizer"):
+        from bert_dist.pretrain import run_pretrain as recipe
+    else:
+        from bert_dist.finetune import run_finetune as recipe
+    results = recipe(cfg, accelerator, out_dir)
+    if accelerator.is_main_process and not results.get("interrupted"):
+        from bert_dist.report import describe_hardware, write_report
+
+        results["hardware"] = describe_hardware(accelerator)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print_table(f"{cfg.task} results", {"final": {k: v for k, v in results.items() if isinstance(v, (int, float))}})
+        try:
+            write_report(out_dir)
+        except Exception as e:  # the run's results and model are saved: a report bug must not fail the run
+            log.warning("no report.html/README.md for %s: %s: %s", out_dir, type(e).__name__, e)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     is_main = os.environ.get("RANK", "0") == "0"
     accelerator = out_dir = None
@@ -118,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         if cfg.smoke:
-            from bert_dist.data.synthetic import smoke_config
-
+            if cfg.task == "glue":
+                from bert_dist.glue_suite import smoke_suite as smoke_config
+            else:
+                from bert_dist.data.synthetic import smoke_config
             cfg = smoke_config(cfg)
         preflight(cfg)
         from accelerate import Accelerator
@@ -141,27 +171,21 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(is_main)
         set_seed(cfg.seed)
         out_dir, created = prepare_output_dir(cfg, accelerator)
-        cfg = resume_tokenizer(cfg, out_dir)
         if cfg.report_to:
             # TensorBoard writes to <output_dir>/logs/bert-dist/; the same run name goes to every tracker.
             accelerator.project_configuration.logging_dir = str(out_dir / "logs")
             accelerator.init_trackers("bert-dist", config=_flat(cfg.to_dict()),
                                       init_kwargs={"wandb": {"name": out_dir.name}})
-        log.info("%s on %d process(es), %s, mixed precision %s -> %s", cfg.task, accelerator.num_processes,
-                 accelerator.device, accelerator.mixed_precision, out_dir)
-        if cfg.task in ("pretrain", "tokenizer"):
-            from bert_dist.pretrain import run_pretrain as recipe
+        if cfg.task == "glue":
+            from bert_dist.glue_suite import run_glue
+
+            results = run_glue(cfg, accelerator, out_dir,
+                               lambda c: run_task(c, accelerator, prepare_output_dir(c, accelerator)[0]))
         else:
-            from bert_dist.finetune import run_finetune as recipe
-        results = recipe(cfg, accelerator, out_dir)
+            results = run_task(cfg, accelerator, out_dir)
         if results.get("interrupted"):
             log.warning("stopped by SIGTERM at step %d with a checkpoint in %s; rerun with --resume to finish",
-                        results["steps"], out_dir / "checkpoints")
-            return 0
-        if is_main:
-            (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            print_table(f"{cfg.task} results", {"final": {k: v for k, v in results.items()
-                                                           if isinstance(v, (int, float))}})
+                        results["steps"], out_dir)
         return 0
     except ValueError as e:  # user errors: bad flags, data, checkpoints
         if os.environ.get("BERT_DIST_DEBUG"):

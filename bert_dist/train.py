@@ -36,6 +36,8 @@ from bert_dist.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+TRAIN_LOG = "train_log.jsonl"
+"""One JSON line per log step (loss, lr, throughput, grad norm): what the run report plots."""
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -216,16 +218,16 @@ def _quiet_accelerate():
 
 
 def _trim_metrics(out_dir: Path, step: int) -> None:
-    """Drop evaluations logged after the checkpoint by the run that was killed: they will be redone."""
+    """Drop evaluations and log lines written after the checkpoint by the run that was killed: they will be redone."""
     def before(line: str) -> bool:
         try:
             return json.loads(line).get("step", 0) <= step
         except ValueError:  # a line cut short by the kill
             return False
 
-    f = out_dir / "metrics.jsonl"
-    if f.is_file():
-        f.write_text("".join(ln for ln in f.read_text().splitlines(keepends=True) if ln.strip() and before(ln)))
+    for f in (out_dir / "metrics.jsonl", out_dir / TRAIN_LOG):
+        if f.is_file():
+            f.write_text("".join(ln for ln in f.read_text().splitlines(keepends=True) if ln.strip() and before(ln)))
 
 
 def _set_epoch(loader: Any, epoch: int, on_set_epoch: Callable[[int], None] | None) -> None:
@@ -378,7 +380,7 @@ def train(
                 log_now = state.step % cfg.log_every == 0 or state.step == num_steps
                 save_now = bool(cfg.save_every) and state.step % cfg.save_every == 0
                 if log_now:
-                    check_diverged(_log_step(accelerator, state, win, scheduler, progress, fp16))
+                    check_diverged(_log_step(accelerator, state, win, scheduler, progress, fp16, out_dir))
                     win.reset_loss()
                 else:
                     progress.update(state.step)
@@ -425,8 +427,9 @@ def train(
 
 
 def _log_step(accelerator: Accelerator, state: TrainState, win: Window, scheduler: Any, progress: StepProgress,
-              fp16: bool) -> dict[str, float]:
-    """One log line, a progress-bar update and tracker scalars: the loop's regular host sync. Returns the window."""
+              fp16: bool, out_dir: Path) -> dict[str, float]:
+    """One log line, a train_log.jsonl line, a progress-bar update and tracker scalars: the loop's regular host
+    sync. Returns the window."""
     n_ex, n_tok, dt = win.flush_throughput(accelerator, state)
     window = win.read(accelerator)
     stats: dict[str, Any] = {
@@ -445,6 +448,9 @@ def _log_step(accelerator: Accelerator, state: TrainState, win: Window, schedule
         stats["nonfinite_steps"] = state.nonfinite_steps
     progress.update(state.step, f"loss {stats['loss']:.4f} lr {stats['lr']:.2e} {stats['examples/s']:.1f} ex/s")
     log.info(format_metrics(stats))
+    if accelerator.is_main_process:  # the numbers are on the host already: writing them costs no sync
+        with open(out_dir / TRAIN_LOG, "a") as fh:
+            fh.write(json.dumps({**stats, "train_seconds": round(state.train_seconds, 3)}) + "\n")
     accelerator.log({"train/" + k.replace("/", "_per_"): v for k, v in stats.items() if k != "step"}, step=state.step)
     return window
 

@@ -1,0 +1,274 @@
+"""Predict with a finished run: texts in, one JSON line per input out, through the code that trained it.
+
+    bert-dist predict --model RUN_DIR --text "a sentence" [--text-pair "a second"]
+    bert-dist predict --model RUN_DIR --file rows.jsonl|rows.csv|rows.tsv      (or JSON Lines / text on stdin)
+
+The model is rebuilt from the run's config.json (`checkpoint.load_run_model`), texts are tokenized by the
+fine-tuning path (`data.tokenize_classification`, or SQuAD's `prepare_eval_features` windows), batches are
+padded by `PadCollator` and run through `train.evaluate` on the best device accelerate finds; SQuAD logits go
+through the same `postprocess_predictions`. So a run's validation rows give back its own
+predictions_validation.jsonl line for line. Output, per input:
+
+    GLUE-style   {"idx"?, "prediction": class id, "label": name, "probabilities": [...]} as in
+                 predictions_<split>.jsonl; regression (STS-B): {"idx"?, "prediction": score}
+    SQuAD        {"id"?, "answer": text, "start", "end": character span in the context, "score": the n-best
+                 probability}; a v2 model that finds no answer gives "answer": "", start/end null
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bert_dist.config import DataConfig, TaskSpec
+
+log = logging.getLogger(__name__)
+
+INPUT_COLUMNS = ["input_ids", "token_type_ids"]
+"""What the loader hands the collator: bookkeeping columns (offsets, example ids) stay out of the batches."""
+CHUNK = 8192
+"""Rows per round of tokenize -> model -> output, so a large file streams in bounded memory."""
+
+
+class Predictor:
+    """A run's model, tokenizer and evaluation settings, ready to predict rows.
+
+    Args:
+        model_dir: a bert-dist run directory (or its `export --format hf` directory).
+        batch_size: rows per forward pass (default: the run's --eval-batch-size).
+        max_length: tokens per sequence (default: the run's own), the windows' length for SQuAD.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, batch_size: int | None = None, max_length: int | None = None):
+        from accelerate import Accelerator
+
+        from bert_dist import data as D
+        from bert_dist.checkpoint import load_run_model
+
+        self.dir = Path(model_dir)
+        model, src = load_run_model(self.dir)
+        self.meta, self.tokenizer = src.meta, src.tokenizer
+        if self.meta["kind"] not in ("classification", "regression", "qa"):
+            raise ValueError(f"--model: {self.dir} is a {self.meta['kind']} model; predict takes a fine-tuned "
+                             "(GLUE-style or SQuAD) one")
+        self.spec: TaskSpec = D.get_task(self.meta["task"])
+        self.data = self._data_config(batch_size, max_length)
+        if self.data.max_length > src.config.max_position_embeddings:
+            raise ValueError(f"--max-length {self.data.max_length} is above the model's "
+                             f"{src.config.max_position_embeddings} positions")
+        self.accelerator = Accelerator(mixed_precision="no")
+        self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def _data_config(self, batch_size: int | None, max_length: int | None) -> DataConfig:
+        """The run's own evaluation settings (max length, batch size, SQuAD post-processing), flags on top."""
+        saved = {}
+        f = self.dir / "run_config.json"
+        if f.is_file():
+            saved = json.loads(f.read_text()).get("data", {})
+        cfg = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
+        cfg.max_length = max_length or cfg.max_length or self.spec.max_length
+        cfg.eval_batch_size = batch_size or cfg.eval_batch_size
+        if cfg.eval_batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {cfg.eval_batch_size}")
+        return cfg
+
+    def predict(self, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Rows with the task's text columns (or `text`/`text_pair`) -> one output dict per row, in order."""
+        chunk: list[dict[str, Any]] = []
+        for i, row in enumerate(rows, 1):
+            chunk.append(self._check(row, i))
+            if len(chunk) == CHUNK:
+                yield from self._predict_chunk(chunk)
+                chunk = []
+        if chunk:
+            yield from self._predict_chunk(chunk)
+
+    def _check(self, row: dict[str, Any], n: int) -> dict[str, Any]:
+        """The row's texts under the task's column names; ValueError naming the row when they are missing."""
+        cols = self.spec.text_columns
+        generic = ("text", "text_pair")[: len(cols)]
+        if all(c in row for c in cols):
+            texts = {c: row[c] for c in cols}
+        elif all(g in row for g in generic):
+            texts = {c: row[g] for c, g in zip(cols, generic)}
+        else:
+            raise ValueError(f"input row {n}: a {self.spec.name} model needs {' and '.join(cols)} "
+                             f"(or {' and '.join(generic)}); got {', '.join(row) or 'nothing'}")
+        bad = next((c for c, t in texts.items() if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"input row {n}: {bad} is {texts[bad]!r}, not text")
+        key = "id" if self.meta["kind"] == "qa" else "idx"
+        return {key: row[key], **texts} if key in row else texts
+
+    def _run(self, feats: Any, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        from bert_dist import data as D
+        from bert_dist.data.collate import PadCollator
+        from bert_dist.train import evaluate
+
+        collator = PadCollator(self.tokenizer.token_to_id("[PAD]"), None, scalar_keys=())
+        loader = self.accelerator.prepare_data_loader(D.eval_loader(feats.select_columns(INPUT_COLUMNS), self.data,
+                                                                    collator))
+        outs = evaluate(self.accelerator, self.model, loader, lambda b, o: {k: o[k] for k in outputs})
+        self.accelerator.free_memory()  # a loader per chunk: don't keep them all (self.model stays)
+        return outs
+
+    def _predict_chunk(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._answer(rows) if self.meta["kind"] == "qa" else self._classify(rows)
+
+    def _classify(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from datasets import Dataset, DatasetDict
+
+        from bert_dist import data as D
+
+        texts = Dataset.from_list([{c: r[c] for c in self.spec.text_columns} for r in rows])
+        feats = D.tokenize_classification(DatasetDict({"predict": texts}), self.spec, self.tokenizer,
+                                          self.data.max_length)["predict"]
+        logits = self._run(feats, ("logits",))["logits"]  # (N, C), or (N,) scores for regression
+        regression = self.meta["kind"] == "regression"
+        out = []
+        # As finetune's predictions_<split>.jsonl, key for key: the two must agree line for line.
+        for r, p, lg in zip(rows, (logits if regression else logits.argmax(-1)).tolist(), logits):
+            row: dict[str, Any] = {"idx": r["idx"]} if "idx" in r else {}
+            row["prediction"] = p
+            if not regression:
+                row["label"] = self.spec.label_names[p]
+                e = np.exp(lg - lg.max())
+                row["probabilities"] = [round(float(x), 6) for x in e / e.sum()]
+            out.append(row)
+        return out
+
+    def _answer(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from datasets import Dataset
+
+        from bert_dist.data.squad import postprocess_predictions, prepare_eval_features
+
+        # Our own ids: the user's need not be unique, and post-processing keys answers by id.
+        examples = Dataset.from_list([{"id": str(i), "question": r["question"], "context": r["context"]}
+                                      for i, r in enumerate(rows)])
+        d = self.data
+        feats = examples.map(prepare_eval_features, batched=True, remove_columns=examples.column_names,
+                             fn_kwargs={"tokenizer": self.tokenizer, "max_length": d.max_length,
+                                        "doc_stride": d.doc_stride, "max_query_length": d.max_query_length})
+        outs = self._run(feats, ("start_logits", "end_logits"))
+        v2 = self.spec.metric == "squad_v2"
+        texts, nbest, _ = postprocess_predictions(examples, feats, outs["start_logits"], outs["end_logits"],
+                                                  n_best_size=d.n_best_size, max_answer_length=d.max_answer_length,
+                                                  version_2=v2, null_score_diff_threshold=d.null_score_diff_threshold)
+        by_example: dict[str, list[int]] = {}
+        for f, eid in enumerate(feats["example_id"]):
+            by_example.setdefault(eid, []).append(f)
+        offsets = feats["offset_mapping"]
+        out = []
+        for i, r in enumerate(rows):
+            eid, text = str(i), texts[str(i)]
+            row: dict[str, Any] = {"id": r["id"]} if "id" in r else {}
+            span = _char_span(text, r["context"], [(offsets[f], outs["start_logits"][f], outs["end_logits"][f])
+                                                   for f in by_example.get(eid, [])]) if text else None
+            prob = next((e["probability"] for e in nbest[eid] if e["text"] == text), 0.0)
+            row.update(answer=text, start=span[0] if span else None, end=span[1] if span else None,
+                       score=round(float(prob), 6))
+            if v2:
+                row["no_answer"] = text == ""
+            out.append(row)
+        return out
+
+
+def _char_span(text: str, context: str, windows: list[tuple[list, np.ndarray, np.ndarray]]) -> tuple[int, int]:
+    """[start, end) of the answer in `context`. Post-processing returns the text only; where it occurs more than
+    once, the occurrence is the one whose start/end tokens score highest, which is the span it was cut from."""
+    starts = []
+    s = context.find(text)
+    while s != -1:
+        starts.append(s)
+        s = context.find(text, s + 1)
+    if len(starts) <= 1:
+        return (starts[0], starts[0] + len(text)) if starts else (-1, -1)
+
+    def score(s: int) -> float:
+        best = -np.inf
+        for offsets, start_logits, end_logits in windows:
+            a = [t for t, o in enumerate(offsets) if o is not None and o[0] == s]
+            b = [t for t, o in enumerate(offsets) if o is not None and o[1] == s + len(text)]
+            if a and b:
+                best = max(best, max(start_logits[t] for t in a) + max(end_logits[t] for t in b))
+        return best
+
+    s = max(starts, key=score)
+    return s, s + len(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_rows(texts: list[str] | None, pairs: list[str] | None, file: str | None, stdin: Any = None,
+              pair_task: bool = False) -> Iterator[dict[str, Any]]:
+    """Input rows from --text/--text-pair, a .jsonl/.csv/.tsv file, or stdin (JSON Lines, or one text a line:
+    a tab between the two texts of a pair)."""
+    if texts:
+        if pairs and len(pairs) != len(texts):
+            raise ValueError(f"--text-pair: {len(pairs)} given for {len(texts)} --text")
+        for i, t in enumerate(texts):
+            yield {"text": t, "text_pair": pairs[i]} if pairs else {"text": t}
+        return
+    if pairs:
+        raise ValueError("--text-pair goes with --text")
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ValueError(f"--file {path}: no such file")
+        suffix = path.suffix.lower()
+        if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+            raise ValueError(f"--file {path}: unsupported type {suffix!r}; use .jsonl, .csv or .tsv")
+        with open(path, encoding="utf-8", newline="") as fh:
+            if suffix in (".csv", ".tsv"):
+                yield from csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            else:
+                yield from _json_lines(fh, f"--file {path}")
+        return
+    if stdin is None or stdin.isatty():
+        raise ValueError("nothing to predict: give --text, --file, or rows on stdin")
+    for n, line in enumerate(stdin, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            yield from _json_lines([line], f"stdin line {n}")
+        else:
+            parts = line.rstrip("\n").split("\t") if pair_task else [line.rstrip("\n")]
+            yield dict(zip(("text", "text_pair"), parts))
+
+
+def _json_lines(lines: Iterable[str], where: str) -> Iterator[dict[str, Any]]:
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}, line {n}: not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}, line {n}: a JSON object per line, please")
+        yield row
+
+
+def predict_main(model: str, texts: list[str] | None = None, pairs: list[str] | None = None,
+                 file: str | None = None, batch_size: int | None = None, max_length: int | None = None,
+                 out: Any = None) -> int:
+    """`bert-dist predict`: JSON Lines on stdout (or `out`), one line per input row, in input order."""
+    out = out or sys.stdout
+    predictor = Predictor(model, batch_size=batch_size, max_length=max_length)
+    rows = read_rows(texts, pairs, file, sys.stdin, pair_task=len(predictor.spec.text_columns) == 2)
+    n = 0
+    for row in predictor.predict(rows):
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        n += 1
+    log.info("%d predictions with %s on %s", n, predictor.dir, predictor.accelerator.device)
+    return 0

@@ -1,0 +1,467 @@
+"""The run report and model card: `report.html` (charts drawn as inline SVG) and `README.md` in a run directory.
+
+Written at the end of every run (run.py, main process) and by `bert-dist report RUN_DIR`. Both are read back
+from the run's own files, so an old or copied run directory can be reported on again:
+
+    run_config.json   the flags              results.json     final metrics, speed, hardware
+    train_log.jsonl   loss, lr, throughput, gradient norm at each log step (train.py)
+    metrics.jsonl     every evaluation       config.json      the architecture and the task
+
+The charts are SVG written here (a few polylines and ticks), so the report is one self-contained file that
+needs no plotting library, no JavaScript and no network to open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import html
+import json
+import logging
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+"""Series colours, in order (matplotlib's tab10, distinguishable for most colour-blind readers)."""
+
+SKIPPED_EVAL_KEYS = ("step", "epoch")
+PIPELINE_TAGS = {"classification": "text-classification", "regression": "text-classification",
+                 "qa": "question-answering", "pretrain": "fill-mask"}
+HF_CLASSES = {"classification": "AutoModelForSequenceClassification",
+              "regression": "AutoModelForSequenceClassification",
+              "qa": "AutoModelForQuestionAnswering", "pretrain": "BertForPreTraining"}
+
+
+def describe_hardware(accelerator: Any) -> dict[str, Any]:
+    """What the run ran on, for results.json (the report is often written later, elsewhere)."""
+    import torch
+
+    dev = accelerator.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {"device": name, "device_type": dev.type, "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a kill
+                continue
+    return rows
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """Everything the report shows, from the run's files (missing files read as empty)."""
+    model_cfg = _read_json(run_dir / "config.json")
+    return {"dir": run_dir, "config": _read_json(run_dir / "run_config.json"),
+            "results": _read_json(run_dir / "results.json"), "model": model_cfg,
+            "meta": model_cfg.get("bert_dist", {}), "train_log": _read_jsonl(run_dir / "train_log.jsonl"),
+            "evals": _read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], float(r[key])) for r in rows
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
+
+
+def eval_groups(evals: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Evaluation keys by chart: losses, perplexity and scores differ in scale, so each gets its own
+    chart; counts and thresholds (SQuAD v2's *_total, *_thresh) are not curves worth drawing."""
+    keys: list[str] = []
+    for r in evals:
+        keys += [k for k, v in r.items() if k not in keys and k not in SKIPPED_EVAL_KEYS
+                 and isinstance(v, (int, float)) and not k.endswith(("total", "thresh"))]
+    groups: dict[str, list[str]] = {"Evaluation metrics": [], "Evaluation loss": [], "Perplexity": []}
+    for k in keys:
+        groups["Evaluation loss" if "loss" in k else "Perplexity" if "perplexity" in k else "Evaluation metrics"] += [k]
+    return {title: ks for title, ks in groups.items() if ks}
+
+
+# ---------------------------------------------------------------------------------------------
+# Charts: inline SVG
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About `n` round tick values (1, 2, 2.5 or 5 times a power of ten apart) covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    ticks = [first]
+    while ticks[-1] < hi - step * 1e-9:  # the last tick at or above hi: no point drawn outside the plot
+        ticks.append(first + len(ticks) * step)
+    return [round(t, 12) for t in ticks]
+
+
+def fmt_number(v: float) -> str:
+    """Short, readable numbers: 3.0e-5, 0.0012, 0.873, 12.5, 1,234, 12.3k, 1.2M."""
+    a = abs(v)
+    if v == 0:
+        return "0"
+    if a >= 1e6:
+        return f"{v / 1e6:.3g}M"
+    if a >= 1e4:
+        return f"{v / 1e3:.3g}k"
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a < 1e-3:
+        return f"{v:.1e}".replace("e-0", "e-")
+    return f"{v:.4g}"
+
+
+def tick_labels(ticks: list[float]) -> list[str]:
+    """One format for all the ticks of an axis: 0, 5e-4, 1e-3, 1.5e-3 (not 0.001 beside 5.0e-4)."""
+    top = max(abs(t) for t in ticks)
+    if 0 < top < 0.01:
+        def sci(t: float) -> str:
+            mantissa, exp = f"{t:.1e}".split("e")
+            return "0" if t == 0 else f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+        return [sci(t) for t in ticks]
+    return [fmt_number(t) for t in ticks]
+
+
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], x_label: str = "optimizer step",
+               markers: bool | None = None, x_max: float | None = None, y_cap: float | None = None,
+               from_zero: bool = False, width: int = 560, height: int = 300) -> str:
+    """An SVG line chart of named (x, y) series: ticks, grid, axis labels, legend, and a tooltip per point.
+
+    `y_cap`: the axis never goes above it (1 for accuracy); `from_zero`: the axis starts at 0 (throughput).
+    """
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return ""
+    ml, mr, mb = 64, 18, 44  # margins: tick labels left, axis label below
+    pw = width - ml - mr
+    # Legend: one entry per series under the title, wrapped into rows (13px text is about 7.2px a character).
+    legend, lx, ly = [], 0.0, 0
+    for name in series if len(series) > 1 else []:
+        w = 7.2 * len(name) + 30
+        if lx and lx + w > pw:
+            lx, ly = 0.0, ly + 1
+        legend.append((name, ml + lx, ly))
+        lx += w
+    mt = 40 + (18 * (ly + 1) if legend else 0)
+    height += mt - 40  # the plot keeps its height below the legend
+    ph = height - mt - mb
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x_ticks = nice_ticks(min(0.0, min(xs)), max(max(xs), x_max or 0.0), 6)
+    y_lo, y_hi = min(ys), max(ys)
+    pad = (y_hi - y_lo) * 0.08 or abs(y_hi) * 0.1 or 1.0
+    lo, hi = (0.0 if from_zero else y_lo - pad), y_hi + pad
+    if y_cap is not None and y_hi <= y_cap:
+        hi = min(hi, y_cap)
+    y_ticks = nice_ticks(lo, hi, 5)
+    if y_lo >= 0 > y_ticks[0]:  # never a negative axis for a quantity that is never negative
+        y_ticks = nice_ticks(0.0, hi, 5)
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    X = lambda x: ml + (x - x0) / ((x1 - x0) or 1) * pw
+    Y = lambda y: mt + ph - (y - y0) / ((y1 - y0) or 1) * ph
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" role="img" '
+           f'aria-label="{html.escape(title)}">',
+           f'<text x="{ml}" y="20" class="title">{html.escape(title)}</text>']
+    for t, label in zip(y_ticks, tick_labels(y_ticks)):
+        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" class="grid"/>'
+                   f'<text x="{ml - 8}" y="{Y(t) + 4:.1f}" class="tick" text-anchor="end">{label}</text>')
+    for t, label in zip(x_ticks, tick_labels(x_ticks)):
+        out.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{mt + ph}" y2="{mt + ph + 5}" class="axis"/>'
+                   f'<text x="{X(t):.1f}" y="{mt + ph + 19}" class="tick" text-anchor="middle">{label}</text>')
+    out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{mt + ph}" y2="{mt + ph}" class="axis"/>'
+               f'<text x="{ml + pw / 2:.1f}" y="{height - 6}" class="label" text-anchor="middle">'
+               f'{html.escape(x_label)}</text>')
+    for i, (name, x, row) in enumerate(legend):
+        y = 42 + 18 * row
+        out.append(f'<rect x="{x:.1f}" y="{y - 10}" width="11" height="11" fill="{COLORS[i % len(COLORS)]}"/>'
+                   f'<text x="{x + 16:.1f}" y="{y}" class="legend">{html.escape(name)}</text>')
+    show_markers = markers if markers is not None else max(len(p) for p in series.values()) <= 40
+    for i, (name, pts) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
+                   'stroke-linejoin="round"/>')
+        if show_markers or len(pts) == 1:
+            for x, y in pts:
+                out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.5" fill="{color}"><title>'
+                           f'{html.escape(name)} at step {fmt_number(x)}: {y:.6g}</title></circle>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML report
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px}
+h1{font-size:26px;margin:0 0 4px} h2{font-size:19px;margin:28px 0 10px} .sub{color:#666;margin:0 0 18px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:10px 16px;min-width:130px}
+.card .v{font-size:24px;font-weight:600} .card .k{color:#666;font-size:13px}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:14px}
+.chart{background:#fff;border:1px solid #dde1e6;border-radius:8px;width:100%;height:auto}
+.chart .title{font-size:16px;font-weight:600;fill:#222} .chart .tick{font-size:12px;fill:#555}
+.chart .label{font-size:13px;fill:#444} .chart .legend{font-size:13px}
+.chart .grid{stroke:#e6e8eb} .chart .axis{stroke:#888}
+table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;font-size:14px}
+td,th{padding:4px 12px;border-bottom:1px solid #eceef1;text-align:left;vertical-align:top}
+td.n{text-align:right;font-variant-numeric:tabular-nums} th{background:#f0f2f5}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:18px;align-items:start}
+.cols table{width:100%}
+.note{color:#666;font-size:13px}
+"""
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f'<td class="n">{html.escape(fmt_number(v) if abs(v) >= 100 or abs(v) < 1e-3 else f"{v:.4g}")}</td>'
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f'<td class="n">{v:,}</td>'
+    return f"<td>{html.escape('' if v is None else str(v))}</td>"
+
+
+def _table(rows: dict[str, Any], head: tuple[str, str] | None = None) -> str:
+    th = f"<tr><th>{head[0]}</th><th>{head[1]}</th></tr>" if head else ""
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td>{_cell(v)}</tr>" for k, v in rows.items())
+    return f"<table>{th}{body}</table>"
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s" if s >= 60 else \
+        f"{seconds:.1f}s"
+
+
+def _main_metric(run: dict[str, Any]) -> tuple[str, float] | None:
+    res = run["results"]
+    name = res.get("main_metric")
+    if name is None:
+        return None
+    key = name if name in res else next((k for k in res if k.endswith("/" + name)), None)
+    return (key, res[key]) if key is not None and isinstance(res[key], (int, float)) else None
+
+
+def render_html(run: dict[str, Any]) -> str:
+    """The report page of one run (see the module docstring for what it reads)."""
+    cfg, res, meta, logs, evals = run["config"], run["results"], run["meta"], run["train_log"], run["evals"]
+    task = meta.get("task") or res.get("task") or cfg.get("task", "run")
+    steps = res.get("steps") or max((r.get("step", 0) for r in logs), default=0) or None
+    cards = []
+    main = _main_metric(run)
+    if main:
+        cards.append((f"{main[0]} (final)", f"{main[1]:.4g}"))
+    if steps:
+        cards.append(("optimizer steps", f"{steps:,}"))
+    if "train_seconds" in res:
+        cards.append(("training time", _duration(res["train_seconds"])))
+    if "examples_per_second" in res:
+        cards.append(("examples / s", fmt_number(res["examples_per_second"])))
+    if "tokens_per_second" in res:
+        cards.append(("tokens / s", fmt_number(res["tokens_per_second"])))
+    if "num_params" in res:
+        cards.append(("parameters", fmt_number(res["num_params"])))
+
+    charts = [line_chart("Training loss", {"loss": _series(logs, "loss")}, x_max=steps),
+              line_chart("Learning rate", {"lr": _series(logs, "lr")}, x_max=steps)]
+    for title, keys in eval_groups(evals).items() if len(evals) > 1 else ():  # one evaluation: see Results
+        series = {k: _series(evals, k) for k in keys}
+        ys = [y for pts in series.values() for _, y in pts]
+        cap = 1.0 if ys and max(ys) <= 1 else 100.0 if ys and max(ys) <= 100 else None  # a fraction or percent
+        if len(keys) == 1:  # name the metric: a one-line chart has no legend
+            title = f"{title.replace('metrics', 'metric')}: {keys[0]}"
+        charts.append(line_chart(title, series, x_max=steps, markers=True,
+                                 y_cap=cap if title.startswith("Evaluation metric") else None))
+    charts += [line_chart("Throughput (examples / s)", {"examples/s": _series(logs, "examples/s")}, x_max=steps,
+                          from_zero=True),
+               line_chart("Gradient norm (before clipping)", {"grad_norm": _series(logs, "grad_norm")}, x_max=steps)]
+    charts = [c for c in charts if c]
+
+    hw = res.get("hardware", {})
+    hardware = {"device": hw.get("device"), "processes": hw.get("num_processes"),
+                "mixed precision": hw.get("mixed_precision"), "CPU cores": hw.get("cpu_count"),
+                "torch threads": hw.get("torch_threads"), "torch": hw.get("torch"), "python": hw.get("python")}
+    arch = {k: run["model"].get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                "intermediate_size", "vocab_size", "max_position_embeddings")
+            if k in run["model"]}
+    results = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    groups = {"run": {k: v for k, v in cfg.items() if not isinstance(v, dict) and v is not None},
+              **{g: {k: v for k, v in cfg[g].items() if v is not None} for g in ("data", "optim", "train")
+                 if isinstance(cfg.get(g), dict)}}
+    when = datetime.datetime.fromtimestamp((run["dir"] / "results.json").stat().st_mtime) \
+        if (run["dir"] / "results.json").is_file() else datetime.datetime.now()
+
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(task)} run report"
+             f"</title><meta name='viewport' content='width=device-width,initial-scale=1'><style>{CSS}</style>"
+             "</head><body><main>",
+             f"<h1>{html.escape(task)} &mdash; run report</h1>",
+             f"<p class='sub'>{html.escape(str(run['dir']))} &middot; init {html.escape(str(cfg.get('init', '?')))}"
+             f" &middot; finished {when:%Y-%m-%d %H:%M}</p>",
+             "<div class='cards'>" + "".join(f"<div class='card'><div class='v'>{html.escape(v)}</div>"
+                                             f"<div class='k'>{html.escape(k)}</div></div>" for k, v in cards)
+             + "</div>"]
+    if charts:
+        parts += ["<h2>Training</h2><div class='charts'>", *charts, "</div>"]
+        if not logs:
+            parts.append("<p class='note'>No train_log.jsonl in this run (written by bert-dist runs since the "
+                         "report was added): only the evaluations are drawn.</p>")
+    else:
+        parts.append("<p class='note'>No training curves: this run logged no steps.</p>")
+    parts += ["<div class='cols'>",
+              f"<div><h2>Results</h2>{_table(results, ('metric', 'value'))}</div>",
+              f"<div><h2>Model</h2>{_table({'task': task, 'kind': meta.get('kind'), **arch})}</div>",
+              f"<div><h2>Hardware</h2>{_table({k: v for k, v in hardware.items() if v is not None})}</div>",
+              "</div><h2>Configuration <span class='note'>(run_config.json: the flags, defaults included)</span></h2>"
+              "<div class='cols'>",
+              *[f"<div>{_table(rows, (group, ''))}</div>" for group, rows in groups.items()],
+              "</div></main></body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card
+
+
+def render_model_card(run: dict[str, Any]) -> str:
+    """README.md for the run directory (and for its Hugging Face export): what it is, how well it does,
+    how it was trained, on what, and how to load it."""
+    cfg, res, meta = run["config"], run["results"], run["meta"]
+    data, optim, train = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("train", {})
+    task, kind = meta.get("task") or res.get("task") or cfg.get("task", "?"), meta.get("kind", "")
+    hub_path = _hub_path(task)
+    source = (f"`--data-dir {data['data_dir']}`" if data.get("data_dir") else
+              f"`--train-file {data['train_file']}`" if data.get("train_file") else
+              f"the Hugging Face hub (`{hub_path}`)" if hub_path else "?")
+    if cfg.get("smoke"):
+        source += " (synthetic `--smoke` data)"
+    run_dir = str(run["dir"])
+    hw = res.get("hardware", {})
+    front = ["---", "library_name: transformers", "tags: [bert, bert-dist]"]
+    if kind in PIPELINE_TAGS:
+        front.append(f"pipeline_tag: {PIPELINE_TAGS[kind]}")
+    if hub_path and not cfg.get("smoke") and not data.get("train_file"):
+        front.append(f"datasets: [{hub_path}]")
+    if res.get("main_metric"):
+        front.append(f"metrics: [{res['main_metric']}]")
+    front.append("---")
+
+    init = cfg.get("init", "scratch")
+    if init == "scratch":
+        what = f"trained from scratch (`--init scratch`, preset `{cfg.get('preset')}`)"
+    else:
+        what = f"fine-tuned from `{init}`"
+    lines = [*front, "", f"# {task}: BERT {what}", "",
+             f"A BERT model ({kind or 'encoder'} head) trained with bert-dist on {task}, data from {source}.", ""]
+    metrics = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and k not in ("steps", "epochs", "train_seconds", "examples_per_second", "tokens_per_second",
+                             "num_params", "max_length", "skipped_steps", "nonfinite_steps")}
+    if metrics:
+        lines += ["## Results", "", "Evaluation of the final weights on the validation split(s):", "",
+                  "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+        lines.append("")
+    batch, procs, accum = data.get("batch_size"), hw.get("num_processes", 1), train.get("grad_accum", 1)
+    warmup = f"{optim['warmup_steps']} steps" if optim.get("warmup_steps") else \
+        f"{optim.get('warmup_ratio')} of the steps"
+    hyper = {"learning rate": optim.get("lr"), "schedule": f"{optim.get('scheduler')}, warmup {warmup}",
+             "batch size": f"{batch * procs * accum} ({batch} x {procs} process(es) x {accum} accumulation)"
+             if batch else None,
+             "optimizer steps": res.get("steps"), "epochs": res.get("epochs"),
+             "weight decay": optim.get("weight_decay"), "max gradient norm": optim.get("max_grad_norm"),
+             "max sequence length": res.get("max_length") or data.get("max_length"),
+             "mixed precision": hw.get("mixed_precision") or cfg.get("mixed_precision"), "seed": cfg.get("seed")}
+    lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in hyper.items() if v is not None]
+    lines += ["", "The full configuration is in `run_config.json`; curves and tables in `report.html`.", ""]
+    if hw:
+        speed = (f"{res['train_seconds']:.0f} s of training, {res.get('examples_per_second', 0):,.1f} examples/s, "
+                 f"{res.get('tokens_per_second', 0):,.0f} tokens/s") if "train_seconds" in res else ""
+        lines += ["## Hardware", "", f"{hw.get('num_processes', 1)} process(es) on {hw.get('device')} "
+                  f"({hw.get('device_type')}), torch {hw.get('torch')}" + (f"; {speed}." if speed else "."), ""]
+    lines += ["## How to use", "", "With bert-dist:", "", "```bash"]
+    if kind in ("classification", "regression"):
+        lines.append(f'bert-dist predict --model {run_dir} --text "A sentence to classify."')
+    elif kind == "qa":
+        lines.append(f'bert-dist predict --model {run_dir} --text "Who wrote it?" --text-pair "It was written by Ada."')
+    lines += [f"bert-dist train --task <task> --init {run_dir}   # fine-tune further",
+              f"bert-dist export --model {run_dir} --format hf --out hf-model", "```", ""]
+    cls = HF_CLASSES.get(kind)
+    if cls:
+        lines += ["After the export, with transformers:", "", "```python",
+                  f"from transformers import AutoTokenizer, {cls}", "",
+                  'tokenizer = AutoTokenizer.from_pretrained("hf-model")',
+                  f'model = {cls}.from_pretrained("hf-model")']
+        if kind == "classification":
+            lines += ['logits = model(**tokenizer("A sentence to classify.", return_tensors="pt")).logits',
+                      "print(model.config.id2label[logits.argmax(-1).item()])"]
+        elif kind == "regression":
+            lines += ['print(model(**tokenizer("A sentence.", "Another one.", return_tensors="pt")).logits.item())']
+        elif kind == "qa":
+            lines += ['inputs = tokenizer("Who wrote it?", "It was written by Ada.", return_tensors="pt")',
+                      "out = model(**inputs)",
+                      "start, end = out.start_logits.argmax(), out.end_logits.argmax()",
+                      "print(tokenizer.decode(inputs.input_ids[0, start : end + 1]))"]
+        lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def _hub_path(task: str) -> str | None:
+    try:
+        from bert_dist.data import TASKS
+    except ImportError:
+        return None
+    return TASKS[task].hub_path if task in TASKS else None
+
+
+def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.html and README.md into `run_dir`; returns {"report", "model_card"} paths."""
+    d = Path(run_dir)
+    if not (d / "run_config.json").is_file() and not (d / "results.json").is_file():
+        raise ValueError(f"{d} is not a bert-dist run directory (no run_config.json or results.json)")
+    run = read_run(d)
+    paths = {"report": d / "report.html", "model_card": d / "README.md"}
+    paths["report"].write_text(render_html(run), encoding="utf-8")
+    paths["model_card"].write_text(render_model_card(run), encoding="utf-8")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`bert-dist report RUN_DIR`: (re)write a run's report.html and README.md; a GLUE suite's, for every task."""
+    p = argparse.ArgumentParser(prog="bert-dist report", description=main.__doc__)
+    p.add_argument("run_dir", help="a run's --output-dir (or a --task glue output dir: every task in it)")
+    args = p.parse_args(argv)
+    d = Path(args.run_dir)
+    suite = _read_json(d / "glue_results.json")
+    dirs = [Path(t["output_dir"]) for t in suite.get("tasks", {}).values() if "output_dir" in t] or [d]
+    for run_dir in dirs:
+        for path in write_report(run_dir).values():
+            print(path)
+    return 0

@@ -1,0 +1,94 @@
+"""`bert-dist predict`: a run's own validation rows give back its own predictions, through the same code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from bert_dist.predict import Predictor, read_rows
+
+
+def _smoke(tmp_path_factory, task: str, steps: int) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp(task) / "run"
+    p = run_cli(["--task", task, "--smoke", "--max-steps", str(steps), "--output-dir", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    data_dir = Path(json.loads((out / "run_config.json").read_text())["data"]["data_dir"])
+    return out, data_dir / task
+
+
+@pytest.fixture(scope="module")
+def sst2(tmp_path_factory):
+    return _smoke(tmp_path_factory, "sst2", 30)
+
+
+def _predict_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bert_dist.cli", "predict", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predict_reproduces_the_runs_validation_predictions(sst2):
+    run, data = sst2
+    p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout == (run / "predictions_validation.jsonl").read_text()  # byte for byte
+
+
+def test_predict_texts_stdin_and_batching_agree(sst2):
+    run, data = sst2
+    rows = [json.loads(line) for line in (data / "validation.jsonl").read_text().splitlines()[:9]]
+    texts = [r["sentence"] for r in rows]
+    want = [json.loads(line) for line in (run / "predictions_validation.jsonl").read_text().splitlines()[:9]]
+    predictor = Predictor(run, batch_size=4)  # other batches, other padding: the same classes
+    got = list(predictor.predict(read_rows(texts, None, None)))
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert all(abs(a - b) < 1e-5 for g, w in zip(got, want) for a, b in zip(g["probabilities"], w["probabilities"]))
+    assert set(got[0]) == {"prediction", "label", "probabilities"}  # no idx: the input had none
+    p = _predict_cli("--model", str(run), stdin="\n".join(texts[:3]) + "\n")  # plain lines on stdin
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [json.loads(line)["label"] for line in p.stdout.splitlines()] == [w["label"] for w in want[:3]]
+
+
+def test_predict_regression_gives_the_runs_scores(tmp_path_factory):
+    run, data = _smoke(tmp_path_factory, "stsb", 10)
+    p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout == (run / "predictions_validation.jsonl").read_text()
+    assert isinstance(json.loads(p.stdout.splitlines()[0])["prediction"], float)
+
+
+def test_predict_squad_answers_match_the_runs_predictions(tmp_path_factory):
+    run, data = _smoke(tmp_path_factory, "squad_v2", 40)
+    p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    want = json.loads((run / "predictions.json").read_text())
+    rows = [json.loads(line) for line in (data / "validation.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [g["id"] for g in got] == [r["id"] for r in rows]
+    assert {g["id"]: g["answer"] for g in got} == want
+    for g, r in zip(got, rows):
+        if g["answer"]:
+            assert r["context"][g["start"]:g["end"]] == g["answer"] and 0 < g["score"] <= 1 and not g["no_answer"]
+        else:
+            assert g["start"] is None and g["no_answer"]
+    assert any(g["answer"] for g in got) and any(not g["answer"] for g in got)  # v2: both kinds occur
+    # --text is the question, --text-pair the context
+    r = next(r for r, g in zip(rows, got) if g["answer"])
+    one = _predict_cli("--model", str(run), "--text", r["question"], "--text-pair", r["context"])
+    assert json.loads(one.stdout)["answer"] == want[r["id"]]
+
+
+def test_predict_bad_input_is_one_line(sst2, tmp_path):
+    run, _ = sst2
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"sentence": "fine"}\n{"premise": "wrong column"}\n')
+    p = _predict_cli("--model", str(run), "--file", str(bad))
+    assert p.returncode == 1 and "row 2" in p.stderr and "sentence" in p.stderr and "Traceback" not in p.stderr
+    p = _predict_cli("--model", str(tmp_path), "--text", "x")
+    assert p.returncode == 1 and "--model" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(ValueError, match="nothing to predict"):
+        list(read_rows(None, None, None, None))
