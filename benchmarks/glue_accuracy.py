@@ -47,10 +47,37 @@ BATCH, MAX_LEN, SEED, WARMUP = 32, 128, 42, 0.1
 
 def run_ours(task: str, args: argparse.Namespace, recipe: dict) -> dict:
     out = Path(args.work_dir) / f"{task}-ours"
-    cmd = [sys.executable, "-m", "bert_dist.run", "--task", task, "--init", args.init, "--data-dir", args.data_dir,
-           "--output-dir", str(out), "--overwrite", "--epochs", str(recipe["epochs"]), "--lr", str(recipe["lr"]),
-           "--batch-size", str(BATCH), "--max-length", str(MAX_LEN), "--seed", str(SEED), "--warmup-ratio",
-           str(WARMUP), "--mixed-precision", args.mixed_precision, "--group-by-length", "--log-every", "100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bert_dist.run",
+        "--task",
+        task,
+        "--init",
+        args.init,
+        "--data-dir",
+        args.data_dir,
+        "--output-dir",
+        str(out),
+        "--overwrite",
+        "--epochs",
+        str(recipe["epochs"]),
+        "--lr",
+        str(recipe["lr"]),
+        "--batch-size",
+        str(BATCH),
+        "--max-length",
+        str(MAX_LEN),
+        "--seed",
+        str(SEED),
+        "--warmup-ratio",
+        str(WARMUP),
+        "--mixed-precision",
+        args.mixed_precision,
+        "--group-by-length",
+        "--log-every",
+        "100",
+    ]
     if recipe.get("max_steps"):
         cmd += ["--max-steps", str(recipe["max_steps"])]
     print("+", " ".join(cmd), flush=True)
@@ -73,8 +100,12 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict) -> dict:
     def hf_encode(batch: dict) -> dict:
         cols = [batch[c] for c in spec.text_columns]
         enc = hf_tok(*cols, truncation=True, max_length=MAX_LEN, padding=False)
-        return {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"],
-                "length": [len(x) for x in enc["input_ids"]], "labels": batch["label"]}
+        return {
+            "input_ids": enc["input_ids"],
+            "token_type_ids": enc["token_type_ids"],
+            "length": [len(x) for x in enc["input_ids"]],
+            "labels": batch["label"],
+        }
 
     feats = raw.map(hf_encode, batched=True, remove_columns=raw[spec.train_split].column_names)
     for split in (spec.train_split, spec.eval_splits[0]):
@@ -89,14 +120,17 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict) -> dict:
     torch.manual_seed(SEED)
     regression = spec.kind == "regression"
     model = BertForSequenceClassification.from_pretrained(
-        args.init, num_labels=spec.num_labels, problem_type="regression" if regression else "single_label_classification",
+        args.init,
+        num_labels=spec.num_labels,
+        problem_type="regression" if regression else "single_label_classification",
         attn_implementation="sdpa",
     )
     ocfg = OptimConfig(lr=recipe["lr"])
     optimizer = torch.optim.AdamW(param_groups(model, ocfg.weight_decay), lr=ocfg.lr, betas=(0.9, 0.999), eps=1e-8)
     train = feats[spec.train_split]
-    sampler = BatchSampler(len(train), BATCH, shuffle=True, seed=SEED, lengths=D.column(train, "length"),
-                           group_by_length=True)
+    sampler = BatchSampler(
+        len(train), BATCH, shuffle=True, seed=SEED, lengths=D.column(train, "length"), group_by_length=True
+    )
     collate = PadCollator(0, 8 if args.mixed_precision != "no" else None)
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate)
     steps = recipe.get("max_steps") or int(recipe["epochs"] * len(sampler) + 0.999)
@@ -135,8 +169,12 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict) -> dict:
             preds += (logits.squeeze(-1) if regression else logits.argmax(-1)).tolist()
             refs += labels.tolist()
     scores = metric.compute(predictions=preds, references=refs)
-    return {**{k: float(v) for k, v in scores.items()}, "steps": step, "train_seconds": round(t_train, 2),
-            "examples_per_second": round(examples / t_train, 2)}
+    return {
+        **{k: float(v) for k, v in scores.items()},
+        "steps": step,
+        "train_seconds": round(t_train, 2),
+        "examples_per_second": round(examples / t_train, 2),
+    }
 
 
 def main() -> None:
@@ -152,11 +190,15 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    results["machine"] = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
     for task in args.tasks.split(","):
         recipe = RECIPES[task]
-        entry = results.setdefault(task, {"recipe": {**recipe, "batch_size": BATCH, "max_length": MAX_LEN,
-                                                     "mixed_precision": args.mixed_precision}})
+        entry = results.setdefault(
+            task,
+            {"recipe": {**recipe, "batch_size": BATCH, "max_length": MAX_LEN, "mixed_precision": args.mixed_precision}},
+        )
         if args.side in ("both", "ours"):
             entry["ours"] = run_ours(task, args, recipe)
         if args.side in ("both", "ref"):
@@ -176,9 +218,11 @@ def print_table(results: dict) -> None:
         main_metric = D.get_task(task).main_metric
         for m in [k for k in r if k in o and k not in ("steps", "train_seconds", "examples_per_second")]:
             ratio = o["examples_per_second"] / r["examples_per_second"]
-            print(f"| {task} | {m} | {100 * o[m]:.2f} | {100 * r[m]:.2f} | {100 * (o[m] - r[m]):+.2f} | "
-                  f"{o['examples_per_second']:.1f} | {r['examples_per_second']:.1f} | {ratio:.2f}x |"
-                  + (" (main)" if m == main_metric else ""))
+            print(
+                f"| {task} | {m} | {100 * o[m]:.2f} | {100 * r[m]:.2f} | {100 * (o[m] - r[m]):+.2f} | "
+                f"{o['examples_per_second']:.1f} | {r['examples_per_second']:.1f} | {ratio:.2f}x |"
+                + (" (main)" if m == main_metric else "")
+            )
 
 
 if __name__ == "__main__":

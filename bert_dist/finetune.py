@@ -34,7 +34,7 @@ from torch import nn
 from bert_dist import data as D
 from bert_dist.checkpoint import InitSource, load_init, load_weights, save_run_model
 from bert_dist.config import BertConfig, DataConfig, RunConfig, TaskSpec, preset
-from bert_dist.data.collate import PadCollator
+from bert_dist.data.collate import PadCollator, pad_multiple
 from bert_dist.data.squad import (
     answer_alignment,
     postprocess_predictions,
@@ -44,7 +44,7 @@ from bert_dist.data.squad import (
 )
 from bert_dist.metrics import load_metric
 from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, count_params
-from bert_dist.tokenizer import train_tokenizer
+from bert_dist.tokenizer import train_shared_tokenizer
 from bert_dist.train import evaluate, prepare_training, train
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,20 @@ class Kind:
 # The shared recipe
 
 
-def resolve_model(cfg: RunConfig, src: InitSource, texts: Any, accelerator: Accelerator) -> tuple[BertConfig, Any]:
+def resolve_model(
+    cfg: RunConfig, src: InitSource, texts: Any, accelerator: Accelerator, out_dir: Path
+) -> tuple[BertConfig, Any]:
     """The architecture and tokenizer for this run: from --init, or a preset plus a trained tokenizer."""
     tokenizer = src.tokenizer
-    if tokenizer is None:
-        log.info("training a WordPiece tokenizer (vocab %d) on the task's training text", cfg.data.vocab_size)
-        with accelerator.main_process_first():  # deterministic: every process trains the same one
-            tokenizer = train_tokenizer(texts(), vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase)
+    if tokenizer is None:  # trained on the task's training text
+        tokenizer = train_shared_tokenizer(
+            texts,
+            out_dir,
+            accelerator.is_main_process,
+            accelerator.wait_for_everyone,
+            cfg.data.vocab_size,
+            cfg.data.lowercase,
+        )
     if src.config is not None:
         return src.config, tokenizer
     bert = preset(cfg.preset, vocab_size=tokenizer.get_vocab_size(), pad_token_id=tokenizer.token_to_id("[PAD]"))
@@ -105,13 +112,6 @@ def check_max_length(cfg: RunConfig, spec: TaskSpec, bert: BertConfig) -> int:
     return max_length
 
 
-def pad_multiple(cfg: RunConfig, accelerator: Accelerator) -> int | None:
-    """Tensor cores (and AMX tiles) want dimensions in multiples of 8 under fp16/bf16."""
-    if cfg.data.pad_to_multiple_of is not None:
-        return cfg.data.pad_to_multiple_of or None
-    return 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
-
-
 def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
     spec = D.get_task(cfg.task)
     if spec.kind not in KINDS:
@@ -122,13 +122,14 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     with accelerator.main_process_first():
         raw = D.check_raw(D.load_raw(spec, cfg.data), spec, source)
     if cfg.data.max_train_samples:
-        raw[spec.train_split] = raw[spec.train_split].select(range(min(cfg.data.max_train_samples,
-                                                                       len(raw[spec.train_split]))))
+        raw[spec.train_split] = raw[spec.train_split].select(
+            range(min(cfg.data.max_train_samples, len(raw[spec.train_split])))
+        )
     if cfg.data.max_eval_samples:
         for s in [*spec.eval_splits, *spec.test_splits]:
             if s in raw:
                 raw[s] = raw[s].select(range(min(cfg.data.max_eval_samples, len(raw[s]))))
-    bert, tokenizer = resolve_model(cfg, src, lambda: D.task_texts(raw, spec), accelerator)
+    bert, tokenizer = resolve_model(cfg, src, lambda: D.task_texts(raw, spec), accelerator, out_dir)
     max_length = check_max_length(cfg, spec, bert)
     with accelerator.main_process_first():  # the main process writes the datasets cache, the others read it
         feats = kind.features(raw, spec, tokenizer, max_length, cfg.data)
@@ -137,16 +138,31 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     model = kind.head(bert, spec)
     if src.state_dict is not None:
         load_weights(model, src.state_dict, src.name)
-    log.info("%s: %s parameters, %d train / %s features, max length %d", spec.name,
-             f"{count_params(model):,}", len(feats[spec.train_split]),
-             " / ".join(f"{len(feats[s])} {s}" for s in spec.eval_splits if s in feats), max_length)
+    log.info(
+        "%s: %s parameters, %d train / %s features, max length %d",
+        spec.name,
+        f"{count_params(model):,}",
+        len(feats[spec.train_split]),
+        " / ".join(f"{len(feats[s])} {s}" for s in spec.eval_splits if s in feats),
+        max_length,
+    )
 
-    collator = PadCollator(tokenizer.token_to_id("[PAD]"), pad_multiple(cfg, accelerator), scalar_keys=kind.targets)
+    collator = PadCollator(
+        tokenizer.token_to_id("[PAD]"),
+        pad_multiple(cfg.data.pad_to_multiple_of, accelerator.mixed_precision),
+        scalar_keys=kind.targets,
+    )
     metric = load_metric(spec.metric, spec.metric_config)
     loader, sampler = D.train_loader(feats[spec.train_split], cfg.data, collator, cfg.seed)
     splits = {s: Split(s, raw[s], feats[s]) for s in (*spec.eval_splits, *spec.test_splits) if s in feats}
-    run = prepare_training(cfg, accelerator, model, loader, {
-        s: D.eval_loader(feats[s].select_columns(INPUT_COLUMNS), cfg.data, collator) for s in splits}, out_dir)
+    run = prepare_training(
+        cfg,
+        accelerator,
+        model,
+        loader,
+        {s: D.eval_loader(feats[s].select_columns(INPUT_COLUMNS), cfg.data, collator) for s in splits},
+        out_dir,
+    )
     eval_splits = [s for s in spec.eval_splits if s in splits]
     latest: dict[str, tuple[int, dict[str, Any]]] = {}  # split -> (step, predictions) of the last evaluation
 
@@ -166,14 +182,24 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     if cfg.train.eval_only:
         results = {**eval_fn(0), "steps": 0}
     else:
-        results = train(accelerator, run.model, run.optimizer, run.scheduler, run.train_loader, cfg.train,
-                        run.num_steps, out_dir, eval_fn, run.resume_from, sampler.set_epoch,
-                        cfg.optim.max_grad_norm)
+        results = train(
+            accelerator,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.train_loader,
+            cfg.train,
+            run.num_steps,
+            out_dir,
+            eval_fn,
+            run.resume_from,
+            sampler.set_epoch,
+            cfg.optim.max_grad_norm,
+        )
     if results.get("interrupted"):
         return results
     model = accelerator.unwrap_model(run.model)
-    meta = {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-            "label_names": list(spec.label_names)}
+    meta = {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels, "label_names": list(spec.label_names)}
 
     # train() ends with an evaluation of the final weights: reuse its predictions rather than predict twice.
     for split in splits:
@@ -184,8 +210,13 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
             kind.write(out_dir, spec, splits[split], preds)
     if accelerator.is_main_process:
         save_run_model(model, out_dir, bert, meta, tokenizer)
-    results.update(task=spec.name, init=cfg.init, num_params=count_params(model), max_length=max_length,
-                   main_metric=spec.main_metric)
+    results.update(
+        task=spec.name,
+        init=cfg.init,
+        num_params=count_params(model),
+        max_length=max_length,
+        main_metric=spec.main_metric,
+    )
     return results
 
 
@@ -258,35 +289,49 @@ def _train_windows(examples: dict[str, list], **kw: Any) -> dict[str, list]:
     return out
 
 
-def qa_features(raw: DatasetDict, spec: TaskSpec, tokenizer: Tokenizer, max_length: int,
-                cfg: DataConfig) -> DatasetDict:
+def qa_features(
+    raw: DatasetDict, spec: TaskSpec, tokenizer: Tokenizer, max_length: int, cfg: DataConfig
+) -> DatasetDict:
     """Questions -> context windows: training windows with gold positions for the training split,
     windows with example ids and character offsets (for post-processing) for the others.
 
     Run under `accelerator.main_process_first()` so the other processes read the cache it writes.
     """
-    kw = {"tokenizer": tokenizer, "max_length": max_length, "doc_stride": cfg.doc_stride,
-          "max_query_length": cfg.max_query_length}
+    kw = {
+        "tokenizer": tokenizer,
+        "max_length": max_length,
+        "doc_stride": cfg.doc_stride,
+        "max_query_length": cfg.max_query_length,
+    }
     feats, counts = DatasetDict(), {}
     for name, rows in raw.items():
         train_split = name == spec.train_split
         for col in ("answers",) if train_split else ("id", "answers"):
             if col not in rows.column_names:
-                raise ValueError(f"the {name} split of {spec.name} has no {col!r} column "
-                                 f"(columns: {', '.join(rows.column_names)})")
+                raise ValueError(
+                    f"the {name} split of {spec.name} has no {col!r} column (columns: {', '.join(rows.column_names)})"
+                )
         counts[name] = answer_alignment(rows)
-        feats[name] = rows.map(_train_windows if train_split else prepare_eval_features, batched=True,
-                               fn_kwargs=kw, remove_columns=rows.column_names, desc=f"windowing {name}")
-    log.info("%s answers: %s", spec.name, "; ".join(_alignment_line(n, c, n == spec.train_split)
-                                                     for n, c in counts.items()))
+        feats[name] = rows.map(
+            _train_windows if train_split else prepare_eval_features,
+            batched=True,
+            fn_kwargs=kw,
+            remove_columns=rows.column_names,
+            desc=f"windowing {name}",
+        )
+    log.info(
+        "%s answers: %s", spec.name, "; ".join(_alignment_line(n, c, n == spec.train_split) for n, c in counts.items())
+    )
     return feats
 
 
 def _alignment_line(split: str, c: Counter, train_split: bool) -> str:
     fate = "dropped" if train_split else "kept, gold span at [CLS]"
-    return (f"{split} {c['answered'] + c['unanswerable']} questions ({c['unanswerable']} unanswerable), "
-            f"{c['relocated']} answer_start off (nearest occurrence used), {c['unfound']} text not in the "
-            f"context ({fate})")
+    return (
+        f"{split} {c['answered'] + c['unanswerable']} questions ({c['unanswerable']} unanswerable), "
+        f"{c['relocated']} answer_start off (nearest occurrence used), {c['unfound']} text not in the "
+        f"context ({fate})"
+    )
 
 
 def qa_head(bert: BertConfig, spec: TaskSpec) -> nn.Module:
@@ -296,9 +341,15 @@ def qa_head(bert: BertConfig, spec: TaskSpec) -> nn.Module:
 def qa_predict(spec: TaskSpec, cfg: DataConfig, split: Split, outs: dict[str, np.ndarray]) -> dict:
     """start/end logits (M, T) of the split's windows -> {"predictions": {id: text}, "nbest", "null_odds"}."""
     predictions, nbest, null_odds = postprocess_predictions(
-        split.rows, split.feats, outs["start_logits"], outs["end_logits"], n_best_size=cfg.n_best_size,
-        max_answer_length=cfg.max_answer_length, version_2=_is_v2(spec),
-        null_score_diff_threshold=cfg.null_score_diff_threshold)
+        split.rows,
+        split.feats,
+        outs["start_logits"],
+        outs["end_logits"],
+        n_best_size=cfg.n_best_size,
+        max_answer_length=cfg.max_answer_length,
+        version_2=_is_v2(spec),
+        null_score_diff_threshold=cfg.null_score_diff_threshold,
+    )
     return {"predictions": predictions, "nbest": nbest, "null_odds": null_odds}
 
 
@@ -318,7 +369,9 @@ def qa_score(spec: TaskSpec, cfg: DataConfig, metric: Any, split: Split, preds: 
     odds = preds["null_odds"]
     return metric.compute(
         predictions=[{"id": i, "prediction_text": texts[i], "no_answer_probability": odds[i]} for i in ids],
-        references=refs, no_answer_threshold=cfg.null_score_diff_threshold)
+        references=refs,
+        no_answer_threshold=cfg.null_score_diff_threshold,
+    )
 
 
 def qa_write(out_dir: Path, spec: TaskSpec, split: Split, preds: dict) -> None:

@@ -27,15 +27,18 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import Dataset
-from tokenizers import Tokenizer
 
 from bert_dist import data as D
 from bert_dist.checkpoint import load_init, load_weights, save_run_model
 from bert_dist.config import RunConfig, TaskSpec, preset
-from bert_dist.data.collate import MLMCollator
+from bert_dist.data.collate import MLMCollator, pad_multiple
 from bert_dist.data.pretraining import TEXT_SUFFIXES, corpus_documents, hold_out_documents, make_pairs, read_corpus_file
 from bert_dist.model import BertForPreTraining, count_params
-from bert_dist.tokenizer import SPECIAL_TOKENS, check_special_tokens, load_tokenizer, save_tokenizer, train_tokenizer
+from bert_dist.tokenizer import (
+    SPECIAL_TOKENS,
+    check_special_tokens,
+    train_shared_tokenizer,
+)
 from bert_dist.train import evaluate, prepare_training, train
 
 log = logging.getLogger(__name__)
@@ -90,8 +93,11 @@ def load_corpus(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Dataset], list[Dat
         held = [read_corpus_file(val_path, "validation")] if val_path else None
         return [read_corpus_file(train_path, "train")], held, f"--data-dir {data_dir}"
     raw = D.load_raw(spec, d)  # the hub's wikitext: a `text` column, train/validation/test
-    return [raw[spec.train_split].select_columns(["text"])], [raw[spec.eval_splits[0]].select_columns(["text"])], \
-        spec.hub_path
+    return (
+        [raw[spec.train_split].select_columns(["text"])],
+        [raw[spec.eval_splits[0]].select_columns(["text"])],
+        spec.hub_path,
+    )
 
 
 def corpus_texts(files: list[Dataset]):
@@ -100,20 +106,6 @@ def corpus_texts(files: list[Dataset]):
         for t in D.column(ds, "text"):
             if t and t.strip():
                 yield t
-
-
-def corpus_tokenizer(cfg: RunConfig, texts: Any, accelerator: Accelerator, out_dir: Path) -> Tokenizer:
-    """Train WordPiece on the main process and save it to `out_dir`; the others load that file.
-
-    One file read by all, rather than one training per process: the vocabularies can't drift apart.
-    """
-    if accelerator.is_main_process:
-        log.info("training a WordPiece tokenizer (vocab %d, %s) on the corpus", cfg.data.vocab_size,
-                 "lowercased" if cfg.data.lowercase else "cased")
-        tok = train_tokenizer(texts(), vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase)
-        save_tokenizer(tok, out_dir)
-    accelerator.wait_for_everyone()
-    return tok if accelerator.is_main_process else load_tokenizer(out_dir / "tokenizer.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,21 +146,21 @@ def mlm_metrics(sums: dict[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _pad_multiple(cfg: RunConfig, accelerator: Accelerator) -> int | None:
-    if cfg.data.pad_to_multiple_of is not None:
-        return cfg.data.pad_to_multiple_of or None
-    return 8 if accelerator.mixed_precision in ("fp16", "bf16") else None  # tensor cores / AMX tiles
-
-
 def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
     """`--task pretrain` (MLM + NSP) or `--task tokenizer` (WordPiece only); returns the run's results."""
     spec = D.get_task("pretrain")
     with accelerator.main_process_first():
         train_files, held_files, source = load_corpus(cfg, spec)
     if cfg.task == "tokenizer":
-        tok = corpus_tokenizer(cfg, lambda: corpus_texts(train_files), accelerator, out_dir)
-        log.info("wrote %s and vocab.txt (%d tokens) from %s", out_dir / "tokenizer.json", tok.get_vocab_size(),
-                 source)
+        tok = train_shared_tokenizer(
+            lambda: corpus_texts(train_files),
+            out_dir,
+            accelerator.is_main_process,
+            accelerator.wait_for_everyone,
+            cfg.data.vocab_size,
+            cfg.data.lowercase,
+        )
+        log.info("wrote %s and vocab.txt (%d tokens) from %s", out_dir / "tokenizer.json", tok.get_vocab_size(), source)
         return {"vocab_size": tok.get_vocab_size(), "lowercase": cfg.data.lowercase, "source": source}
 
     src = load_init(cfg.init, cfg.tokenizer)
@@ -176,7 +168,14 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         tok = src.tokenizer
         check_special_tokens(tok, cfg.tokenizer or cfg.init, need_mask=True)  # MLM needs [MASK]
     else:
-        tok = corpus_tokenizer(cfg, lambda: corpus_texts(train_files), accelerator, out_dir)
+        tok = train_shared_tokenizer(
+            lambda: corpus_texts(train_files),
+            out_dir,
+            accelerator.is_main_process,
+            accelerator.wait_for_everyone,
+            cfg.data.vocab_size,
+            cfg.data.lowercase,
+        )
     bert = src.config or preset(cfg.preset, vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"))
     max_length = cfg.data.max_length or spec.max_length
     if max_length > bert.max_position_embeddings:
@@ -188,8 +187,9 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
             held_docs = corpus_documents(held_files, tok)
         else:
             docs, held_docs = hold_out_documents(docs)
-            log.info("no held-out text given: holding out %d of %d documents", len(held_docs),
-                     len(docs) + len(held_docs))
+            log.info(
+                "no held-out text given: holding out %d of %d documents", len(held_docs), len(docs) + len(held_docs)
+            )
         train_ds = make_pairs(docs, tok, max_length, cfg.seed)
         eval_ds = make_pairs(held_docs, tok, max_length, cfg.seed + 1, dupe_factor=1)
     if cfg.data.max_train_samples:
@@ -202,21 +202,34 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     if src.state_dict is not None:
         load_weights(model, src.state_dict, src.name)  # an HF BertForPreTraining dir brings its cls.* heads
     n_tokens = sum(D.column(train_ds, "length"))
-    log.info("pretrain: %s parameters, %d documents -> %d pairs (%s tokens) / %d held-out pairs, max length %d, "
-             "from %s", f"{count_params(model):,}", len(docs), len(train_ds), f"{n_tokens:,}", len(eval_ds),
-             max_length, source)
+    log.info(
+        "pretrain: %s parameters, %d documents -> %d pairs (%s tokens) / %d held-out pairs, max length %d, from %s",
+        f"{count_params(model):,}",
+        len(docs),
+        len(train_ds),
+        f"{n_tokens:,}",
+        len(eval_ds),
+        max_length,
+        source,
+    )
 
     specials = [i for t in SPECIAL_TOKENS if (i := tok.token_to_id(t)) is not None]
-    collator_args = dict(mask_token_id=tok.token_to_id("[MASK]"), vocab_size=tok.get_vocab_size(),
-                         special_token_ids=specials, pad_token_id=tok.token_to_id("[PAD]"),
-                         mlm_probability=cfg.data.mlm_probability, pad_to_multiple_of=_pad_multiple(cfg, accelerator))
+    collator_args = dict(
+        mask_token_id=tok.token_to_id("[MASK]"),
+        vocab_size=tok.get_vocab_size(),
+        special_token_ids=specials,
+        pad_token_id=tok.token_to_id("[PAD]"),
+        mlm_probability=cfg.data.mlm_probability,
+        pad_to_multiple_of=pad_multiple(cfg.data.pad_to_multiple_of, accelerator.mixed_precision),
+    )
     collator = MLMCollator(**collator_args, seed=cfg.seed)
     eval_collator = MLMCollator(**collator_args, seed=cfg.seed + 1)  # never set_epoch: the same masks every eval
     loader, sampler = D.train_loader(train_ds, cfg.data, collator, cfg.seed)
     eval_batch = max(1, min(cfg.data.eval_batch_size, EVAL_LOGITS_BUDGET // (max_length * bert.vocab_size)))
     eval_cfg = dataclasses.replace(cfg.data, eval_batch_size=eval_batch)
-    run = prepare_training(cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg,
-                                                                                         eval_collator)}, out_dir)
+    run = prepare_training(
+        cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg, eval_collator)}, out_dir
+    )
 
     def eval_fn(step: int) -> dict[str, float]:
         return mlm_metrics(evaluate(accelerator, run.model, run.eval_loaders["validation"], mlm_collect))
@@ -228,16 +241,39 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     if cfg.train.eval_only:
         results = {**eval_fn(0), "steps": 0}
     else:
-        results = train(accelerator, run.model, run.optimizer, run.scheduler, run.train_loader, cfg.train,
-                        run.num_steps, out_dir, eval_fn, run.resume_from, set_epoch, cfg.optim.max_grad_norm)
+        results = train(
+            accelerator,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.train_loader,
+            cfg.train,
+            run.num_steps,
+            out_dir,
+            eval_fn,
+            run.resume_from,
+            set_epoch,
+            cfg.optim.max_grad_norm,
+        )
     if results.get("interrupted"):
         return results
     model = accelerator.unwrap_model(run.model)
     if accelerator.is_main_process:
-        meta = {"task": "pretrain", "kind": "pretrain", "max_length": max_length,
-                "mlm_probability": cfg.data.mlm_probability}
+        meta = {
+            "task": "pretrain",
+            "kind": "pretrain",
+            "max_length": max_length,
+            "mlm_probability": cfg.data.mlm_probability,
+        }
         save_run_model(model, out_dir, bert, meta, tok)
-    results.update(task="pretrain", init=cfg.init, num_params=count_params(model), max_length=max_length,
-                   main_metric="mlm_accuracy", train_pairs=len(train_ds), eval_pairs=len(eval_ds),
-                   vocab_size=tok.get_vocab_size())
+    results.update(
+        task="pretrain",
+        init=cfg.init,
+        num_params=count_params(model),
+        max_length=max_length,
+        main_metric="mlm_accuracy",
+        train_pairs=len(train_ds),
+        eval_pairs=len(eval_ds),
+        vocab_size=tok.get_vocab_size(),
+    )
     return results

@@ -8,11 +8,14 @@ truncated longest-first, SQuAD windows are built by hand) and padding happens pe
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 """Fixed order, so a trained tokenizer has [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4."""
@@ -132,3 +135,26 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
     tok.save(str(out / "tokenizer.json"))
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+
+
+def train_shared_tokenizer(
+    texts: Callable[[], Iterable[str]],
+    out_dir: str | os.PathLike,
+    is_main: bool,
+    barrier: Callable[[], None],
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+) -> Tokenizer:
+    """Train on the main process, save to `out_dir`, and have every other process load that file.
+
+    WordPiece training is not deterministic across runs (huggingface/tokenizers#1794), so one training
+    per process could give the processes different vocabularies; one file read by all cannot.
+    Saving it at once also lets a killed run resume with the very same vocabulary.
+    """
+    if is_main:
+        log.info("training a WordPiece tokenizer (vocab %d, %s)", vocab_size, "lowercased" if lowercase else "cased")
+        tok = train_tokenizer(texts(), vocab_size=vocab_size, lowercase=lowercase)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_tokenizer(tok, out_dir)
+    barrier()
+    return tok if is_main else load_tokenizer(Path(out_dir) / "tokenizer.json")

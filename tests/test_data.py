@@ -15,8 +15,26 @@ from bert_dist.data.synthetic import FILLER, NEGATIVE, POSITIVE, write_task_data
 from bert_dist.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 MINILM = Path(__file__).resolve().parents[2] / "shared" / "models" / "all-MiniLM-L6-v2"
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "quick", "brown", "fox", "jump", "##s", "over",
-         "lazy", "dog", ".", "un", "##aff", "##able"]
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jump",
+    "##s",
+    "over",
+    "lazy",
+    "dog",
+    ".",
+    "un",
+    "##aff",
+    "##able",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +46,26 @@ def test_vocab_txt_tokenizes_to_expected_pieces(tmp_path):
     (tmp_path / "vocab.txt").write_text("".join(w + "\n" for w in WORDS))
     tok = load_tokenizer(tmp_path / "vocab.txt")
     enc = tok.encode("The quick brown fox jumps over the lazy dog.", "Unaffable!")
-    assert enc.tokens == ["[CLS]", "the", "quick", "brown", "fox", "jump", "##s", "over", "the", "lazy", "dog", ".",
-                          "[SEP]", "un", "##aff", "##able", "[UNK]", "[SEP]"]
+    assert enc.tokens == [
+        "[CLS]",
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jump",
+        "##s",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        ".",
+        "[SEP]",
+        "un",
+        "##aff",
+        "##able",
+        "[UNK]",
+        "[SEP]",
+    ]
     assert enc.type_ids == [0] * 13 + [1] * 5
 
 
@@ -65,7 +101,9 @@ def test_every_glue_task_preprocesses(name, tmp_path, tokenizer):
     assert set(raw) == {spec.train_split, *spec.eval_splits, *spec.test_splits}
     feats = D.tokenize_classification(raw, spec, tokenizer, max_length=12)
     row = feats[spec.train_split][0]
-    assert row["input_ids"][0] == tokenizer.token_to_id("[CLS]") and row["input_ids"][-1] == tokenizer.token_to_id("[SEP]")
+    assert row["input_ids"][0] == tokenizer.token_to_id("[CLS]") and row["input_ids"][-1] == tokenizer.token_to_id(
+        "[SEP]"
+    )
     assert max(D.column(feats[spec.train_split], "length")) <= 12
     if len(spec.text_columns) == 2:
         assert 1 in row["token_type_ids"]  # the second segment is marked

@@ -136,7 +136,7 @@ def run(script: str, env: dict, *args: str, check: bool = True) -> subprocess.Co
 
 def commands(stdout: str) -> list[list[str]]:
     """Non-comment output lines, shell-split (undoes the scripts' %q quoting)."""
-    return [shlex.split(l) for l in stdout.splitlines() if l.strip() and not l.startswith("#")]
+    return [shlex.split(ln) for ln in stdout.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
 def flag(tokens: list[str], name: str) -> str:
@@ -295,5 +295,5 @@ def test_local_really_starts_two_gloo_ranks(env, tmp_path):
     proc = subprocess.run(["bash", str(LAUNCH / "local.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = sorted(l.split()[1:] for l in proc.stdout.splitlines() if l.startswith("RANK"))
+    ranks = sorted(ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("RANK"))
     assert ranks == [["0", "2", "gloo"], ["1", "2", "gloo"]]

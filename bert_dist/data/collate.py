@@ -16,6 +16,13 @@ from torch.utils.data import Sampler
 SEQUENCE_KEYS = ("input_ids", "token_type_ids")
 
 
+def pad_multiple(pad_to_multiple_of: int | None, mixed_precision: str | None) -> int | None:
+    """The --pad-to-multiple-of in force: as given (0 = off), else 8 under fp16/bf16 (tensor cores, bf16 tiles)."""
+    if pad_to_multiple_of is not None:
+        return pad_to_multiple_of or None
+    return 8 if mixed_precision in ("fp16", "bf16") else None
+
+
 class PadCollator:
     """Rows of {"input_ids": [...], "token_type_ids": [...], <scalar fields>} -> a padded batch.
 
@@ -24,8 +31,9 @@ class PadCollator:
     dropped, so bookkeeping columns (idx, lengths, offsets) never reach the model.
     """
 
-    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
-                 scalar_keys: Sequence[str] = ("labels",)):
+    def __init__(
+        self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None, scalar_keys: Sequence[str] = ("labels",)
+    ):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.scalar_keys = tuple(scalar_keys)
@@ -54,7 +62,6 @@ class PadCollator:
         return batch
 
 
-
 class MLMCollator(PadCollator):
     """PadCollator plus BERT's dynamic masking, drawn afresh for every batch (and so every epoch).
 
@@ -72,8 +79,16 @@ class MLMCollator(PadCollator):
     `set_epoch(e)` with the sampler's so each epoch masks each example anew.
     """
 
-    def __init__(self, mask_token_id: int, vocab_size: int, special_token_ids: Sequence[int], pad_token_id: int = 0,
-                 mlm_probability: float = 0.15, pad_to_multiple_of: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        mask_token_id: int,
+        vocab_size: int,
+        special_token_ids: Sequence[int],
+        pad_token_id: int = 0,
+        mlm_probability: float = 0.15,
+        pad_to_multiple_of: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__(pad_token_id, pad_to_multiple_of, scalar_keys=("next_sentence_label",))
         if not 0 < mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {mlm_probability}")
@@ -131,8 +146,16 @@ class BatchSampler(Sampler[list[int]]):
     The longest batch goes first, so an out-of-memory shows at step 1, not hours in.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 lengths: Sequence[int] | None = None, group_by_length: bool = False, drop_last: bool = False):
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        group_by_length: bool = False,
+        drop_last: bool = False,
+    ):
         if group_by_length and lengths is None:
             raise ValueError("group_by_length needs the example lengths")
         self.num_examples, self.batch_size, self.shuffle, self.seed = num_examples, batch_size, shuffle, seed
