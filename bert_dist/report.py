@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,23 +237,45 @@ table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;font-siz
 td,th{padding:4px 12px;border-bottom:1px solid #eceef1;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums} th{background:#f0f2f5}
 .cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:18px;align-items:start}
-.cols table{width:100%}
+.config{grid-template-columns:repeat(auto-fit,minmax(420px,1fr))} .config td.n{text-align:left}
+.cols table{width:100%} .cols td:first-child{white-space:nowrap;width:1%} .cols td+td{overflow-wrap:anywhere}
 .note{color:#666;font-size:13px}
 """
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f'<td class="n">{html.escape(fmt_number(v) if abs(v) >= 100 or abs(v) < 1e-3 else f"{v:.4g}")}</td>'
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f'<td class="n">{v:,}</td>'
-    return f"<td>{html.escape('' if v is None else str(v))}</td>"
+def _metric(v: float) -> str:
+    """Scores in [-1, 1] with four decimals (0.9000, not 0.9), other floats short."""
+    return f"{v:.4f}" if 1e-3 <= abs(v) <= 1 else fmt_number(v) if abs(v) >= 100 or v == 0 or abs(v) < 1e-3 \
+        else f"{v:.4g}"
 
 
-def _table(rows: dict[str, Any], head: tuple[str, str] | None = None) -> str:
+SPEED_KEYS = ("steps", "epochs", "train_seconds", "examples_per_second", "tokens_per_second", "num_params",
+              "max_length", "skipped_steps", "nonfinite_steps")
+"""results.json numbers that are not scores."""
+
+
+def _result_number(key: str, v: float) -> str:
+    if key in SPEED_KEYS:
+        return fmt_number(v) if abs(v) >= 1e4 else f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4g}"
+    return _metric(v)
+
+
+def _table(rows: dict[str, Any], head: tuple[str, str] | None = None,
+           number: Callable[[str, float], str] = lambda k, v: str(v)) -> str:
+    """A two-column table; floats through `number(key, value)` (as written, by default: flags as they were given)."""
+    if not rows:
+        return "<p class='note'>not recorded</p>"
+    cells = []
+    for k, v in rows.items():
+        if isinstance(v, float):
+            cell = f'<td class="n">{html.escape(number(k, v))}</td>'
+        elif isinstance(v, int) and not isinstance(v, bool):
+            cell = f'<td class="n">{v:,}</td>'
+        else:
+            cell = f"<td>{html.escape('' if v is None else str(v))}</td>"
+        cells.append(f"<tr><td>{html.escape(str(k))}</td>{cell}</tr>")
     th = f"<tr><th>{head[0]}</th><th>{head[1]}</th></tr>" if head else ""
-    body = "".join(f"<tr><td>{html.escape(str(k))}</td>{_cell(v)}</tr>" for k, v in rows.items())
-    return f"<table>{th}{body}</table>"
+    return f"<table>{th}{''.join(cells)}</table>"
 
 
 def _duration(seconds: float) -> str:
@@ -278,7 +301,7 @@ def render_html(run: dict[str, Any]) -> str:
     cards = []
     main = _main_metric(run)
     if main:
-        cards.append((f"{main[0]} (final)", f"{main[1]:.4g}"))
+        cards.append((f"{main[0]} (final)", _metric(float(main[1]))))
     if steps:
         cards.append(("optimizer steps", f"{steps:,}"))
     if "train_seconds" in res:
@@ -296,7 +319,7 @@ def render_html(run: dict[str, Any]) -> str:
         series = {k: _series(evals, k) for k in keys}
         ys = [y for pts in series.values() for _, y in pts]
         cap = 1.0 if ys and max(ys) <= 1 else 100.0 if ys and max(ys) <= 100 else None  # a fraction or percent
-        if len(keys) == 1:  # name the metric: a one-line chart has no legend
+        if len(keys) == 1 and keys[0].lower() not in title.lower():  # name the metric: one line has no legend
             title = f"{title.replace('metrics', 'metric')}: {keys[0]}"
         charts.append(line_chart(title, series, x_max=steps, markers=True,
                                  y_cap=cap if title.startswith("Evaluation metric") else None))
@@ -328,19 +351,20 @@ def render_html(run: dict[str, Any]) -> str:
              "<div class='cards'>" + "".join(f"<div class='card'><div class='v'>{html.escape(v)}</div>"
                                              f"<div class='k'>{html.escape(k)}</div></div>" for k, v in cards)
              + "</div>"]
+    notes = []
+    if not logs and steps:
+        notes.append("No train_log.jsonl in this run (it predates it): no loss, learning-rate or throughput curves.")
+    if len(evals) == 1:
+        notes.append(f"One evaluation, at step {evals[0].get('step')}: its metrics are under Results.")
+    parts += ["<h2>Training</h2>", *[f"<p class='note'>{html.escape(n)}</p>" for n in notes]]
     if charts:
-        parts += ["<h2>Training</h2><div class='charts'>", *charts, "</div>"]
-        if not logs:
-            parts.append("<p class='note'>No train_log.jsonl in this run (written by bert-dist runs since the "
-                         "report was added): only the evaluations are drawn.</p>")
-    else:
-        parts.append("<p class='note'>No training curves: this run logged no steps.</p>")
+        parts += ["<div class='charts'>", *charts, "</div>"]
     parts += ["<div class='cols'>",
-              f"<div><h2>Results</h2>{_table(results, ('metric', 'value'))}</div>",
+              f"<div><h2>Results</h2>{_table(results, ('metric', 'value'), _result_number)}</div>",
               f"<div><h2>Model</h2>{_table({'task': task, 'kind': meta.get('kind'), **arch})}</div>",
               f"<div><h2>Hardware</h2>{_table({k: v for k, v in hardware.items() if v is not None})}</div>",
               "</div><h2>Configuration <span class='note'>(run_config.json: the flags, defaults included)</span></h2>"
-              "<div class='cols'>",
+              "<div class='cols config'>",
               *[f"<div>{_table(rows, (group, ''))}</div>" for group, rows in groups.items()],
               "</div></main></body></html>"]
     return "\n".join(parts) + "\n"
@@ -381,17 +405,16 @@ def render_model_card(run: dict[str, Any]) -> str:
     lines = [*front, "", f"# {task}: BERT {what}", "",
              f"A BERT model ({kind or 'encoder'} head) trained with bert-dist on {task}, data from {source}.", ""]
     metrics = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-               and k not in ("steps", "epochs", "train_seconds", "examples_per_second", "tokens_per_second",
-                             "num_params", "max_length", "skipped_steps", "nonfinite_steps")}
+               and k not in SPEED_KEYS}
     if metrics:
         lines += ["## Results", "", "Evaluation of the final weights on the validation split(s):", "",
                   "| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
         lines.append("")
     batch, procs, accum = data.get("batch_size"), hw.get("num_processes", 1), train.get("grad_accum", 1)
-    warmup = f"{optim['warmup_steps']} steps" if optim.get("warmup_steps") else \
-        f"{optim.get('warmup_ratio')} of the steps"
-    hyper = {"learning rate": optim.get("lr"), "schedule": f"{optim.get('scheduler')}, warmup {warmup}",
+    warmup = f"warmup {optim['warmup_steps']} steps" if optim.get("warmup_steps") else \
+        f"warmup {optim['warmup_ratio']:g} of the steps" if optim.get("warmup_ratio") else "no warmup"
+    hyper = {"learning rate": optim.get("lr"), "schedule": f"{optim.get('scheduler')}, {warmup}",
              "batch size": f"{batch * procs * accum} ({batch} x {procs} process(es) x {accum} accumulation)"
              if batch else None,
              "optimizer steps": res.get("steps"), "epochs": res.get("epochs"),
@@ -442,14 +465,17 @@ def _hub_path(task: str) -> str | None:
 
 
 def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write report.html and README.md into `run_dir`; returns {"report", "model_card"} paths."""
+    """Write report.html and, when the run saved a model (a --task tokenizer run does not), README.md into
+    `run_dir`; returns the paths written, by name ("report", "model_card")."""
     d = Path(run_dir)
     if not (d / "run_config.json").is_file() and not (d / "results.json").is_file():
         raise ValueError(f"{d} is not a bert-dist run directory (no run_config.json or results.json)")
     run = read_run(d)
-    paths = {"report": d / "report.html", "model_card": d / "README.md"}
+    paths = {"report": d / "report.html"}
     paths["report"].write_text(render_html(run), encoding="utf-8")
-    paths["model_card"].write_text(render_model_card(run), encoding="utf-8")
+    if (d / "model.safetensors").is_file():
+        paths["model_card"] = d / "README.md"
+        paths["model_card"].write_text(render_model_card(run), encoding="utf-8")
     return paths
 
 
