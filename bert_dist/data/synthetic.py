@@ -107,7 +107,7 @@ def smoke_config(cfg):
     from bert_dist.config import config_from_overrides
     from bert_dist.data import get_task
 
-    spec = get_task(cfg.task)
+    spec = get_task("pretrain" if cfg.task == "tokenizer" else cfg.task)  # a tokenizer trains on the corpus
     data_dir = Path(tempfile.gettempdir()) / f"bert-dist-smoke-{os.getuid()}" / f"v{SYNTHETIC_VERSION}-seed{cfg.seed}"
     folder = data_dir / (spec.data_name or spec.name)
     if not (folder / f"{spec.train_split}.jsonl").exists():
