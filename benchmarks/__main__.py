@@ -1,7 +1,7 @@
 """python -m benchmarks [suite ...] [--quick] [--device cpu|cuda] [--out FILE.json]
 
 Speed side by side with transformers; every suite prints a markdown table with the ratio. Suites:
-step, inference, e2e, preprocess, pretrain (all by default), and fastpaths (only when named).
+step, inference, e2e, preprocess, pretrain (all by default); fastpaths and compile (only when named).
 --quick runs each at tiny sizes for 2-3 steps (a smoke test for CI: its figures mean nothing).
 Nothing here asserts a speed.
 """
@@ -30,7 +30,7 @@ from benchmarks.harness import machine  # noqa: E402
 from benchmarks.sources import DEFAULT_DATA, DEFAULT_TOKENIZER, Options, scratch_dir, source  # noqa: E402
 
 SUITES = ("step", "inference", "e2e", "preprocess", "pretrain")
-EXTRA_SUITES = ("fastpaths",)
+EXTRA_SUITES = ("fastpaths", "compile")
 """Run only when named: each fast path of ours switched off and on (not a comparison with transformers)."""
 
 
@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads or opts.quick:
         # --quick: one thread, so a smoke run beside other tests never waits on a busy second core.
         torch.set_num_threads(args.threads or 1)
-    from benchmarks.fastpaths import fastpaths_suite
+    from benchmarks.fastpaths import compile_suite, fastpaths_suite
     from benchmarks.preprocess import preprocess_suite
     from benchmarks.speed import e2e_suite, inference_suite, pretrain_suite, step_suite
 
     run = {"step": step_suite, "inference": inference_suite, "e2e": e2e_suite, "preprocess": preprocess_suite,
-           "pretrain": pretrain_suite, "fastpaths": fastpaths_suite}
+           "pretrain": pretrain_suite, "fastpaths": fastpaths_suite, "compile": compile_suite}
     suites = args.suites or list(SUITES)
     info = machine(opts.device)
     quick = " (--quick: smoke sizes, not figures)" if opts.quick else ""

@@ -1,13 +1,16 @@
-"""Each fast path of our model and optimizer, switched off and on in the same run (`python -m benchmarks fastpaths`).
+"""Each fast path of ours switched off and on in the same run: `python -m benchmarks fastpaths` (and `compile`).
 
 - unpad: the encoder on real tokens only (`model.Unpadding`, CPU) vs the padded encoder.
+- no mask: on full rows, no attention mask at all (on the CPU knowing it costs no sync; transformers drops
+  it too, after a host sync) vs our all-True mask. Not in the model (no gain measured): a variant here.
 - adamw: one AdamW step over the model's parameters: torch's CPU default (a per-tensor loop),
   `foreach=True`, and `fused=True` (what `build_optimizer` picks on CUDA and the CPU).
 - qkv: one projection on the concatenated query/key/value weights (`torch.cat` per forward) vs three.
   Not in the model (no gain measured): the variant lives here so the measurement can be repeated.
-- compile: `torch.compile(model)` vs eager: the first (compiling) step's time and the steady-state step.
+- compile (a suite of its own, minutes of compiling): `torch.compile(model)` vs eager, the first
+  (compiling) step's time and the steady-state step.
 
-"off" is the baseline, "on" the fast path; speed-up = off time / on time. Not in the default suites.
+"off" is the baseline, "on" the fast path; speed-up = off time / on time. Neither is in the default suites.
 """
 
 from __future__ import annotations
@@ -19,23 +22,12 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import fmt, interleave, print_table, progress, ratio, synchronizer
+from benchmarks.harness import fmt, interleave, print_table, progress, ratio, synchronizer, times
 from benchmarks.sources import Options, Source
-from benchmarks.speed import forward_fn, make_batch, train_step_fn
+from benchmarks.speed import forward_fn, make_batch, padded_encoder, train_step_fn
 from bert_dist import model as M
 from bert_dist.config import OptimConfig, preset
 from bert_dist.optim import build_optimizer, param_groups
-
-
-@contextlib.contextmanager
-def padded_encoder() -> Iterator[None]:
-    """Switch the unpadded path off (as on CUDA): every batch runs at (B, T, H)."""
-    of = M.Unpadding.of
-    M.Unpadding.of = classmethod(lambda cls, mask: None)
-    try:
-        yield
-    finally:
-        M.Unpadding.of = of
 
 
 def _fused_qkv_forward(self: M.BertSelfAttention, x: torch.Tensor, mask: torch.Tensor | None,
@@ -58,6 +50,23 @@ def _switched(fn, switch):
             return fn()
 
     return run
+
+
+@contextlib.contextmanager
+def unmasked_full_rows() -> Iterator[None]:
+    """BertModel.forward given no attention mask when the batch has no padding (CPU)."""
+    forward = M.BertModel.forward
+
+    def patched(self, input_ids, attention_mask=None, token_type_ids=None):
+        if attention_mask is not None and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+            attention_mask = None
+        return forward(self, input_ids, attention_mask, token_type_ids)
+
+    M.BertModel.forward = patched
+    try:
+        yield
+    finally:
+        M.BertModel.forward = forward
 
 
 @contextlib.contextmanager
@@ -104,10 +113,18 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             batch = make_batch(cfg, B, T, "full", "classification", device)
             model.train()
             step = train_step_fn(model, optimizer, batch, device, precision, sync)
+            if device.type == "cpu":
+                add("no mask (not kept)", "train step", f"{B}x{T} full", precision,
+                    interleave({"off": step, "on": _switched(step, unmasked_full_rows)}, opts.rounds, opts.warmup,
+                               sync))
             add("qkv (not kept)", "train step", f"{B}x{T} full", precision,
                 interleave({"off": step, "on": _switched(step, fused_qkv)}, opts.rounds, opts.warmup, sync))
             model.eval()
             fwd = forward_fn(model, batch, device, precision)
+            if device.type == "cpu":
+                add("no mask (not kept)", "inference", f"{B}x{T} full", precision,
+                    interleave({"off": fwd, "on": _switched(fwd, unmasked_full_rows)}, opts.rounds, opts.warmup,
+                               sync))
             add("qkv (not kept)", "inference", f"{B}x{T} full", precision,
                 interleave({"off": fwd, "on": _switched(fwd, fused_qkv)}, opts.rounds, opts.warmup, sync))
 
@@ -124,20 +141,28 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
         add("adamw", f"optimizer step: {base} -> {k}", size, "fp32", {"off": res[base], "on": res[k]})
     del optims
 
-    if not opts.quick:
-        rows += _compile_rows(opts, cfg, sync)
+    _print(f"fastpaths: each switched off and on ({name})", rows, opts)
+    return rows
 
+
+def compile_suite(opts: Options, src: Source | None = None) -> list[dict]:
+    rows = _compile_rows(opts, preset(opts.presets[0]), synchronizer(opts.device))
+    for r in rows:
+        progress(r)
+    _print(f"compile: torch.compile vs eager ({opts.presets[0]}, BertForSequenceClassification)", rows, opts)
+    return rows
+
+
+def _print(title: str, rows: list[dict], opts: Options) -> None:
+    device = opts.device
     print_table(
-        f"fastpaths: each switched off and on ({name})",
+        title,
         ["path", "measured", "shape", "precision", "off ms", "on ms", "speed-up"] + (
             ["CPU-time x"] if device.type == "cpu" else []),
-        [[r["path"], r["what"], r["shape"], r["precision"], fmt(r["off_ms"]), fmt(r["on_ms"]),
-          f"{fmt(r['speedup'], 2)}x"] + ([f"{fmt(r['cpu_time_speedup'], 2)}x"] if device.type == "cpu" else [])
-         for r in rows],
-        note=f"median of {opts.rounds} interleaved rounds; speed-up = off / on"
-             + ("" if not opts.quick else "; compile skipped under --quick"),
+        [[r["path"], r["what"], r["shape"], r["precision"], fmt(r["off_ms"]), fmt(r["on_ms"]), times(r["speedup"])]
+         + ([times(r["cpu_time_speedup"])] if device.type == "cpu" else []) for r in rows],
+        note=f"median of {opts.rounds} interleaved rounds; speed-up = off / on",
     )
-    return rows
 
 
 def _compile_rows(opts: Options, cfg, sync) -> list[dict]:

@@ -114,5 +114,10 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or x != x else f"{x:,.{digits}f}"  # x != x: NaN
 
 
+def times(x: float | None) -> str:
+    """A ratio as "1.23x" (n/a where there is none)."""
+    return "n/a" if x is None or x != x else f"{x:.2f}x"
+
+
 def ratio(num: float, den: float) -> float:
     return num / den if den > 0 else float("nan")
