@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 # Before datasets / transformers / huggingface_hub are imported: they read these once. A benchmark never
-# downloads; the cache is private so a cold run is cold.
+# downloads, and keeps its caches out of the user's.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", "/tmp/hfhome-bench")
@@ -36,7 +37,8 @@ EXTRA_SUITES = ("fastpaths", "compile")
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Options]:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("suites", nargs="*", metavar="suite", help=f"any of {', '.join(SUITES)} (default: all)")
+    p.add_argument("suites", nargs="*", metavar="suite",
+                   help=f"any of {', '.join(SUITES)} (default: all of these), {', '.join(EXTRA_SUITES)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2-3 steps: checks the suites run, times nothing")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write every figure and the machine to this JSON file")
@@ -101,15 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     quick = " (--quick: smoke sizes, not figures)" if opts.quick else ""
     print(f"# bert-dist vs transformers: {' '.join(suites)}{quick}")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
-    work = scratch_dir()
-    src = source(opts, work) if {"e2e", "preprocess"} & set(suites) else None
     results: dict[str, object] = {"machine": info, "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
                                   "quick": opts.quick, "suites": {}}
+    work = scratch_dir()  # synthetic data and tokenizer, when they stand in
     t0 = time.perf_counter()
-    for name in suites:
-        t = time.perf_counter()
-        results["suites"][name] = run[name](opts, src)
-        print(f"({name}: {time.perf_counter() - t:.1f} s)", flush=True)
+    try:
+        src = source(opts, work) if {"e2e", "preprocess"} & set(suites) else None
+        for name in suites:
+            t = time.perf_counter()
+            results["suites"][name] = run[name](opts, src)
+            print(f"({name}: {time.perf_counter() - t:.1f} s)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
@@ -117,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
         print(f"wrote {args.out}")
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
