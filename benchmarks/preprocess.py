@@ -163,6 +163,7 @@ def preprocess_suite(opts: Options, src: Source) -> list[dict]:
     }
     rows, made = [], []
     rounds = max(1, opts.rounds // 2)  # a cold run is seconds long: fewer rounds than the model suites
+    cache_before = datasets.config.HF_DATASETS_CACHE
     try:
         for job, (load, maps) in jobs.items():
             n_in = len(load()[spec.train_split]) if job.startswith("SST") else len(load())
@@ -176,6 +177,7 @@ def preprocess_suite(opts: Options, src: Source) -> list[dict]:
                              "ours_rows_per_s": n_in / o.median("map"), "ref_rows_per_s": n_in / r.median("map"),
                              "speedup": ratio(r.median("map"), o.median("map")), "rounds": rounds})
     finally:
+        datasets.config.HF_DATASETS_CACHE = cache_before
         for d in made:
             shutil.rmtree(d, ignore_errors=True)
     print_table(

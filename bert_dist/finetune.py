@@ -45,7 +45,7 @@ from bert_dist.data.squad import (
 from bert_dist.metrics import load_metric
 from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, count_params
 from bert_dist.tokenizer import train_shared_tokenizer
-from bert_dist.train import evaluate, prepare_training, train
+from bert_dist.train import evaluate, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -179,23 +179,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
             metrics.update({prefix + k: round(float(v), 6) for k, v in scores.items()})
         return metrics
 
-    if cfg.train.eval_only:
-        results = {**eval_fn(0), "steps": 0}
-    else:
-        results = train(
-            accelerator,
-            run.model,
-            run.optimizer,
-            run.scheduler,
-            run.train_loader,
-            cfg.train,
-            run.num_steps,
-            out_dir,
-            eval_fn,
-            run.resume_from,
-            sampler.set_epoch,
-            cfg.optim.max_grad_norm,
-        )
+    results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch)
     if results.get("interrupted"):
         return results
     model = accelerator.unwrap_model(run.model)

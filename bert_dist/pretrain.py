@@ -39,7 +39,7 @@ from bert_dist.tokenizer import (
     check_special_tokens,
     train_shared_tokenizer,
 )
-from bert_dist.train import evaluate, prepare_training, train
+from bert_dist.train import evaluate, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -238,23 +238,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         sampler.set_epoch(epoch)
         collator.set_epoch(epoch)
 
-    if cfg.train.eval_only:
-        results = {**eval_fn(0), "steps": 0}
-    else:
-        results = train(
-            accelerator,
-            run.model,
-            run.optimizer,
-            run.scheduler,
-            run.train_loader,
-            cfg.train,
-            run.num_steps,
-            out_dir,
-            eval_fn,
-            run.resume_from,
-            set_epoch,
-            cfg.optim.max_grad_norm,
-        )
+    results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch)
     if results.get("interrupted"):
         return results
     model = accelerator.unwrap_model(run.model)

@@ -109,8 +109,11 @@ class Window:
         now = time.perf_counter()
         n_tok = int(accelerator.reduce(self.tokens, "sum").item())
         n_ex, dt = self.examples * accelerator.num_processes, now - self.t0
-        state.examples, state.tokens, state.train_seconds = state.examples + n_ex, state.tokens + n_tok, \
-            state.train_seconds + dt
+        state.examples, state.tokens, state.train_seconds = (
+            state.examples + n_ex,
+            state.tokens + n_tok,
+            state.train_seconds + dt,
+        )
         state.nonfinite_steps += int(accelerator.reduce(self.bad_steps, "max").item())
         self.tokens.zero_(), self.bad_steps.zero_()
         self.examples, self.t0 = 0, now
@@ -119,10 +122,13 @@ class Window:
     def read(self, accelerator: Accelerator) -> dict[str, float]:
         """The window across processes (one sync): mean loss, finite micro-batches, bad-step runs."""
         loss, micro = accelerator.reduce(self.loss, "sum"), accelerator.reduce(self.micro, "sum")
-        return {"loss": float(loss.item()), "micro": float(micro.item()),
-                "mean_loss": float((loss / micro.clamp(min=1)).item()),
-                "bad_run": int(accelerator.reduce(self.bad_run, "max").item()),
-                "bad_max": int(accelerator.reduce(self.bad_max, "max").item())}
+        return {
+            "loss": float(loss.item()),
+            "micro": float(micro.item()),
+            "mean_loss": float((loss / micro.clamp(min=1)).item()),
+            "bad_run": int(accelerator.reduce(self.bad_run, "max").item()),
+            "bad_max": int(accelerator.reduce(self.bad_max, "max").item()),
+        }
 
     def reset_loss(self) -> None:
         self.loss.zero_(), self.micro.zero_(), self.bad_max.copy_(self.bad_run)
@@ -219,6 +225,7 @@ def _quiet_accelerate():
 
 def _trim_metrics(out_dir: Path, step: int) -> None:
     """Drop evaluations and log lines written after the checkpoint by the run that was killed: they will be redone."""
+
     def before(line: str) -> bool:
         try:
             return json.loads(line).get("step", 0) <= step
@@ -407,8 +414,7 @@ def train(
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, prev_handler)
     if stopping:
-        log.warning("SIGTERM at step %d: saving a checkpoint and stopping; rerun with --resume to continue",
-                    state.step)
+        log.warning("SIGTERM at step %d: saving a checkpoint and stopping; rerun with --resume to continue", state.step)
         if last_save != state.step:
             checkpoint()
         return {"interrupted": True, "steps": state.step}
@@ -426,8 +432,15 @@ def train(
     }
 
 
-def _log_step(accelerator: Accelerator, state: TrainState, win: Window, scheduler: Any, progress: StepProgress,
-              fp16: bool, out_dir: Path) -> dict[str, float]:
+def _log_step(
+    accelerator: Accelerator,
+    state: TrainState,
+    win: Window,
+    scheduler: Any,
+    progress: StepProgress,
+    fp16: bool,
+    out_dir: Path,
+) -> dict[str, float]:
     """One log line, a train_log.jsonl line, a progress-bar update and tracker scalars: the loop's regular host
     sync. Returns the window."""
     n_ex, n_tok, dt = win.flush_throughput(accelerator, state)
@@ -455,8 +468,9 @@ def _log_step(accelerator: Accelerator, state: TrainState, win: Window, schedule
     return window
 
 
-def _run_eval(accelerator: Accelerator, eval_fn: Callable[[int], dict[str, float]], state: TrainState,
-              out_dir: Path) -> dict[str, float]:
+def _run_eval(
+    accelerator: Accelerator, eval_fn: Callable[[int], dict[str, float]], state: TrainState, out_dir: Path
+) -> dict[str, float]:
     metrics = eval_fn(state.step)
     if accelerator.is_main_process:
         log.info("eval step %d: %s", state.step, format_metrics(metrics))
@@ -487,8 +501,10 @@ def evaluate(
     for batch in loader:
         # Inputs only: evaluation needs no loss, and test splits carry no labels (-1).
         picked = collect(batch, model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}))
-        picked = {k: accelerator.pad_across_processes(v, dim=1, pad_index=_pad(v, pad_value)) if v.ndim == 2 else v
-                  for k, v in picked.items()}
+        picked = {
+            k: accelerator.pad_across_processes(v, dim=1, pad_index=_pad(v, pad_value)) if v.ndim == 2 else v
+            for k, v in picked.items()
+        }
         for k, v in accelerator.gather_for_metrics(picked).items():
             parts.setdefault(k, []).append(v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy())
     model.train(was_training)
@@ -518,6 +534,32 @@ class Prepared:
     num_steps: int
     resume_from: Path | None
 
+    def fit(
+        self,
+        accelerator: Accelerator,
+        cfg: RunConfig,
+        out_dir: Path,
+        eval_fn: Callable[[int], dict[str, float]],
+        on_set_epoch: Callable[[int], None] | None,
+    ) -> dict[str, Any]:
+        """`train()` with this run's objects, or only `eval_fn` under --eval-only (both recipes end so)."""
+        if cfg.train.eval_only:
+            return {**eval_fn(0), "steps": 0}
+        return train(
+            accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.train_loader,
+            cfg.train,
+            self.num_steps,
+            out_dir,
+            eval_fn,
+            self.resume_from,
+            on_set_epoch,
+            cfg.optim.max_grad_norm,
+        )
+
 
 def prepare_training(
     cfg: RunConfig,
@@ -530,17 +572,26 @@ def prepare_training(
     """Optimizer, schedule, `accelerator.prepare`, optional torch.compile, and the checkpoint to resume."""
     optimizer = build_optimizer(model, cfg.optim, accelerator.device.type)
     names = list(eval_loaders)
-    model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader,
-                                                                    *eval_loaders.values())
+    model, optimizer, train_loader, *loaders = accelerator.prepare(
+        model, optimizer, train_loader, *eval_loaders.values()
+    )
     if cfg.train.compile:
         t0 = time.perf_counter()
         model = torch.compile(model)
-        log.info("torch.compile wrapped the model in %.1fs (kernels compile on the first steps)",
-                 time.perf_counter() - t0)
+        log.info(
+            "torch.compile wrapped the model in %.1fs (kernels compile on the first steps)", time.perf_counter() - t0
+        )
     num_steps = total_steps(cfg.train, len(train_loader))
     scheduler = build_scheduler(optimizer, cfg.optim, num_steps)
-    return Prepared(model, optimizer, scheduler, train_loader, dict(zip(names, loaders)), num_steps,
-                    resume_checkpoint(cfg.train, out_dir))
+    return Prepared(
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        dict(zip(names, loaders)),
+        num_steps,
+        resume_checkpoint(cfg.train, out_dir),
+    )
 
 
 def resume_checkpoint(cfg: TrainConfig, out_dir: Path) -> Path | None:
