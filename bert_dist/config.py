@@ -129,7 +129,7 @@ class OptimConfig:
     warmup_steps: int | None = _f(None, "warmup steps (overrides --warmup-ratio)")
     scheduler: str = _f("linear", "after warmup: linear | cosine | constant")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    fused: bool | None = _f(None, "fused AdamW kernel (default: on for CUDA)")
+    fused: bool | None = _f(None, "fused AdamW kernel (default: on, for CUDA and the CPU)")
 
 
 @dataclass

@@ -44,6 +44,7 @@ from bert_dist.data.squad import (
 )
 from bert_dist.metrics import load_metric
 from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, count_params
+from bert_dist.perf import mfu
 from bert_dist.tokenizer import train_shared_tokenizer
 from bert_dist.train import evaluate, prepare_training
 
@@ -200,6 +201,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         num_params=count_params(model),
         max_length=max_length,
         main_metric=spec.main_metric,
+        mfu=mfu(results.get("tokens_per_second", 0.0), bert, max_length, accelerator.device, accelerator.num_processes),
     )
     return results
 

@@ -34,6 +34,7 @@ from bert_dist.config import RunConfig, TaskSpec, preset
 from bert_dist.data.collate import MLMCollator, pad_multiple
 from bert_dist.data.pretraining import TEXT_SUFFIXES, corpus_documents, hold_out_documents, make_pairs, read_corpus_file
 from bert_dist.model import BertForPreTraining, count_params
+from bert_dist.perf import mfu
 from bert_dist.tokenizer import (
     SPECIAL_TOKENS,
     check_special_tokens,
@@ -256,6 +257,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         num_params=count_params(model),
         max_length=max_length,
         main_metric="mlm_accuracy",
+        mfu=mfu(results.get("tokens_per_second", 0.0), bert, max_length, accelerator.device, accelerator.num_processes),
         train_pairs=len(train_ds),
         eval_pairs=len(eval_ds),
         vocab_size=tok.get_vocab_size(),
