@@ -152,15 +152,13 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     spec = D.get_task("pretrain")
     with accelerator.main_process_first():
         train_files, held_files, source = load_corpus(cfg, spec)
+
+    def corpus_tokenizer():  # trained once, on the main process, then shared
+        return train_shared_tokenizer(lambda: corpus_texts(train_files), out_dir, accelerator.is_main_process,
+                                      accelerator.wait_for_everyone, cfg.data.vocab_size, cfg.data.lowercase)
+
     if cfg.task == "tokenizer":
-        tok = train_shared_tokenizer(
-            lambda: corpus_texts(train_files),
-            out_dir,
-            accelerator.is_main_process,
-            accelerator.wait_for_everyone,
-            cfg.data.vocab_size,
-            cfg.data.lowercase,
-        )
+        tok = corpus_tokenizer()
         log.info("wrote %s and vocab.txt (%d tokens) from %s", out_dir / "tokenizer.json", tok.get_vocab_size(), source)
         return {"vocab_size": tok.get_vocab_size(), "lowercase": cfg.data.lowercase, "source": source}
 
@@ -169,14 +167,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         tok = src.tokenizer
         check_special_tokens(tok, cfg.tokenizer or cfg.init, need_mask=True)  # MLM needs [MASK]
     else:
-        tok = train_shared_tokenizer(
-            lambda: corpus_texts(train_files),
-            out_dir,
-            accelerator.is_main_process,
-            accelerator.wait_for_everyone,
-            cfg.data.vocab_size,
-            cfg.data.lowercase,
-        )
+        tok = corpus_tokenizer()
     bert = src.config or preset(cfg.preset, vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"))
     max_length = cfg.data.max_length or spec.max_length
     if max_length > bert.max_position_embeddings:
