@@ -7,8 +7,12 @@ What differs is the model code and the training loop: ours is `python -m bert_di
 
     python benchmarks/glue_accuracy.py --init ../shared/models/all-MiniLM-L6-v2 --data-dir ../shared/data \
         --tasks sst2,cola,mrpc,stsb,rte --mixed-precision bf16 --out benchmarks/results/glue_minilm.json
+    # more seeds of the small, noisy tasks (added to the same file, one entry per seed)
+    python benchmarks/glue_accuracy.py ... --tasks mrpc,rte --seeds 43,44 --out benchmarks/results/glue_minilm.json
 
-Prints a markdown table (metric ours / reference / difference, train examples/s ours / reference / ratio).
+The seed sets the classifier head's initialisation and the batch order, the same on both sides.
+Prints a markdown table: per task and metric, the mean over the seeds that have both sides (ours /
+reference / difference, with the seed count), and train examples/s ours / reference / ratio.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -42,11 +47,11 @@ RECIPES = {
     "wnli": dict(epochs=3, lr=5e-5),
     "qnli": dict(epochs=1, lr=5e-5),
 }
-BATCH, MAX_LEN, SEED, WARMUP = 32, 128, 42, 0.1
+BATCH, MAX_LEN, WARMUP = 32, 128, 0.1
 
 
-def run_ours(task: str, args: argparse.Namespace, recipe: dict) -> dict:
-    out = Path(args.work_dir) / f"{task}-ours"
+def run_ours(task: str, args: argparse.Namespace, recipe: dict, seed: int) -> dict:
+    out = Path(args.work_dir) / f"{task}-ours-seed{seed}"
     cmd = [
         sys.executable,
         "-m",
@@ -69,7 +74,7 @@ def run_ours(task: str, args: argparse.Namespace, recipe: dict) -> dict:
         "--max-length",
         str(MAX_LEN),
         "--seed",
-        str(SEED),
+        str(seed),
         "--warmup-ratio",
         str(WARMUP),
         "--mixed-precision",
@@ -88,7 +93,7 @@ def run_ours(task: str, args: argparse.Namespace, recipe: dict) -> dict:
     return res
 
 
-def run_reference(task: str, args: argparse.Namespace, recipe: dict) -> dict:
+def run_reference(task: str, args: argparse.Namespace, recipe: dict, seed: int) -> dict:
     from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
 
     spec = D.get_task(task)
@@ -117,7 +122,7 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict) -> dict:
     pieces = sum(x != unk for ids in D.column(feats[spec.train_split], "input_ids")[:500] for x in ids)
     print(f"[{task}] real word pieces in the first 500 training examples: {pieces}", flush=True)
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     regression = spec.kind == "regression"
     model = BertForSequenceClassification.from_pretrained(
         args.init,
@@ -129,7 +134,7 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, ocfg.weight_decay), lr=ocfg.lr, betas=(0.9, 0.999), eps=1e-8)
     train = feats[spec.train_split]
     sampler = BatchSampler(
-        len(train), BATCH, shuffle=True, seed=SEED, lengths=D.column(train, "length"), group_by_length=True
+        len(train), BATCH, shuffle=True, seed=seed, lengths=D.column(train, "length"), group_by_length=True
     )
     collate = PadCollator(0, 8 if args.mixed_precision != "no" else None)
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate)
@@ -184,6 +189,7 @@ def main() -> None:
     p.add_argument("--tasks", default="sst2,cola,mrpc,stsb,rte")
     p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"])
     p.add_argument("--side", default="both", choices=["both", "ours", "ref"])
+    p.add_argument("--seeds", default="42", help="comma-separated; each seed is one run per side")
     p.add_argument("--work-dir", default="runs/glue_accuracy")
     p.add_argument("--out", default="benchmarks/results/glue_accuracy.json")
     args = p.parse_args()
@@ -199,29 +205,45 @@ def main() -> None:
             task,
             {"recipe": {**recipe, "batch_size": BATCH, "max_length": MAX_LEN, "mixed_precision": args.mixed_precision}},
         )
-        if args.side in ("both", "ours"):
-            entry["ours"] = run_ours(task, args, recipe)
-        if args.side in ("both", "ref"):
-            entry["reference"] = run_reference(task, args, recipe)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        if "ours" in entry or "reference" in entry:  # a file from before --seeds: its runs used seed 42
+            entry["seeds"] = {"42": {k: entry.pop(k) for k in ("ours", "reference") if k in entry}}
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            run = entry.setdefault("seeds", {}).setdefault(str(seed), {})
+            if args.side in ("both", "ours"):
+                run["ours"] = run_ours(task, args, recipe, seed)
+            if args.side in ("both", "ref"):
+                run["reference"] = run_reference(task, args, recipe, seed)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
 
 
 def print_table(results: dict) -> None:
-    print("| task | metric | ours | transformers | diff | ours ex/s | transformers ex/s | speed ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Per task and metric: means over the seeds run on both sides, and the per-seed values."""
+    print(
+        "| task | metric | seeds | ours (mean) | transformers (mean) | diff | ours per seed | transformers per seed "
+        "| ours ex/s | transformers ex/s | speed ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for task, e in results.items():
-        if not isinstance(e, dict) or "ours" not in e or "reference" not in e:
+        if not isinstance(e, dict):
             continue
-        o, r = e["ours"], e["reference"]
+        runs = [r for _, r in sorted(e.get("seeds", {}).items()) if "ours" in r and "reference" in r]
+        if not runs:
+            continue
         main_metric = D.get_task(task).main_metric
-        for m in [k for k in r if k in o and k not in ("steps", "train_seconds", "examples_per_second")]:
-            ratio = o["examples_per_second"] / r["examples_per_second"]
+        skip = ("steps", "train_seconds", "examples_per_second")
+        metrics = [k for k in runs[0]["reference"] if k in runs[0]["ours"] and k not in skip]
+        ours_speed = statistics.mean(r["ours"]["examples_per_second"] for r in runs)
+        ref_speed = statistics.mean(r["reference"]["examples_per_second"] for r in runs)
+        for m in metrics:
+            o = [100 * r["ours"][m] for r in runs]
+            f = [100 * r["reference"][m] for r in runs]
             print(
-                f"| {task} | {m} | {100 * o[m]:.2f} | {100 * r[m]:.2f} | {100 * (o[m] - r[m]):+.2f} | "
-                f"{o['examples_per_second']:.1f} | {r['examples_per_second']:.1f} | {ratio:.2f}x |"
-                + (" (main)" if m == main_metric else "")
+                f"| {task} | {m}{' (main)' if m == main_metric else ''} | {len(runs)} | {statistics.mean(o):.2f} | "
+                f"{statistics.mean(f):.2f} | {statistics.mean(o) - statistics.mean(f):+.2f} | "
+                f"{' / '.join(f'{x:.2f}' for x in o)} | {' / '.join(f'{x:.2f}' for x in f)} | "
+                f"{ours_speed:.1f} | {ref_speed:.1f} | {ours_speed / ref_speed:.2f}x |"
             )
 
 

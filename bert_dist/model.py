@@ -303,12 +303,17 @@ class BertForQuestionAnswering(_BertWithHead):
     ) -> dict[str, torch.Tensor]:
         """(B, T) inputs, positions (B,) -> {"start_logits": (B, T), "end_logits": (B, T), "loss"}.
 
-        Positions point at [CLS] (0) when the window holds no answer.
+        Positions point at [CLS] (0) when the window holds no answer. The loss leaves padded positions out of
+        the softmax (the logits returned are not masked), so it does not depend on how far a batch was padded;
+        transformers' and Google's heads keep them in.
         """
         x, _ = self.bert(input_ids, attention_mask, token_type_ids)
         start, end = self.qa_outputs(x).float().unbind(-1)  # (B, T) each
         out = {"start_logits": start, "end_logits": end}
         if start_positions is not None and end_positions is not None:
+            if attention_mask is not None:
+                pad = attention_mask == 0
+                start, end = start.masked_fill(pad, -1e4), end.masked_fill(pad, -1e4)
             out["loss"] = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
         return out
 

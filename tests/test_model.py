@@ -67,6 +67,20 @@ def test_padding_invariance():
     torch.testing.assert_close(pooled2, pooled, atol=1e-6, rtol=1e-5)
 
 
+def test_qa_loss_ignores_padding():
+    """The QA loss (and the logits at real tokens) do not change when the batch is padded further."""
+    torch.manual_seed(0)
+    m = BertForQuestionAnswering(tiny()).eval()
+    b = batch()
+    pos = {"start_positions": torch.tensor([0, 4, 2]), "end_positions": torch.tensor([3, 6, 2])}
+    out = m(**b, **pos)
+    wide = {k: torch.cat([v, torch.zeros(v.shape[0], 13, dtype=v.dtype)], dim=1) for k, v in b.items()}
+    out2 = m(**wide, **pos)
+    torch.testing.assert_close(out2["loss"], out["loss"], atol=1e-6, rtol=1e-5)
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(out2["start_logits"][:, :11][real], out["start_logits"][real], atol=1e-6, rtol=1e-5)
+
+
 def test_dropout_only_in_training():
     torch.manual_seed(0)
     m = BertModel(tiny())
