@@ -196,7 +196,7 @@ def collect_submission(out_dir: Path, tasks: list[str]) -> dict[str, Any]:
 
 def _table_row(t: dict[str, Any]) -> dict[str, str]:
     if t["status"] != "done":
-        return {"metrics": f"{t['status']}: {t['reason'][:70]}", "score": ""}
+        return {"metrics": f"{t['status']}: {t['reason']}", "score": ""}
     return {"metrics": " / ".join(f"{METRIC_NAMES[k]} {v:.1f}" for k, v in t["metrics"].items()),
             "score": f"{t['score']:.1f}"}
 
