@@ -46,6 +46,10 @@ def preflight(cfg: RunConfig) -> None:
     if bert is not None and max_length > bert.max_position_embeddings:  # a hub model is checked once loaded
         raise ValueError(f"--max-length {max_length} is above the model's {bert.max_position_embeddings} positions; "
                          "give a smaller --max-length (longer texts are truncated)")
+    if spec.kind == "qa":  # before a tokenizer is trained or data is read
+        from bert_dist.data.squad import check_windows
+
+        check_windows(max_length, cfg.data.doc_stride, cfg.data.max_query_length)
     if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
         raise ValueError(f"--resume-from {cfg.train.resume_from}: no such checkpoint directory")
     out = Path(cfg.output_dir) if cfg.output_dir else None

@@ -161,6 +161,11 @@ def _check_lengths(tokenizer: Tokenizer, max_length: int, doc_stride: int, max_q
     if tokenizer.truncation is not None or tokenizer.padding is not None:
         raise ValueError("SQuAD features need a tokenizer without padding or truncation "
                          "(bert_dist.tokenizer.load_tokenizer gives one)")
+    check_windows(max_length, doc_stride, max_query_length)
+
+
+def check_windows(max_length: int, doc_stride: int, max_query_length: int) -> None:
+    """ValueError naming the flags when windows of these sizes cannot hold context or would not advance."""
     room = max_length - max_query_length - 3  # context tokens per window with the longest question
     if room < 1:
         raise ValueError(f"--max-length {max_length} leaves no room for context after a question of "
