@@ -199,14 +199,15 @@ def main() -> None:
     results["machine"] = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     )
+    for entry in results.values():  # a file from before --seeds: its runs used seed 42
+        if isinstance(entry, dict) and ("ours" in entry or "reference" in entry):
+            entry["seeds"] = {"42": {k: entry.pop(k) for k in ("ours", "reference") if k in entry}}
     for task in args.tasks.split(","):
         recipe = RECIPES[task]
         entry = results.setdefault(
             task,
             {"recipe": {**recipe, "batch_size": BATCH, "max_length": MAX_LEN, "mixed_precision": args.mixed_precision}},
         )
-        if "ours" in entry or "reference" in entry:  # a file from before --seeds: its runs used seed 42
-            entry["seeds"] = {"42": {k: entry.pop(k) for k in ("ours", "reference") if k in entry}}
         for seed in [int(x) for x in args.seeds.split(",")]:
             run = entry.setdefault("seeds", {}).setdefault(str(seed), {})
             if args.side in ("both", "ours"):
