@@ -1,5 +1,7 @@
 """Each fast path of ours switched off and on in the same run: `python -m benchmarks fastpaths` (and `compile`).
 
+- dropout attention: training on the CPU, attention with dropout as scores/softmax/dropout/matmul (`model.attend`)
+  vs SDPA with dropout_p (which leaves its fused CPU kernel for its reference path when dropout is on).
 - unpad: the encoder on real tokens only (`model.Unpadding`, CPU) vs the padded encoder.
 - no mask: on full rows, no attention mask at all (on the CPU knowing it costs no sync; transformers drops
   it too, after a host sync) vs our all-True mask. Not in the model (no gain measured): a variant here.
@@ -70,6 +72,17 @@ def unmasked_full_rows() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def sdpa_always() -> Iterator[None]:
+    """`model.attend` replaced by SDPA with dropout_p, what transformers' sdpa attention calls."""
+    attend = M.attend
+    M.attend = lambda q, k, v, mask, p: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    try:
+        yield
+    finally:
+        M.attend = attend
+
+
+@contextlib.contextmanager
 def fused_qkv() -> Iterator[None]:
     forward = M.BertSelfAttention.forward
     M.BertSelfAttention.forward = _fused_qkv_forward
@@ -114,6 +127,8 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             model.train()
             step = train_step_fn(model, optimizer, batch, device, precision, sync)
             if device.type == "cpu":
+                add("dropout attention", "train step", f"{B}x{T} full", precision,
+                    interleave({"off": _switched(step, sdpa_always), "on": step}, opts.rounds, opts.warmup, sync))
                 add("no mask (not kept)", "train step", f"{B}x{T} full", precision,
                     interleave({"off": step, "on": _switched(step, unmasked_full_rows)}, opts.rounds, opts.warmup,
                                sync))

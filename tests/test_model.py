@@ -7,7 +7,7 @@ import torch
 
 from bert_dist.checkpoint import load_init, load_weights, save_model
 from bert_dist.config import BertConfig, preset
-from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, BertModel
+from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, BertModel, attend
 
 V = 97
 
@@ -79,6 +79,23 @@ def test_qa_loss_ignores_padding():
     torch.testing.assert_close(out2["loss"], out["loss"], atol=1e-6, rtol=1e-5)
     real = b["attention_mask"].bool()
     torch.testing.assert_close(out2["start_logits"][:, :11][real], out["start_logits"][real], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_cpu_dropout_attention_matches_sdpa(amp):
+    """The CPU training path of `attend` (taken whenever dropout_p > 0) is SDPA's attention: with a dropout rate
+    too small to drop anything it equals SDPA without dropout, masked keys included, in fp32 and bf16 autocast."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 9, 8, generator=g) for _ in range(3))
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 6:] = False
+    mask[2, ..., 2:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        ours = attend(q, k, v, mask, 1e-12)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if amp else {"atol": 1e-6, "rtol": 1e-5}
+    torch.testing.assert_close(ours.float(), ref.float(), **tol)
+    assert ours.dtype == (torch.bfloat16 if amp else torch.float32)
 
 
 def test_dropout_only_in_training():
