@@ -51,9 +51,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """Scaled dot-product attention: q, k, v (B, nh, T, hs), mask (B, 1, 1, T) bool (True = attend) -> (B, nh, T, hs).
 
     SDPA, except when training with attention dropout on the CPU: there SDPA leaves its fused kernel for its
-    reference path (a 6x slower forward in a probe at 32x12x64x32), and these few ops make the whole train
-    step 1.09-1.30x faster (BENCHMARKS.md, "Fast paths"). Scores in the input precision, softmax in fp32,
-    as transformers' eager attention does under autocast.
+    reference path, which also upcasts bf16 to fp32; with these few ops instead the minilm bf16 train step at
+    32x128 went from 1.01x to 1.13x transformers' (BENCHMARKS.md, "Training step"). Scores in the input
+    precision, softmax in fp32, as transformers' eager attention does under autocast.
     """
     if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
