@@ -53,15 +53,18 @@ def test_regression_head_uses_mse():
         BertForSequenceClassification(tiny(), num_labels=2, regression=True)
 
 
+def widen(b: dict[str, torch.Tensor], pad: int = 13) -> dict[str, torch.Tensor]:
+    """The same batch with `pad` more padded positions on every row."""
+    return {k: torch.cat([v, torch.zeros(v.shape[0], pad, dtype=v.dtype)], dim=1) for k, v in b.items()}
+
+
 def test_padding_invariance():
     """Extra padding never changes the outputs at real tokens (nor the pooled [CLS])."""
     torch.manual_seed(0)
     m = BertModel(tiny()).eval()
     b = batch()
     seq, pooled = m(**b)
-    pad = 13
-    wide = {k: torch.cat([v, torch.zeros(v.shape[0], pad, dtype=v.dtype)], dim=1) for k, v in b.items()}
-    seq2, pooled2 = m(**wide)
+    seq2, pooled2 = m(**widen(b))
     real = b["attention_mask"].bool()
     torch.testing.assert_close(seq2[:, :11][real], seq[real], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(pooled2, pooled, atol=1e-6, rtol=1e-5)
@@ -74,8 +77,7 @@ def test_qa_loss_ignores_padding():
     b = batch()
     pos = {"start_positions": torch.tensor([0, 4, 2]), "end_positions": torch.tensor([3, 6, 2])}
     out = m(**b, **pos)
-    wide = {k: torch.cat([v, torch.zeros(v.shape[0], 13, dtype=v.dtype)], dim=1) for k, v in b.items()}
-    out2 = m(**wide, **pos)
+    out2 = m(**widen(b), **pos)
     torch.testing.assert_close(out2["loss"], out["loss"], atol=1e-6, rtol=1e-5)
     real = b["attention_mask"].bool()
     torch.testing.assert_close(out2["start_logits"][:, :11][real], out["start_logits"][real], atol=1e-6, rtol=1e-5)
