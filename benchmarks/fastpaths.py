@@ -1,5 +1,7 @@
 """Each fast path of ours switched off and on in the same run: `python -m benchmarks fastpaths` (and `compile`).
 
+- last layer on read rows: the last layer computes only the rows its head reads (`keep`: [CLS] for
+  classification, [CLS] + the masked positions for pretraining) vs every row (what transformers computes).
 - dropout attention: training on the CPU, attention with dropout as scores/softmax/dropout/matmul (`model.attend`)
   vs SDPA with dropout_p (which leaves its fused CPU kernel for its reference path when dropout is on).
 - unpad: the encoder on real tokens only (`model.Unpadding`, CPU) vs the padded encoder.
@@ -59,10 +61,26 @@ def unmasked_full_rows() -> Iterator[None]:
     """BertModel.forward given no attention mask when the batch has no padding (CPU)."""
     forward = M.BertModel.forward
 
-    def patched(self, input_ids, attention_mask=None, token_type_ids=None):
+    def patched(self, input_ids, attention_mask=None, token_type_ids=None, keep=None):
         if attention_mask is not None and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
             attention_mask = None
-        return forward(self, input_ids, attention_mask, token_type_ids)
+        return forward(self, input_ids, attention_mask, token_type_ids, keep)
+
+    M.BertModel.forward = patched
+    try:
+        yield
+    finally:
+        M.BertModel.forward = forward
+
+
+@contextlib.contextmanager
+def every_row() -> Iterator[None]:
+    """BertModel.forward given no `keep`: the last layer computes every row, the heads then pick theirs."""
+    forward = M.BertModel.forward
+
+    def patched(self, input_ids, attention_mask=None, token_type_ids=None, keep=None):
+        x, pooled = forward(self, input_ids, attention_mask, token_type_ids)
+        return (x if keep is None else M.rows_at(x, keep)), pooled
 
     M.BertModel.forward = patched
     try:
@@ -126,6 +144,8 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             batch = make_batch(cfg, B, T, "full", "classification", device)
             model.train()
             step = train_step_fn(model, optimizer, batch, device, precision, sync)
+            add("last layer on read rows", "train step", f"{B}x{T} full", precision,
+                interleave({"off": _switched(step, every_row), "on": step}, opts.rounds, opts.warmup, sync))
             if device.type == "cpu":
                 add("dropout attention", "train step", f"{B}x{T} full", precision,
                     interleave({"off": _switched(step, sdpa_always), "on": step}, opts.rounds, opts.warmup, sync))
@@ -136,12 +156,26 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
                 interleave({"off": step, "on": _switched(step, fused_qkv)}, opts.rounds, opts.warmup, sync))
             model.eval()
             fwd = forward_fn(model, batch, device, precision)
+            add("last layer on read rows", "inference", f"{B}x{T} full", precision,
+                interleave({"off": _switched(fwd, every_row), "on": fwd}, opts.rounds, opts.warmup, sync))
             if device.type == "cpu":
                 add("no mask (not kept)", "inference", f"{B}x{T} full", precision,
                     interleave({"off": fwd, "on": _switched(fwd, unmasked_full_rows)}, opts.rounds, opts.warmup,
                                sync))
             add("qkv (not kept)", "inference", f"{B}x{T} full", precision,
                 interleave({"off": fwd, "on": _switched(fwd, fused_qkv)}, opts.rounds, opts.warmup, sync))
+
+    # last layer on read rows, pretraining: [CLS] + the ~15% masked positions.
+    torch.manual_seed(0)
+    pt_model = M.BertForPreTraining(cfg).to(device).train()
+    pt_optimizer = build_optimizer(pt_model, OptimConfig(), device.type)
+    for B, T in opts.shapes:
+        for precision in opts.precisions:
+            batch = make_batch(cfg, B, T, "full", "pretraining", device)
+            step = train_step_fn(pt_model, pt_optimizer, batch, device, precision, sync)
+            add("last layer on read rows", "pretrain step", f"{B}x{T} full", precision,
+                interleave({"off": _switched(step, every_row), "on": step}, opts.rounds, opts.warmup, sync))
+    del pt_model, pt_optimizer
 
     # adamw: the optimizer step alone, on gradients of the model's shapes.
     for p in model.parameters():

@@ -3,7 +3,8 @@
 Shape legend used in this file:
     B batch size, T sequence length, H hidden size, nh attention heads, hs head size (H / nh),
     I intermediate size, V vocabulary size, M masked positions in a batch, C labels,
-    N real (non-padding) tokens in a batch, when the encoder runs unpadded.
+    N real (non-padding) tokens in a batch, when the encoder runs unpadded,
+    Q positions per row that a head reads (`keep`), when the last layer runs on those rows only.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class BertEmbeddings(nn.Module):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            dropout_p: float) -> torch.Tensor:
-    """Scaled dot-product attention: q, k, v (B, nh, T, hs), mask (B, 1, 1, T) bool (True = attend) -> (B, nh, T, hs).
+    """Scaled dot-product attention: q (B, nh, Q, hs), k, v (B, nh, T, hs), mask (B, 1, 1, T) bool (True = attend)
+    -> (B, nh, Q, hs). Q = T, except in a last layer that runs on the rows its head reads (`keep`).
 
     SDPA, except when training with attention dropout on the CPU: there SDPA leaves its fused kernel for its
     reference path, which also upcasts bf16 to fp32; with these few ops instead the minilm bf16 train step at
@@ -57,7 +59,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, T, T)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, Q, T)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.dropout(torch.softmax(scores, -1, dtype=torch.float32), dropout_p)
@@ -74,24 +76,29 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None) -> torch.Tensor:
-        """x: (B, T, H), or (N, H) with `unpad`; mask: (B, 1, 1, T) bool, True = attend, or None -> x's shape."""
-        if unpad is None:
-            B, T, H = x.shape
-            q, k, v = (
-                lin(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-                for lin in (self.query, self.key, self.value)
-            )
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None,
+                xq: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, H), or (N, H) with `unpad`; mask: (B, 1, 1, T) bool, True = attend, or None -> x's shape.
+
+        xq: (B, Q, H), the only rows that ask (queries); keys and values still come from every token of x.
+        Then -> (B, Q, H).
+        """
+        B, T = (x.shape[0], x.shape[1]) if unpad is None else (unpad.batch_size, unpad.seq_len)
+        H = x.shape[-1]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, nh, L, hs)
+            return t.view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        # On the unpadded path the projections run on the N real tokens only; attention itself needs the
+        # (B, nh, T, hs) layout back.
+        k, v = (heads(lin(x) if unpad is None else unpad.pad(lin(x))) for lin in (self.key, self.value))
+        if xq is not None:
+            q = heads(self.query(xq))  # (B, nh, Q, hs)
         else:
-            # Projections on the N real tokens only; attention itself needs the (B, nh, T, hs) layout back.
-            B, T, H = unpad.batch_size, unpad.seq_len, x.shape[-1]
-            q, k, v = (
-                unpad.pad(lin(x)).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-                for lin in (self.query, self.key, self.value)
-            )
+            q = heads(self.query(x) if unpad is None else unpad.pad(self.query(x)))  # (B, nh, T, hs)
         y = attend(q, k, v, mask, self.dropout_p if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, H)
-        return y if unpad is None else unpad.unpad(y)  # (N, H): padded queries' outputs are dropped
+        y = y.transpose(1, 2).reshape(B, -1, H)
+        return y if unpad is None or xq is not None else unpad.unpad(y)  # (N, H): padded queries are dropped
 
 
 class BertSelfOutput(nn.Module):
@@ -111,8 +118,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None) -> torch.Tensor:
-        return self.output(self.self(x, mask, unpad), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None,
+                xq: torch.Tensor | None = None) -> torch.Tensor:
+        """-> x's shape, or xq's (B, Q, H) when given (the residual is then xq)."""
+        return self.output(self.self(x, mask, unpad, xq), x if xq is None else xq)
 
 
 class BertIntermediate(nn.Module):
@@ -138,9 +147,15 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None) -> torch.Tensor:
-        """x: (B, T, H), or (N, H) with `unpad` -> the same shape."""
-        x = self.attention(x, mask, unpad)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, H), or (N, H) with `unpad` -> the same shape.
+
+        keep: (B, Q) positions (long); then only those rows are computed, -> (B, Q, H). Every token still
+        serves as a key and a value, so those rows come out as they would from the whole layer.
+        """
+        xq = None if keep is None else rows_at(x if unpad is None else unpad.pad(x), keep)
+        x = self.attention(x, mask, unpad, xq)
         return self.output(self.intermediate(x), x)
 
 
@@ -149,9 +164,17 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x, mask, unpad)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, H), or (N, H) with `unpad` -> the same shape; with keep (B, Q): (B, Q, H).
+
+        With `keep`, the last layer runs on the kept rows only: no layer after it reads the others, and its
+        queries, attention output and feed-forward are 10/12 of its projection work (K and V, 2/12, still
+        run on every token). MosaicBERT does the same for its heads.
+        """
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            x = layer(x, mask, unpad, keep if i == last else None)
         return x
 
 
@@ -163,6 +186,11 @@ class BertPooler(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H) -> (B, H): tanh(dense) of the [CLS] position."""
         return torch.tanh(self.dense(x[:, 0]))
+
+
+def rows_at(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H), keep (B, Q) positions -> (B, Q, H): x[b, keep[b, q]]."""
+    return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 @dataclass
@@ -221,10 +249,14 @@ class BertModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids, attention_mask (1 = real token), token_type_ids: (B, T).
 
         Returns the sequence output (B, T, H) and the pooled output (B, H) (None without a pooler).
+        keep: (B, Q) long, the only positions a head reads; the sequence output is then (B, Q, H), those rows,
+        and the last layer computes nothing else. The pooler reads row 0 of the output: with a pooler,
+        keep[:, 0] must be 0 ([CLS]).
         """
         # Key-padding mask broadcast over heads and queries: (B, 1, 1, T). Padded keys never contribute,
         # so extra padding never changes real tokens. Padded positions of the sequence output are
@@ -232,7 +264,11 @@ class BertModel(nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)
         unpad = None if attention_mask is None else Unpadding.of(attention_mask)
-        x = self.encoder(x, mask) if unpad is None else unpad.pad(self.encoder(unpad.unpad(x), mask, unpad))
+        if unpad is None:
+            x = self.encoder(x, mask, keep=keep)
+        else:
+            x = self.encoder(unpad.unpad(x), mask, unpad, keep)
+            x = x if keep is not None else unpad.pad(x)  # with keep, already (B, Q, H)
         return x, (self.pooler(x) if self.pooler is not None else None)
 
 
@@ -289,8 +325,13 @@ class BertForSequenceClassification(_BertWithHead):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """(B, T) inputs, labels (B,) -> {"logits": (B, C) or (B,) for regression, "loss": ()}."""
-        _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        """(B, T) inputs, labels (B,) -> {"logits": (B, C) or (B,) for regression, "loss": ()}.
+
+        The head reads [CLS] only, so the last layer runs on that row alone (`keep`): the same logits for
+        1/num_layers x 10/12 less work (minilm, 6 layers: BENCHMARKS.md, "last layer on [CLS]").
+        """
+        cls = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)  # (B, 1)
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids, keep=cls)
         logits = self.classifier(self.head_dropout(pooled))
         if self.regression:
             logits = logits.squeeze(-1)
@@ -387,17 +428,17 @@ class BertForPreTraining(_BertWithHead):
         {"mlm_logits": (M, V), "mlm_labels": (M,), "nsp_logits": (B, 2), "loss", "mlm_loss", "nsp_loss"}.
         Without, it runs on every token: {"mlm_logits": (B, T, V), "nsp_logits": (B, 2)}.
         """
-        x, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        if labels is None:
+            x, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+            return {"nsp_logits": self.cls.seq_relationship(pooled), "mlm_logits": self.cls.predictions(x)}
+        # The heads read [CLS] (NSP) and the masked positions (MLM) only: the last layer runs on those rows
+        # (`keep`), and the V-wide projection on the M masked ones, not on every token.
+        keep, masked = masked_rows(labels)  # (B, 1 + Qm), (B, Qm)
+        x, pooled = self.bert(input_ids, attention_mask, token_type_ids, keep=keep)  # x: (B, 1 + Qm, H)
         nsp_logits = self.cls.seq_relationship(pooled)
         out = {"nsp_logits": nsp_logits}
-        if labels is None:
-            out["mlm_logits"] = self.cls.predictions(x)
-            return out
-        # Gather before the vocabulary projection: V-wide logits for ~15% of tokens, not all of them.
-        # (boolean indexing syncs with the host for the count; the price of the smaller matmul)
-        masked = labels != -100
-        mlm_labels = labels[masked]  # (M,)
-        mlm_logits = self.cls.predictions(x[masked]).float()  # (M, V)
+        mlm_labels = labels.gather(1, keep[:, 1:])[masked]  # (M,), in the order of labels[labels != -100]
+        mlm_logits = self.cls.predictions(x[:, 1:][masked]).float()  # (M, V)
         out.update(mlm_logits=mlm_logits, mlm_labels=mlm_labels)
         out["mlm_loss"] = F.cross_entropy(mlm_logits, mlm_labels) if mlm_labels.numel() else mlm_logits.sum() * 0
         out["loss"] = out["mlm_loss"]
@@ -405,6 +446,20 @@ class BertForPreTraining(_BertWithHead):
             out["nsp_loss"] = F.cross_entropy(nsp_logits.float(), next_sentence_label)
             out["loss"] = out["loss"] + out["nsp_loss"]
         return out
+
+
+def masked_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, T), -100 where nothing is predicted -> keep (B, 1 + Qm): [CLS] (0), then each row's masked
+    positions in order, padded with 0 up to Qm, the most any row has; and valid (B, Qm) bool, which of them
+    are masked positions rather than padding. Reading Qm syncs with the host (once per step)."""
+    masked = labels != -100
+    counts = masked.sum(1)  # (B,)
+    qm = int(counts.max()) if labels.numel() else 0
+    # A stable sort on "not masked" puts each row's masked positions first, in position order.
+    order = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :qm]  # (B, Qm)
+    valid = torch.arange(qm, device=labels.device) < counts[:, None]  # (B, Qm)
+    keep = torch.cat([torch.zeros_like(order[:, :1]), order.masked_fill(~valid, 0)], 1)
+    return keep, valid
 
 
 def count_params(model: nn.Module) -> int:

@@ -7,7 +7,13 @@ import torch
 
 from bert_dist.checkpoint import load_init, load_weights, save_model
 from bert_dist.config import BertConfig, preset
-from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, BertModel, attend
+from bert_dist.model import (
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertModel,
+    attend,
+    masked_rows,
+)
 
 V = 97
 
@@ -68,6 +74,50 @@ def test_padding_invariance():
     real = b["attention_mask"].bool()
     torch.testing.assert_close(seq2[:, :11][real], seq[real], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(pooled2, pooled, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_last_layer_on_cls_rows_gives_the_same_logits_and_gradients(padded):
+    """The classifier's last layer runs on [CLS] only (`keep`): the same logits and gradients as computing every
+    row and reading [CLS], on the unpadded (padded batch, CPU) and the padded (full rows) encoder paths."""
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), 3).train()
+    b = batch()
+    if not padded:
+        b["attention_mask"] = torch.ones_like(b["attention_mask"])
+    labels = torch.tensor([0, 2, 1])
+
+    def grads(loss):
+        m.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    out = m(**b, labels=labels)
+    seq, pooled = m.bert(**b)  # every row
+    assert seq.shape == (3, 11, m.config.hidden_size)
+    every = m.classifier(pooled)
+    torch.testing.assert_close(out["logits"], every, atol=1e-6, rtol=1e-5)
+    g_keep = grads(out["loss"])
+    g_every = grads(torch.nn.functional.cross_entropy(m.classifier(m.bert(**b)[1]), labels))
+    for n in g_keep:
+        torch.testing.assert_close(g_keep[n], g_every[n], atol=1e-6, rtol=1e-4, msg=n)
+    # keep picks rows: the output is those rows of the full sequence output
+    keep = torch.tensor([[0, 4], [0, 6], [0, 2]])
+    seq_kept, pooled_kept = m.eval().bert(**b, keep=keep)
+    seq, pooled = m.bert(**b)
+    torch.testing.assert_close(seq_kept, seq.gather(1, keep[..., None].expand(-1, -1, seq.shape[-1])), atol=1e-6,
+                               rtol=1e-5)
+    torch.testing.assert_close(pooled_kept, pooled, atol=1e-6, rtol=1e-5)
+
+
+def test_masked_rows_lists_each_rows_masked_positions_in_order():
+    labels = torch.full((3, 6), -100)
+    labels[0, [4, 1]] = 7
+    labels[2, [0, 2, 5]] = 9  # row 1 has none
+    keep, valid = masked_rows(labels)
+    assert keep.tolist() == [[0, 1, 4, 0], [0, 0, 0, 0], [0, 0, 2, 5]]
+    assert valid.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    assert torch.equal(labels.gather(1, keep[:, 1:])[valid], labels[labels != -100])
 
 
 def test_qa_loss_ignores_padding():
