@@ -34,10 +34,16 @@ from bert_dist.config import OptimConfig, preset
 from bert_dist.optim import build_optimizer, param_groups
 
 
+_self_attention_forward = M.BertSelfAttention.forward
+
+
 def _fused_qkv_forward(self: M.BertSelfAttention, x: torch.Tensor, mask: torch.Tensor | None,
-                       unpad: M.Unpadding | None = None) -> torch.Tensor:
-    """BertSelfAttention.forward with one (H, 3H) projection built from the three weights each call."""
+                       unpad: M.Unpadding | None = None, xq: torch.Tensor | None = None) -> torch.Tensor:
+    """BertSelfAttention.forward with one (H, 3H) projection built from the three weights each call (not in a last
+    layer that runs on its head's rows only: there queries and keys come from different rows)."""
     assert unpad is None, "the qkv variant is measured on the padded path"
+    if xq is not None:
+        return _self_attention_forward(self, x, mask, unpad, xq)
     B, T, H = x.shape
     w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
     b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
