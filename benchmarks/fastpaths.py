@@ -33,7 +33,6 @@ from bert_dist import model as M
 from bert_dist.config import OptimConfig, preset
 from bert_dist.optim import build_optimizer, param_groups
 
-
 _self_attention_forward = M.BertSelfAttention.forward
 
 
