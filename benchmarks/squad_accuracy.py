@@ -46,7 +46,8 @@ from bert_dist.tokenizer import load_tokenizer
 
 TASKS = {1: ("squad", "squad_dev_split"), 2: ("squad_v2", "squad_v2_dev_split")}
 BATCH, EVAL_BATCH, MAX_LEN, DOC_STRIDE, SEED, WARMUP = 32, 128, 384, 128, 42, 0.1
-MAIN_KEYS = {1: ("exact_match", "f1"), 2: ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1")}
+MAIN_KEYS = {1: ("exact_match", "f1"),
+             2: ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "answerable_span_exact", "answerable_span_f1")}
 
 
 def run_ours(task: str, data_dir: Path, args: argparse.Namespace) -> dict:
@@ -64,7 +65,28 @@ def run_ours(task: str, data_dir: Path, args: argparse.Namespace) -> dict:
     subprocess.run(cmd, check=True)
     res = json.loads((out / "results.json").read_text())
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return res
+    return {**res, **answerable_span_scores(task, data_dir, out)}
+
+
+def answerable_span_scores(task: str, data_dir: Path, nbest: Path | dict) -> dict:
+    """v2 only: EM/F1 over the answerable questions of the best non-null span in each n-best list.
+
+    Threshold-free: early in training both sides can put the null answer first everywhere (150 steps did),
+    which makes every official v2 score the share of unanswerable questions on both sides. This still
+    compares how well each side ranks spans. nbest: {id: [{"text", ...}, ...]} or a run dir holding
+    nbest_predictions.json.
+    """
+    if task != "squad_v2":
+        return {}
+    if isinstance(nbest, Path):
+        nbest = json.loads((nbest / "nbest_predictions.json").read_text())
+    spec = D.get_task(task)
+    rows = D.load_raw(spec, DataConfig(data_dir=str(data_dir)))[spec.eval_splits[0]]
+    answerable = [(i, a) for i, a in zip(D.column(rows, "id"), D.column(rows, "answers")) if a["text"]]
+    preds = [{"id": i, "prediction_text": next((e["text"] for e in nbest[i] if e["text"]), "")} for i, _ in answerable]
+    refs = [{"id": i, "answers": a} for i, a in answerable]
+    scores = load_metric("squad").compute(predictions=preds, references=refs)
+    return {"answerable_span_exact": round(scores["exact_match"], 6), "answerable_span_f1": round(scores["f1"], 6)}
 
 
 def _train_windows(examples: dict, **kw) -> dict:
@@ -144,7 +166,7 @@ def run_reference(task: str, data_dir: Path, args: argparse.Namespace) -> dict:
                   for xs in (starts, ends))
     dcfg = DataConfig()
     v2 = spec.metric == "squad_v2"
-    preds, _, odds = postprocess_predictions(ev_rows, ev, start, end, n_best_size=dcfg.n_best_size,
+    preds, nbest, odds = postprocess_predictions(ev_rows, ev, start, end, n_best_size=dcfg.n_best_size,
                                              max_answer_length=dcfg.max_answer_length, version_2=v2,
                                              null_score_diff_threshold=dcfg.null_score_diff_threshold)
     ids, answers = D.column(ev_rows, "id"), D.column(ev_rows, "answers")
@@ -156,7 +178,8 @@ def run_reference(task: str, data_dir: Path, args: argparse.Namespace) -> dict:
                                 no_answer_threshold=dcfg.null_score_diff_threshold)
     else:
         scores = metric.compute(predictions=[{"id": i, "prediction_text": preds[i]} for i in ids], references=refs)
-    return {**{k: round(float(v), 6) for k, v in scores.items()}, **res}
+    return {**{k: round(float(v), 6) for k, v in scores.items()}, **res,
+            **answerable_span_scores(task, data_dir, nbest)}
 
 
 def main() -> None:
@@ -190,6 +213,9 @@ def main() -> None:
         if args.side in ("both", "ours"):
             entry["ours"] = run_ours(task, data_dir, args)
             save(out, results)
+        elif "ours" in entry and (Path(args.work_dir) / f"{task}-ours").is_dir():
+            # the n-best file of the ours run of this recipe: its threshold-free scores, without retraining
+            entry["ours"].update(answerable_span_scores(task, data_dir, Path(args.work_dir) / f"{task}-ours"))
         if args.side in ("both", "ref"):
             entry["reference"] = run_reference(task, data_dir, args)
             save(out, results)
