@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--sst2-text", action="store_true", help="add the SST-2 training sentences to the corpus")
     p.add_argument("--vocab-size", type=int, default=8192, help="WordPiece size (one tokenizer for all runs)")
     p.add_argument("--mixed-precision", default="bf16", help="no | bf16 | fp16")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="pretraining steps, instead of calibrating them (e.g. from a run's measured pace)")
     p.add_argument("--calibration-steps", type=int, default=50,
                    help="steps of each timing run: one length-grouped mega-batch (50 batches, longest first)")
     p.add_argument("--max-eval-samples", type=int, default=2000, help="held-out NSP pairs scored after pretraining")
@@ -125,9 +127,12 @@ def main() -> None:
     tok = run("tokenizer", args, ["--task", "tokenizer", *text, "--vocab-size", str(args.vocab_size)])["dir"]
     pretrain = ["--task", "pretrain", "--preset", args.preset, "--tokenizer", tok, *text, "--validation-file",
                 str(held_out), *recipe_flags(PRETRAIN)]
-    calib = run("calibrate-pretrain", args, [*pretrain, "--max-steps", str(args.calibration_steps),
-                                             "--max-eval-samples", "8", "--log-every", str(args.calibration_steps)])
-    pt_steps = budget_steps(calib, args.pretrain_minutes)
+    if args.pretrain_steps:
+        pt_steps = args.pretrain_steps
+    else:
+        calib = run("calibrate-pretrain", args, [*pretrain, "--max-steps", str(args.calibration_steps),
+                                                 "--max-eval-samples", "8", "--log-every", str(args.calibration_steps)])
+        pt_steps = budget_steps(calib, args.pretrain_minutes)
     pt = run("pretrain", args, [*pretrain, "--max-steps", str(pt_steps), "--max-eval-samples",
                                 str(args.max_eval_samples), "--log-every", str(max(1, pt_steps // 20))])
 
