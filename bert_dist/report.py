@@ -336,7 +336,10 @@ def render_html(run: dict[str, Any]) -> str:
                                                 "intermediate_size", "vocab_size", "max_position_embeddings")
             if k in run["model"]}
     results = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    groups = {"run": {k: v for k, v in cfg.items() if not isinstance(v, dict) and v is not None},
+    run_flags = {k: v for k, v in cfg.items() if not isinstance(v, dict) and v is not None}
+    if cfg.get("init") not in (None, "scratch") and "preset" in run_flags:  # the model came from --init
+        run_flags["preset"] = f"{run_flags['preset']} (unused: the model comes from --init)"
+    groups = {"run": run_flags,
               **{g: {k: v for k, v in cfg[g].items() if v is not None} for g in ("data", "optim", "train")
                  if isinstance(cfg.get(g), dict)}}
     when = datetime.datetime.fromtimestamp((run["dir"] / "results.json").stat().st_mtime) \

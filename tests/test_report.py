@@ -69,6 +69,18 @@ def test_report_of_a_run_without_train_log(run, tmp_path):
     assert "Evaluation metric" in page and "Training loss" not in page and "No train_log.jsonl" in page
 
 
+def test_report_marks_the_preset_unused_when_init_gives_the_model(run, tmp_path):
+    assert "unused" not in (run / "report.html").read_text()  # --smoke: from scratch, the preset is the model
+    other = tmp_path / "from_init"
+    other.mkdir()
+    for f in ("run_config.json", "results.json", "config.json", "metrics.jsonl"):
+        (other / f).write_bytes((run / f).read_bytes())
+    cfg = json.loads((other / "run_config.json").read_text())
+    (other / "run_config.json").write_text(json.dumps({**cfg, "init": "../shared/models/all-MiniLM-L6-v2"}))
+    write_report(other)
+    assert "(unused: the model comes from --init)" in (other / "report.html").read_text()
+
+
 def test_axis_ticks_are_round_and_cover_the_data():
     assert nice_ticks(0.0, 1.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
     ticks = nice_ticks(0.43, 0.97)
