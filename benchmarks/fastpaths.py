@@ -62,57 +62,48 @@ def _switched(fn, switch):
 
 
 @contextlib.contextmanager
-def unmasked_full_rows() -> Iterator[None]:
+def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
+    """owner.name set to value for the duration, then restored."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+_bert_forward = M.BertModel.forward
+
+
+def _unmasked_forward(self, input_ids, attention_mask=None, token_type_ids=None, keep=None):
+    if attention_mask is not None and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+        attention_mask = None
+    return _bert_forward(self, input_ids, attention_mask, token_type_ids, keep)
+
+
+def _every_row_forward(self, input_ids, attention_mask=None, token_type_ids=None, keep=None):
+    x, pooled = _bert_forward(self, input_ids, attention_mask, token_type_ids)
+    return (x if keep is None else M.rows_at(x, keep)), pooled
+
+
+def unmasked_full_rows():
     """BertModel.forward given no attention mask when the batch has no padding (CPU)."""
-    forward = M.BertModel.forward
-
-    def patched(self, input_ids, attention_mask=None, token_type_ids=None, keep=None):
-        if attention_mask is not None and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
-            attention_mask = None
-        return forward(self, input_ids, attention_mask, token_type_ids, keep)
-
-    M.BertModel.forward = patched
-    try:
-        yield
-    finally:
-        M.BertModel.forward = forward
+    return _replaced(M.BertModel, "forward", _unmasked_forward)
 
 
-@contextlib.contextmanager
-def every_row() -> Iterator[None]:
+def every_row():
     """BertModel.forward given no `keep`: the last layer computes every row, the heads then pick theirs."""
-    forward = M.BertModel.forward
-
-    def patched(self, input_ids, attention_mask=None, token_type_ids=None, keep=None):
-        x, pooled = forward(self, input_ids, attention_mask, token_type_ids)
-        return (x if keep is None else M.rows_at(x, keep)), pooled
-
-    M.BertModel.forward = patched
-    try:
-        yield
-    finally:
-        M.BertModel.forward = forward
+    return _replaced(M.BertModel, "forward", _every_row_forward)
 
 
-@contextlib.contextmanager
-def sdpa_always() -> Iterator[None]:
+def sdpa_always():
     """`model.attend` replaced by SDPA with dropout_p, what transformers' sdpa attention calls."""
-    attend = M.attend
-    M.attend = lambda q, k, v, mask, p: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-    try:
-        yield
-    finally:
-        M.attend = attend
+    return _replaced(M, "attend", lambda q, k, v, mask, p: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                         dropout_p=p))
 
 
-@contextlib.contextmanager
-def fused_qkv() -> Iterator[None]:
-    forward = M.BertSelfAttention.forward
-    M.BertSelfAttention.forward = _fused_qkv_forward
-    try:
-        yield
-    finally:
-        M.BertSelfAttention.forward = forward
+def fused_qkv():
+    return _replaced(M.BertSelfAttention, "forward", _fused_qkv_forward)
 
 
 def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
