@@ -28,6 +28,7 @@ Prints one markdown table and writes --out (JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -58,12 +59,9 @@ def run(name: str, args: argparse.Namespace, flags: list[str], seed: int = SEED,
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    if threads is None:
-        subprocess.run(cmd, check=True, env=env)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.parent / f"{name}.log", "w") as log:
-            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext() if threads is None else open(out.parent / f"{name}.log", "w") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
     res = json.loads((out / "results.json").read_text())
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["dir"] = str(out)

@@ -65,28 +65,31 @@ def run_ours(task: str, data_dir: Path, args: argparse.Namespace) -> dict:
     subprocess.run(cmd, check=True)
     res = json.loads((out / "results.json").read_text())
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return {**res, **answerable_span_scores(task, data_dir, out)}
+    return {**res, **ours_span_scores(task, data_dir, out)}
 
 
-def answerable_span_scores(task: str, data_dir: Path, nbest: Path | dict) -> dict:
-    """v2 only: EM/F1 over the answerable questions of the best non-null span in each n-best list.
+def answerable_span_scores(rows, nbest: dict[str, list[dict]]) -> dict:
+    """EM/F1 over the answerable questions of `rows` (eval rows: id, answers) of the best non-null span in each
+    n-best list ({id: [{"text", ...}, ...]}, best first).
 
     Threshold-free: early in training both sides can put the null answer first everywhere (150 steps did),
     which makes every official v2 score the share of unanswerable questions on both sides. This still
-    compares how well each side ranks spans. nbest: {id: [{"text", ...}, ...]} or a run dir holding
-    nbest_predictions.json.
+    compares how well each side ranks spans.
     """
-    if task != "squad_v2":
-        return {}
-    if isinstance(nbest, Path):
-        nbest = json.loads((nbest / "nbest_predictions.json").read_text())
-    spec = D.get_task(task)
-    rows = D.load_raw(spec, DataConfig(data_dir=str(data_dir)))[spec.eval_splits[0]]
     answerable = [(i, a) for i, a in zip(D.column(rows, "id"), D.column(rows, "answers")) if a["text"]]
     preds = [{"id": i, "prediction_text": next((e["text"] for e in nbest[i] if e["text"]), "")} for i, _ in answerable]
     refs = [{"id": i, "answers": a} for i, a in answerable]
     scores = load_metric("squad").compute(predictions=preds, references=refs)
     return {"answerable_span_exact": round(scores["exact_match"], 6), "answerable_span_f1": round(scores["f1"], 6)}
+
+
+def ours_span_scores(task: str, data_dir: Path, run_dir: Path) -> dict:
+    """v2 only: `answerable_span_scores` of an ours run, from its nbest_predictions.json."""
+    if task != "squad_v2":
+        return {}
+    spec = D.get_task(task)
+    rows = D.load_raw(spec, DataConfig(data_dir=str(data_dir)))[spec.eval_splits[0]]
+    return answerable_span_scores(rows, json.loads((run_dir / "nbest_predictions.json").read_text()))
 
 
 def _train_windows(examples: dict, **kw) -> dict:
@@ -179,7 +182,7 @@ def run_reference(task: str, data_dir: Path, args: argparse.Namespace) -> dict:
     else:
         scores = metric.compute(predictions=[{"id": i, "prediction_text": preds[i]} for i in ids], references=refs)
     return {**{k: round(float(v), 6) for k, v in scores.items()}, **res,
-            **answerable_span_scores(task, data_dir, nbest)}
+            **(answerable_span_scores(ev_rows, nbest) if v2 else {})}
 
 
 def main() -> None:
@@ -215,7 +218,7 @@ def main() -> None:
             save(out, results)
         elif "ours" in entry and (Path(args.work_dir) / f"{task}-ours").is_dir():
             # the n-best file of the ours run of this recipe: its threshold-free scores, without retraining
-            entry["ours"].update(answerable_span_scores(task, data_dir, Path(args.work_dir) / f"{task}-ours"))
+            entry["ours"].update(ours_span_scores(task, data_dir, Path(args.work_dir) / f"{task}-ours"))
         if args.side in ("both", "ref"):
             entry["reference"] = run_reference(task, data_dir, args)
             save(out, results)
