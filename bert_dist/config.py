@@ -102,7 +102,7 @@ class DataConfig:
     batch_size: int = _f(32, "training examples per process per micro-batch")
     eval_batch_size: int = _f(128, "evaluation examples per process per batch")
     group_by_length: bool = _f(False, "batch examples of similar length together (less padding)")
-    pad_to_multiple_of: int | None = _f(None, "pad batches to a multiple of this (default: 8 under fp16/bf16)")
+    pad_to_multiple_of: int | None = _f(None, "pad batches to a multiple of this (default: 8 under fp16/bf16; 0 = off)")
     num_workers: int = _f(0, "DataLoader worker processes")
     max_train_samples: int | None = _f(None, "use only the first N training examples")
     max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
@@ -214,8 +214,15 @@ class RunConfig:
             raise ValueError("--train-file/--validation-file and --data-dir both say where the data is: give one")
         if not 0 < d.mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")
-        if d.doc_stride < 1:
-            raise ValueError(f"--doc-stride must be at least 1, got {d.doc_stride}")
+        for flag, value in (("--doc-stride", d.doc_stride), ("--max-query-length", d.max_query_length),
+                            ("--n-best-size", d.n_best_size), ("--max-answer-length", d.max_answer_length),
+                            ("--max-train-samples", d.max_train_samples), ("--max-eval-samples", d.max_eval_samples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        if d.pad_to_multiple_of is not None and d.pad_to_multiple_of < 0:
+            raise ValueError(f"--pad-to-multiple-of must be 0 (off) or more, got {d.pad_to_multiple_of}")
+        if d.num_workers < 0:
+            raise ValueError(f"--num-workers must be 0 (load in the main process) or more, got {d.num_workers}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -114,6 +114,13 @@ def test_unknown_task(tmp_path, capsys):
     (["--keep-checkpoints", "0"], ["--keep-checkpoints"]),
     (["--max-bad-steps", "0"], ["--max-bad-steps"]),
     (["--save-every", "0"], ["--save-every"]),
+    (["--n-best-size", "0"], ["--n-best-size", "at least 1"]),
+    (["--max-answer-length", "0"], ["--max-answer-length", "at least 1"]),
+    (["--max-query-length", "0"], ["--max-query-length", "at least 1"]),
+    (["--pad-to-multiple-of", "-8"], ["--pad-to-multiple-of", "0 (off)"]),
+    (["--max-train-samples", "0"], ["--max-train-samples", "at least 1"]),
+    (["--max-eval-samples", "-1"], ["--max-eval-samples", "at least 1"]),
+    (["--num-workers", "-1"], ["--num-workers"]),
 ])
 def test_contradictory_or_invalid_flags(tmp_path, capsys, data_dir, extra, phrases):
     data = None if "--train-file" in extra and "--validation-file" not in extra else data_dir
