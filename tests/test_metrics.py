@@ -409,6 +409,22 @@ def test_score_squad_main_bad_predictions_file(bad, dev_v1, tmp_path, capsys):
     assert captured.err.startswith("score_squad: error: ")
 
 
+def test_score_squad_main_arguments_swapped(dev_v1, tmp_path, capsys):
+    preds = tmp_path / "predictions.json"
+    preds.write_text(json.dumps({"q1": "Denver Broncos"}))
+    assert score_squad_main([str(dev_v1), str(preds)]) == 1  # the dev file where the predictions go
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "PREDICTIONS_JSON DEV_JSON, in that order" in err
+
+
+def test_score_squad_main_long_bad_value_stays_one_short_line(dev_v1, tmp_path, capsys):
+    preds = tmp_path / "predictions.json"
+    preds.write_text(json.dumps({"q1": {"text": "x" * 5000}}))
+    assert score_squad_main([str(preds), str(dev_v1)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'q1'" in err and len(err) < 200
+
+
 @pytest.mark.slow
 def test_score_squad_command(dev_v1, tmp_path):
     preds = tmp_path / "predictions.json"

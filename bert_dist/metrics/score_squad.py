@@ -42,7 +42,9 @@ def _check_mapping(mapping, what: str, value_types: tuple[type, ...], value_desc
     for qid, value in mapping.items():
         # bool is an int subclass, but true/false is never a meaningful probability.
         if isinstance(value, bool) or not isinstance(value, value_types):
-            raise SquadScoringError(f"{what}: value for id {qid!r} is not {value_desc}: {value!r}")
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."  # one line, even for a whole article
+            raise SquadScoringError(f"{what}: value for id {qid!r} is not {value_desc}: {shown}")
 
 
 def _load_dev(dev_json_path: str | Path) -> tuple[bool, list[dict]]:
@@ -102,6 +104,9 @@ def score_predictions(
         SquadScoringError: If the dev file is missing or malformed, the mappings have the wrong shape, or
             (v2) some question has no prediction or ``na_probs`` is given for a v1.1 dev set.
     """
+    if isinstance(predictions, dict) and isinstance(predictions.get("data"), list):
+        raise SquadScoringError("the predictions look like a SQuAD dataset (they hold \"data\"): the arguments are "
+                                "PREDICTIONS_JSON DEV_JSON, in that order")
     _check_mapping(predictions, "predictions", (str,), "an answer string")
     is_v2, references = _load_dev(dev_json_path)
 
