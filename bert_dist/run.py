@@ -31,6 +31,9 @@ def preflight(cfg: RunConfig) -> None:
     from bert_dist import data as D
     from bert_dist.checkpoint import check_init
 
+    if cfg.task not in (*D.TASKS, "glue", "tokenizer"):
+        raise ValueError(f"--task: unknown task {cfg.task!r}; choose from {', '.join(D.TASKS)}, glue (every GLUE "
+                         "task in turn), tokenizer (train a WordPiece vocabulary only)")
     if cfg.task == "glue":  # each task's data is checked by the suite, which skips a task whose data is missing
         from bert_dist.glue_suite import suite_tasks
 

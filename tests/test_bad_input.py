@@ -101,7 +101,8 @@ def args(out: Path, *extra: str, data: Path | None = None, task: str = "sst2") -
 
 
 def test_unknown_task(tmp_path, capsys):
-    fails(args(tmp_path / "o", task="sst3"), capsys, "--task", "'sst3'", "sst2", out=tmp_path / "o")
+    fails(args(tmp_path / "o", task="sst3"), capsys, "--task", "'sst3'", "sst2", "glue (every GLUE", "tokenizer",
+          out=tmp_path / "o")
 
 
 @pytest.mark.parametrize("extra, phrases", [
