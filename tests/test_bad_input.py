@@ -150,6 +150,34 @@ def test_squad_windows_that_cannot_work(tmp_path, capsys, monkeypatch, extra, ph
     assert trained == []
 
 
+SQUAD_ROW = {"id": "a", "title": "t", "context": "Bob lives in Paris.", "question": "Where does Bob live?",
+             "answers": {"text": ["Paris"], "answer_start": [13]}}
+
+
+@pytest.mark.parametrize("answers, phrase", [
+    ({"text": ["Paris"], "answer_start": []}, "row 2"),  # lists of different lengths
+    ({"text": ["Paris"]}, "row 2"),  # no answer_start
+])
+def test_squad_malformed_answers(tmp_path, capsys, answers, phrase):
+    train = write_jsonl(tmp_path / "train.jsonl", [SQUAD_ROW, {**SQUAD_ROW, "id": "b", "answers": answers}])
+    val = write_jsonl(tmp_path / "val.jsonl", [SQUAD_ROW])
+    fails(args(tmp_path / "o", "--train-file", str(train), "--validation-file", str(val), task="squad"), capsys,
+          "--train-file", "answers", phrase, "'answer_start' list of integers", out=tmp_path / "o")
+
+
+def test_squad_answers_as_the_official_json_lists_them_are_read():
+    """Per question, the official SQuAD JSON has answers as [{"text", "answer_start"}]: converted to the hub's form."""
+    import datasets
+
+    from bert_dist.data import check_raw
+
+    rows = [{**SQUAD_ROW, "answers": [{"text": "Paris", "answer_start": 13}, {"text": "in Paris", "answer_start": 10}]},
+            {**SQUAD_ROW, "id": "b", "answers": []}]
+    raw = check_raw(datasets.DatasetDict(train=datasets.Dataset.from_list(rows)), get_task("squad"), "rows")
+    assert raw["train"]["answers"] == [{"text": ["Paris", "in Paris"], "answer_start": [13, 10]},
+                                       {"text": [], "answer_start": []}]
+
+
 def test_non_empty_output_dir_without_overwrite(tmp_path, capsys, data_dir):
     out = tmp_path / "o"
     out.mkdir()

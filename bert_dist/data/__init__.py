@@ -200,6 +200,9 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
             if pc.any(nulls).as_py():
                 raise ValueError(f"{where} has no {col!r} text at row {pc.index(nulls, True).as_py() + 1} "
                                  "(a malformed row?)")
+        if spec.kind == "qa":
+            raw[split] = _check_answers(ds, where)
+            continue
         if spec.kind not in ("classification", "regression"):
             continue
         is_test = split in spec.test_splits
@@ -247,6 +250,35 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
             raise ValueError(f"{where}: the label {labels[bad]!r} at row {bad + 1} is outside "
                              f"0..{spec.num_labels - 1} ({spec.num_labels} classes: {', '.join(spec.label_names)})")
     return raw
+
+
+def _check_answers(ds: Dataset, where: str) -> Dataset:
+    """SQuAD rows: `answers` as the hub has it, {"text": [str], "answer_start": [int]} of one length (empty:
+    unanswerable). The official JSON's per-question form, a list of {"text", "answer_start"}, is converted."""
+    if "answers" not in ds.column_names:
+        raise ValueError(f"{where} has no 'answers' column (columns: {', '.join(ds.column_names)})")
+    as_given = isinstance(ds.features["answers"], dict)
+    # A file mixing the two forms comes as datasets' Json feature: decode it row by row.
+    given = column(ds, "answers") if not isinstance(ds.features["answers"], datasets.Json) else list(ds["answers"])
+    answers = given if as_given else [_answers_from_list(row) if isinstance(row, list) else row for row in given]
+    for i, a in enumerate(answers):
+        ok = isinstance(a, dict) and isinstance(a.get("text"), list) and isinstance(a.get("answer_start"), list) \
+            and len(a["text"]) == len(a["answer_start"]) and all(isinstance(t, str) for t in a["text"]) \
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in a["answer_start"])
+        if not ok:
+            shown = repr(given[i])
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise ValueError(f"{where}: the answers at row {i + 1} need a 'text' list of strings and an "
+                             f"'answer_start' list of integers, of one length: {shown}")
+    return ds if as_given else ds.remove_columns("answers").add_column("answers", answers)
+
+
+def _answers_from_list(row: list | None) -> dict | None:
+    """[{"text": t, "answer_start": n}, ...] -> {"text": [t, ...], "answer_start": [n, ...]}; None if malformed."""
+    try:
+        return {"text": [a["text"] for a in row], "answer_start": [a["answer_start"] for a in row]}
+    except (KeyError, TypeError):
+        return None
 
 
 def describe_source(spec: TaskSpec, cfg: DataConfig) -> str:
