@@ -165,6 +165,13 @@ def test_squad_malformed_answers(tmp_path, capsys, answers, phrase):
           "--train-file", "answers", phrase, "'answer_start' list of integers", out=tmp_path / "o")
 
 
+def test_squad_validation_ids_must_be_unique(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", [SQUAD_ROW, SQUAD_ROW])  # repeated ids in training are harmless
+    val = write_jsonl(tmp_path / "val.jsonl", [SQUAD_ROW, {**SQUAD_ROW, "question": "Who lives in Paris?"}])
+    fails(args(tmp_path / "o", "--train-file", str(train), "--validation-file", str(val), task="squad"), capsys,
+          "--validation-file", "'a'", "rows 1 and 2", out=tmp_path / "o")
+
+
 def test_squad_answers_as_the_official_json_lists_them_are_read():
     """Per question, the official SQuAD JSON has answers as [{"text", "answer_start"}]: converted to the hub's form."""
     import datasets

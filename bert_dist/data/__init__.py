@@ -202,6 +202,8 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
                                  "(a malformed row?)")
         if spec.kind == "qa":
             raw[split] = _check_answers(ds, where)
+            if split != spec.train_split:
+                _check_unique_ids(ds, where)
             continue
         if spec.kind not in ("classification", "regression"):
             continue
@@ -271,6 +273,19 @@ def _check_answers(ds: Dataset, where: str) -> Dataset:
             raise ValueError(f"{where}: the answers at row {i + 1} need a 'text' list of strings and an "
                              f"'answer_start' list of integers, of one length: {shown}")
     return ds if as_given else ds.remove_columns("answers").add_column("answers", answers)
+
+
+def _check_unique_ids(ds: Dataset, where: str) -> None:
+    """Evaluation rows are matched to their predictions (and predictions.json written) by id."""
+    if "id" not in ds.column_names:
+        raise ValueError(f"{where} has no 'id' column (columns: {', '.join(ds.column_names)}): predictions are "
+                         "written by question id")
+    first: dict = {}
+    for i, q in enumerate(column(ds, "id")):
+        if q in first:
+            raise ValueError(f"{where}: the id {q!r} is at rows {first[q] + 1} and {i + 1}; predictions are written "
+                             "by question id, so ids must be unique")
+        first[q] = i
 
 
 def _answers_from_list(row: list | None) -> dict | None:
