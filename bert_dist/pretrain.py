@@ -75,8 +75,10 @@ def load_corpus(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Dataset], list[Dat
     """
     d = cfg.data
     if d.train_file:
-        held = [read_corpus_file(p, "validation") for p in _paths(d.validation_file)] if d.validation_file else None
-        return [read_corpus_file(p, "train") for p in _paths(d.train_file)], held, f"--train-file {d.train_file}"
+        held = None if not d.validation_file else [read_corpus_file(p, "validation", flag="--validation-file")
+                                                   for p in _paths(d.validation_file)]
+        train = [read_corpus_file(p, "train", flag="--train-file") for p in _paths(d.train_file)]
+        return train, held, f"--train-file {d.train_file}"
     if d.validation_file:
         raise ValueError("--validation-file needs --train-file for pretraining")
     if d.data_dir:
@@ -91,8 +93,8 @@ def load_corpus(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Dataset], list[Dat
                 "(text, JSON Lines, CSV or Parquet) instead"
             )
         val_path = _find_split(data_dir, spec, spec.eval_splits[0])
-        held = [read_corpus_file(val_path, "validation")] if val_path else None
-        return [read_corpus_file(train_path, "train")], held, f"--data-dir {data_dir}"
+        held = [read_corpus_file(val_path, "validation", flag="--data-dir")] if val_path else None
+        return [read_corpus_file(train_path, "train", flag="--data-dir")], held, f"--data-dir {data_dir}"
     raw = D.load_raw(spec, d)  # the hub's wikitext: a `text` column, train/validation/test
     return (
         [raw[spec.train_split].select_columns(["text"])],
@@ -175,10 +177,15 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
 
     with accelerator.main_process_first():
         docs = corpus_documents(train_files, tok)
+        if len(docs) == 0:
+            raise ValueError(f"{source}: no text to pretrain on (every line is blank)")
         if held_files:
             held_docs = corpus_documents(held_files, tok)
         else:
-            docs, held_docs = hold_out_documents(docs)
+            try:
+                docs, held_docs = hold_out_documents(docs)
+            except ValueError as e:  # too few documents: say which corpus
+                raise ValueError(f"{source}: {e}") from None
             log.info(
                 "no held-out text given: holding out %d of %d documents", len(held_docs), len(docs) + len(held_docs)
             )

@@ -185,6 +185,19 @@ def test_squad_answers_as_the_official_json_lists_them_are_read():
                                        {"text": [], "answer_start": []}]
 
 
+@pytest.mark.parametrize("content, phrase", [
+    (b"", "the file is empty"),
+    (b"\n\n\n", "every line is blank"),
+    (b"one line, one document\n", "at least 4 documents"),
+    (bytes(range(128, 256)) * 4, "not UTF-8"),
+])
+def test_pretraining_corpus_that_cannot_work(tmp_path, capsys, content, phrase):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(content)
+    fails(args(tmp_path / "o", "--train-file", str(corpus), task="pretrain"), capsys, "--train-file", str(corpus),
+          phrase, out=tmp_path / "o")
+
+
 def test_non_empty_output_dir_without_overwrite(tmp_path, capsys, data_dir):
     out = tmp_path / "o"
     out.mkdir()

@@ -50,9 +50,10 @@ def get_task(name: str) -> TaskSpec:
 # Loading
 
 
-def check_file(path: Path, flag: str) -> None:
-    """A data file of a known type that exists and is not empty, or ValueError naming `flag` (no parsing)."""
-    if path.suffix.lower() not in DATA_SUFFIXES:
+def check_file(path: Path, flag: str, any_suffix: bool = False) -> None:
+    """A data file of a known type (any type with `any_suffix`) that exists and is not empty, or ValueError
+    naming `flag` (no parsing)."""
+    if not any_suffix and path.suffix.lower() not in DATA_SUFFIXES:
         raise ValueError(f"{flag} {path}: unsupported file type {path.suffix!r}; use .jsonl, .csv, .tsv or .parquet")
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file")
@@ -60,9 +61,10 @@ def check_file(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {path}: the file is empty")
 
 
-def _read_file(path: Path, split: str, flag: str = "") -> Dataset:
-    check_file(path, flag)
-    kind = DATA_SUFFIXES[path.suffix.lower()]
+def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None) -> Dataset:
+    """One data file -> a Dataset; `kind` "text" reads it a line per row (pretraining corpora), else the suffix says."""
+    check_file(path, flag, any_suffix=kind is not None)
+    kind = kind or DATA_SUFFIXES[path.suffix.lower()]
     kw: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     where = f"{flag} {path}".strip()
     try:

@@ -80,18 +80,18 @@ def text_column(ds: Dataset, preferred: str = "text") -> str:
     raise ValueError(f"no text column in {', '.join(ds.column_names)}: pretraining needs one column of text")
 
 
-def read_corpus_file(path: str | Path, split: str = "train", column: str = "text") -> Dataset:
-    """A text file (one row per line) or a .jsonl/.csv/.tsv/.parquet file -> a Dataset with one `text` column."""
+def read_corpus_file(path: str | Path, split: str = "train", column: str = "text", flag: str = "") -> Dataset:
+    """A text file (one row per line) or a .jsonl/.csv/.tsv/.parquet file -> a Dataset with one `text` column.
+
+    Problems are one ValueError naming `flag` and the file."""
     from bert_dist.data import _read_file
 
     p = Path(path)
-    if p.suffix.lower() in TEXT_SUFFIXES:
-        if not p.is_file():
-            raise ValueError(f"{p}: no such file")
-        ds = datasets.load_dataset("text", data_files={split: str(p)}, split=split)
-    else:
-        ds = _read_file(p, split)
-    col = text_column(ds, column)
+    ds = _read_file(p, split, flag, kind="text" if p.suffix.lower() in TEXT_SUFFIXES else None)
+    try:
+        col = text_column(ds, column)
+    except ValueError as e:
+        raise ValueError(f"{flag} {p}: {e}".strip()) from None
     ds = ds.select_columns([col])
     return ds.rename_column(col, "text") if col != "text" else ds
 
@@ -165,6 +165,10 @@ def corpus_documents(files: list[Dataset], tokenizer: Tokenizer, num_proc: int |
 
 def hold_out_documents(docs: Dataset, fraction: float = 0.05) -> tuple[Dataset, Dataset]:
     """(train, held-out): every k-th document (k = 1 / fraction) is held out, so topics spread over both."""
+    if len(docs) < 4:  # NSP draws B from another document: 2 on each side at least
+        raise ValueError(f"with no held-out text given, pretraining needs at least 4 documents (2 to train on, 2 held "
+                         f"out); the corpus has {len(docs)}: separate documents with blank lines, or give "
+                         "--validation-file")
     k = max(2, round(1 / fraction))
     held = [i for i in range(len(docs)) if i % k == k - 1]
     if len(held) < 2:  # NSP needs two documents to draw a random B from
@@ -233,7 +237,8 @@ def _make_pairs(batch: dict[str, list], max_length: int, short_seq_prob: float,
     # Called once with every document (batch_size=None): B is drawn from any of them.
     documents = [doc for doc in batch["segments"] if doc]
     if len(documents) < 2:
-        raise ValueError(f"next sentence prediction needs at least 2 documents; this split has {len(documents)}")
+        raise ValueError(f"next sentence prediction needs at least 2 documents; this split has {len(documents)} "
+                         "(documents are separated by blank lines)")
     rng = random.Random(seed)
     out: dict[str, list] = {"input_ids": [], "token_type_ids": [], "next_sentence_label": [], "length": []}
     for _ in range(dupe_factor):  # each pass pairs the same documents differently
