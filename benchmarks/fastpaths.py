@@ -4,6 +4,8 @@
   classification, [CLS] + the masked positions for pretraining) vs every row (what transformers computes).
 - dropout attention: training on the CPU, attention with dropout as scores/softmax/dropout/matmul (`model.attend`)
   vs SDPA with dropout_p (which leaves its fused CPU kernel for its reference path when dropout is on).
+- onednn matmul: fp32 projections on the CPU through oneDNN (`model.linear`, `--cpu-matmul auto`) vs F.linear
+  (torch's default CPU BLAS, MKL in the x86 wheels; `--cpu-matmul torch`). fp32 only: bf16 is oneDNN on both.
 - unpad: the encoder on real tokens only (`model.Unpadding`, CPU) vs the padded encoder.
 - no mask: on full rows, no attention mask at all (on the CPU knowing it costs no sync; transformers drops
   it too, after a host sync) vs our all-True mask. Not in the model (no gain measured): a variant here.
@@ -102,6 +104,11 @@ def sdpa_always():
                                                                                          dropout_p=p))
 
 
+def torch_matmul():
+    """`--cpu-matmul torch`: every projection through F.linear."""
+    return _replaced(M, "_cpu_matmul", {"mode": "torch", "onednn": False})
+
+
 def fused_qkv():
     return _replaced(M.BertSelfAttention, "forward", _fused_qkv_forward)
 
@@ -142,6 +149,9 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             step = train_step_fn(model, optimizer, batch, device, precision, sync)
             add("last layer on read rows", "train step", f"{B}x{T} full", precision,
                 interleave({"off": _switched(step, every_row), "on": step}, opts.rounds, opts.warmup, sync))
+            if device.type == "cpu" and precision == "fp32":
+                add("onednn matmul", "train step", f"{B}x{T} full", precision,
+                    interleave({"off": _switched(step, torch_matmul), "on": step}, opts.rounds, opts.warmup, sync))
             if device.type == "cpu":
                 add("dropout attention", "train step", f"{B}x{T} full", precision,
                     interleave({"off": _switched(step, sdpa_always), "on": step}, opts.rounds, opts.warmup, sync))
@@ -154,6 +164,9 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             fwd = forward_fn(model, batch, device, precision)
             add("last layer on read rows", "inference", f"{B}x{T} full", precision,
                 interleave({"off": _switched(fwd, every_row), "on": fwd}, opts.rounds, opts.warmup, sync))
+            if device.type == "cpu" and precision == "fp32":
+                add("onednn matmul", "inference", f"{B}x{T} full", precision,
+                    interleave({"off": _switched(fwd, torch_matmul), "on": fwd}, opts.rounds, opts.warmup, sync))
             if device.type == "cpu":
                 add("no mask (not kept)", "inference", f"{B}x{T} full", precision,
                     interleave({"off": fwd, "on": _switched(fwd, unmasked_full_rows)}, opts.rounds, opts.warmup,

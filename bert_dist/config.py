@@ -148,6 +148,7 @@ class TrainConfig:
     max_bad_steps: int = _f(20, "stop after this many optimizer steps in a row with a non-finite loss or gradient "
                                 "(their updates are zeroed; checked at log and save steps)")
     compile: bool = _f(False, "torch.compile the model")
+    cpu_matmul: str = _f("auto", "fp32 matmuls on the CPU: auto (oneDNN on x86-64) | onednn | torch (F.linear: MKL)")
     eval_only: bool = _f(False, "skip training: evaluate and predict with the --init weights")
 
 
@@ -186,6 +187,8 @@ class RunConfig:
             raise ValueError(f"--lr must be positive, got {o.lr}")
         if not 0 <= o.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
+        if t.cpu_matmul not in ("auto", "onednn", "torch"):
+            raise ValueError(f"--cpu-matmul must be auto, onednn or torch, not {t.cpu_matmul!r}")
         if o.scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"--scheduler must be linear, cosine or constant, not {o.scheduler!r}")
         if t.max_steps is None and t.epochs <= 0:

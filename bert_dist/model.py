@@ -9,6 +9,7 @@ Shape legend used in this file:
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,89 @@ _ACT = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
+
+
+# --- fp32 matmuls on the CPU ---------------------------------------------------------------------------------
+# torch sends an fp32 F.linear on the CPU to MKL, which on AMD CPUs takes a slower code path: on this project's
+# EPYC (AVX-512) oneDNN's fp32 GEMM, the library torch already uses for bf16, ran BERT's projections 2.2x - 2.4x
+# faster forward and 1.7x - 2.3x backward (BENCHMARKS.md, "fp32 GEMMs on the CPU"). `linear` routes fp32 CPU
+# matmuls there. bf16/fp16 (autocast included), CUDA and torch.compile keep F.linear.
+CPU_MATMULS = ("auto", "onednn", "torch")
+_cpu_matmul = {"mode": "auto", "onednn": None}  # "onednn": the resolved choice, None until first needed
+
+
+def set_cpu_matmul(mode: str) -> None:
+    """--cpu-matmul: auto (oneDNN on x86-64 CPUs where torch has it), onednn (required), torch (F.linear)."""
+    if mode not in CPU_MATMULS:
+        raise ValueError(f"--cpu-matmul must be one of {', '.join(CPU_MATMULS)}, not {mode!r}")
+    _cpu_matmul.update(mode=mode, onednn=None)
+    if mode == "onednn" and not _onednn_works():
+        raise ValueError("--cpu-matmul onednn: this torch build has no working oneDNN linear "
+                         "(torch.ops.mkldnn._linear_pointwise); use --cpu-matmul torch")
+
+
+def _onednn_works() -> bool:
+    """The op exists and agrees with F.linear on a small product (it is torch's private, inductor-facing op)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=g) for s in ((5, 16), (7, 16), (7,)))
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0
+            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+        return False
+    if _cpu_matmul["onednn"] is None:
+        mode = _cpu_matmul["mode"]
+        _cpu_matmul["onednn"] = mode == "onednn" or (
+            mode == "auto" and platform.machine().lower() in ("x86_64", "amd64") and _onednn_works())
+    return _cpu_matmul["onednn"]
+
+
+def _mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K), b (N, K) -> a @ b.T + bias: (M, N), in oneDNN. Either may be a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear with oneDNN's GEMM forward and backward. x (..., K), weight (N, K), bias (N,) -> (..., N)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return _mm_t(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1]).contiguous()  # (M, N)
+        gx = _mm_t(g2, weight.t()).view(*gy.shape[:-1], x2.shape[1]) if ctx.needs_input_grad[0] else None
+        gw = _mm_t(g2.t(), x2.t()) if ctx.needs_input_grad[1] else None  # (N, M) @ (M, K)
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, x (..., K), weight (N, K) -> (..., N); fp32 on the CPU through oneDNN (see above)."""
+    if _use_onednn(x, weight):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class BertEmbeddings(nn.Module):
@@ -71,9 +155,9 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query = Linear(config.hidden_size, config.hidden_size)
+        self.key = Linear(config.hidden_size, config.hidden_size)
+        self.value = Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None,
@@ -104,7 +188,7 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -127,7 +211,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.act = _ACT[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +221,7 @@ class BertIntermediate(nn.Module):
 class BertOutput(BertSelfOutput):
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = Linear(config.intermediate_size, config.hidden_size)
 
 
 class BertLayer(nn.Module):
@@ -181,7 +265,7 @@ class BertEncoder(nn.Module):
 class BertPooler(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H) -> (B, H): tanh(dense) of the [CLS] position."""
@@ -314,7 +398,7 @@ class BertForSequenceClassification(_BertWithHead):
             raise ValueError("a regression head has num_labels == 1")
         self.num_labels = num_labels
         self.regression = regression
-        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.classifier = Linear(config.hidden_size, num_labels)
         self.loss_fn = nn.MSELoss() if regression else nn.CrossEntropyLoss()
         self.init_weights()
 
@@ -347,7 +431,7 @@ class BertForQuestionAnswering(_BertWithHead):
 
     def __init__(self, config: BertConfig):
         super().__init__(config, add_pooling_layer=False)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.qa_outputs = Linear(config.hidden_size, 2)
         self.init_weights()
 
     def forward(
@@ -378,7 +462,7 @@ class BertForQuestionAnswering(_BertWithHead):
 class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.act = _ACT[config.hidden_act]
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -390,20 +474,20 @@ class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.decoder.weight = word_embeddings.weight  # tied: one tensor, one gradient
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., H) -> (..., V)."""
-        return F.linear(self.transform(x), self.decoder.weight, self.bias)
+        return linear(self.transform(x), self.decoder.weight, self.bias)
 
 
 class BertPreTrainingHeads(nn.Module):
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
         self.predictions = BertLMPredictionHead(config, word_embeddings)
-        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+        self.seq_relationship = Linear(config.hidden_size, 2)
 
 
 class BertForPreTraining(_BertWithHead):

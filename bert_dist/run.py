@@ -30,6 +30,7 @@ def preflight(cfg: RunConfig) -> None:
     """What can be checked before anything is created or loaded: task, paths, flags against the model."""
     from bert_dist import data as D
     from bert_dist.checkpoint import check_init
+    from bert_dist.model import set_cpu_matmul
 
     if cfg.task not in (*D.TASKS, "glue", "tokenizer"):
         raise ValueError(f"--task: unknown task {cfg.task!r}; choose from {', '.join(D.TASKS)}, glue (every GLUE "
@@ -53,6 +54,7 @@ def preflight(cfg: RunConfig) -> None:
         from bert_dist.data.squad import check_windows
 
         check_windows(max_length, cfg.data.doc_stride, cfg.data.max_query_length)
+    set_cpu_matmul(cfg.train.cpu_matmul)  # a forced onednn that this torch lacks fails here, before anything starts
     if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
         raise ValueError(f"--resume-from {cfg.train.resume_from}: no such checkpoint directory")
     out = Path(cfg.output_dir) if cfg.output_dir else None

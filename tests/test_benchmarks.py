@@ -43,7 +43,7 @@ def test_quick_fastpaths_run_with_every_path(tmp_path):
     p = subprocess.run([sys.executable, "-m", "benchmarks", "fastpaths", "--quick", "--shapes", "4x32",
                         "--precisions", "fp32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    for path in ("unpad", "last layer on read rows", "dropout attention", "adamw"):
+    for path in ("unpad", "last layer on read rows", "dropout attention", "onednn matmul", "adamw"):
         assert f"| {path} " in p.stdout, path
     assert "pretrain step" in p.stdout
 

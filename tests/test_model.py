@@ -12,8 +12,11 @@ from bert_dist.model import (
     BertForSequenceClassification,
     BertModel,
     attend,
+    linear,
     masked_rows,
+    set_cpu_matmul,
 )
+from bert_dist.model import _onednn_works as onednn_works
 
 V = 97
 
@@ -235,3 +238,65 @@ def test_new_head_when_label_count_differs(tmp_path):
     three = BertForSequenceClassification(tiny(), num_labels=3)
     report = load_weights(three, load_state_dict(tmp_path), "two-label run")
     assert sorted(report["new"]) == ["classifier.bias", "classifier.weight"]
+
+
+@pytest.fixture
+def cpu_matmul():
+    """Sets --cpu-matmul for one test and restores the default after it."""
+    yield set_cpu_matmul
+    set_cpu_matmul("auto")
+
+
+needs_onednn = pytest.mark.skipif(not onednn_works(), reason="this torch build has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_forward_and_backward(cpu_matmul, bias):
+    cpu_matmul("onednn")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 24, generator=g, requires_grad=True)
+    w = torch.randn(40, 24, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True) if bias else None
+    xt = x.transpose(0, 1)  # (5, 6, 24), not contiguous
+    dy = torch.randn(5, 6, 40, generator=g)
+    grads = []
+    for fn in (linear, torch.nn.functional.linear):
+        y = fn(xt, w, b)
+        params = [t for t in (x, w, b) if t is not None]
+        grads.append((y, *torch.autograd.grad(y, params, dy)))
+    assert grads[0][0].grad_fn.name() == "_OneDNNLinearBackward"  # the path under test was taken
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_and_torch_matmuls_give_the_same_model(cpu_matmul):
+    """The whole model, training mode off, through both paths: same logits and parameter gradients."""
+    cfg = tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg, num_labels=3)
+    b = batch()
+    labels = torch.tensor([0, 2, 1])
+    outs = []
+    for mode in ("onednn", "torch"):
+        cpu_matmul(mode)
+        model.zero_grad()
+        out = model(**b, labels=labels)
+        out["loss"].backward()
+        outs.append((out["logits"].detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for g1, g2 in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_low_precision_and_forced_torch_keep_f_linear(cpu_matmul):
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.grad_fn.name() != "_OneDNNLinearBackward"  # autocast's own cast
+    assert linear(x.double(), w.double()).grad_fn.name() != "_OneDNNLinearBackward"
+    cpu_matmul("torch")
+    assert linear(x, w).grad_fn.name() != "_OneDNNLinearBackward"
+    with pytest.raises(ValueError, match="--cpu-matmul"):
+        cpu_matmul("mkl")
