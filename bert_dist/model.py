@@ -29,8 +29,9 @@ _ACT = {
 # --- fp32 matmuls on the CPU ---------------------------------------------------------------------------------
 # torch sends an fp32 F.linear on the CPU to MKL, which on AMD CPUs takes a slower code path: on this project's
 # EPYC (AVX-512) oneDNN's fp32 GEMM, the library torch already uses for bf16, ran BERT's projections 2.2x - 2.4x
-# faster forward and 1.7x - 2.3x backward (BENCHMARKS.md, "fp32 GEMMs on the CPU"). `linear` routes fp32 CPU
-# matmuls there. bf16/fp16 (autocast included), CUDA and torch.compile keep F.linear.
+# faster forward and 1.7x - 2.3x backward, and the minilm fp32 train step 1.55x, inference 1.93x (BENCHMARKS.md,
+# "fp32 projections through oneDNN"). `linear` routes fp32 CPU matmuls there. bf16 already runs in oneDNN (through
+# oneDNN's linear instead: 0.99x, not kept); fp16, autocast, CUDA and torch.compile keep F.linear.
 CPU_MATMULS = ("auto", "onednn", "torch")
 _cpu_matmul = {"mode": "auto", "onednn": None}  # "onednn": the resolved choice, None until first needed
 
