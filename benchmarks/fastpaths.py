@@ -3,7 +3,8 @@
 - last layer on read rows: the last layer computes only the rows its head reads (`keep`: [CLS] for
   classification, [CLS] + the masked positions for pretraining) vs every row (what transformers computes).
 - dropout attention: training on the CPU, attention with dropout as scores/softmax/dropout/matmul (`model.attend`)
-  vs SDPA with dropout_p (which leaves its fused CPU kernel for its reference path when dropout is on).
+  vs SDPA with dropout_p (which leaves its fused CPU kernel for its reference path when dropout is on). In bf16
+  only since session 5 (fp32 measured 0.96x - 0.97x and calls SDPA): an fp32 row compares SDPA with SDPA.
 - onednn matmul: fp32 projections on the CPU through oneDNN's linear (`model.linear`, `--cpu-matmul auto`) vs
   F.linear (`--cpu-matmul torch`: MKL in the x86 wheels). fp32 only: bf16 went through oneDNN's linear too in
   session 5 and measured 0.99x (train step and inference, minilm 32x128), so bf16 stays on F.linear.
@@ -110,6 +111,19 @@ def torch_matmul():
     return _replaced(M, "_cpu_matmul", {"mode": "torch", "onednn": False})
 
 
+def _projection_fn(m: int, k: int, n: int):
+    """One `model.linear` forward and backward: x (m, k), weight (n, k), bias (n,)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g, requires_grad=True)
+    w, b = torch.randn(n, k, generator=g, requires_grad=True), torch.randn(n, generator=g, requires_grad=True)
+    dy = torch.randn(m, n, generator=g)
+
+    def run():
+        torch.autograd.grad(M.linear(x, w, b), (x, w, b), dy)
+
+    return run
+
+
 def fused_qkv():
     return _replaced(M.BertSelfAttention, "forward", _fused_qkv_forward)
 
@@ -151,6 +165,11 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             add("last layer on read rows", "train step", f"{B}x{T} full", precision,
                 interleave({"off": _switched(step, every_row), "on": step}, opts.rounds, opts.warmup, sync))
             if device.type == "cpu" and precision == "fp32":
+                for k, n in ((cfg.hidden_size, cfg.intermediate_size), (cfg.intermediate_size, cfg.hidden_size)):
+                    proj = _projection_fn(B * T, k, n)
+                    add("onednn matmul", f"one projection fwd+bwd, ({B * T}, {k}) -> {n}", f"{B}x{T}", precision,
+                        interleave({"off": _switched(proj, torch_matmul), "on": proj}, opts.rounds, opts.warmup,
+                                   sync))
                 add("onednn matmul", "train step", f"{B}x{T} full", precision,
                     interleave({"off": _switched(step, torch_matmul), "on": step}, opts.rounds, opts.warmup, sync))
             if device.type == "cpu":

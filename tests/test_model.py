@@ -138,19 +138,21 @@ def test_qa_loss_ignores_padding():
 
 @pytest.mark.parametrize("amp", [False, True])
 def test_cpu_dropout_attention_matches_sdpa(amp):
-    """The CPU training path of `attend` (taken whenever dropout_p > 0) is SDPA's attention: with a dropout rate
-    too small to drop anything it equals SDPA without dropout, masked keys included, in fp32 and bf16 autocast."""
+    """The CPU training path of `attend` (taken when dropout_p > 0 in low precision; fp32 calls SDPA) is SDPA's
+    attention: with a dropout rate too small to drop anything it equals SDPA without dropout, masked keys
+    included, under bf16 autocast and with bf16 inputs."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 9, 8, generator=g) for _ in range(3))
     mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
     mask[1, ..., 6:] = False
     mask[2, ..., 2:] = False
+    if not amp:  # bf16 tensors, no autocast
+        q, k, v = (t.bfloat16() for t in (q, k, v))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         ours = attend(q, k, v, mask, 1e-12)
-        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    tol = {"atol": 2e-2, "rtol": 2e-2} if amp else {"atol": 1e-6, "rtol": 1e-5}
-    torch.testing.assert_close(ours.float(), ref.float(), **tol)
-    assert ours.dtype == (torch.bfloat16 if amp else torch.float32)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(ours.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert ours.dtype == torch.bfloat16
 
 
 def test_dropout_only_in_training():
