@@ -63,11 +63,16 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0
             or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
         return False
+    return fp32_cpu_matmul() == "onednn"
+
+
+def fp32_cpu_matmul() -> str:
+    """What fp32 projections on the CPU run through under the current --cpu-matmul: "onednn" or "torch"."""
     if _cpu_matmul["onednn"] is None:
         mode = _cpu_matmul["mode"]
         _cpu_matmul["onednn"] = mode == "onednn" or (
             mode == "auto" and platform.machine().lower() in ("x86_64", "amd64") and _onednn_works())
-    return _cpu_matmul["onednn"]
+    return "onednn" if _cpu_matmul["onednn"] else "torch"
 
 
 def _mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
