@@ -6,8 +6,9 @@
   vs SDPA with dropout_p (which leaves its fused CPU kernel for its reference path when dropout is on). In bf16
   only since session 5 (fp32 measured 0.96x - 0.97x and calls SDPA): an fp32 row compares SDPA with SDPA.
 - onednn matmul: fp32 projections on the CPU through oneDNN's linear (`model.linear`, `--cpu-matmul auto`) vs
-  F.linear (`--cpu-matmul torch`: MKL in the x86 wheels). fp32 only: bf16 went through oneDNN's linear too in
-  session 5 and measured 0.99x (train step and inference, minilm 32x128), so bf16 stays on F.linear.
+  F.linear (`--cpu-matmul torch`: MKL in the x86 wheels). In bf16 inference, `model.Linear`'s kept bf16 weight
+  copies through oneDNN's linear vs autocast's F.linear. bf16 training stays on F.linear: oneDNN's linear measured
+  0.99x there (session 5).
 - unpad: the encoder on real tokens only (`model.Unpadding`, CPU) vs the padded encoder.
 - no mask: on full rows, no attention mask at all (on the CPU knowing it costs no sync; transformers drops
   it too, after a host sync) vs our all-True mask. Not in the model (no gain measured): a variant here.
@@ -184,7 +185,7 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             fwd = forward_fn(model, batch, device, precision)
             add("last layer on read rows", "inference", f"{B}x{T} full", precision,
                 interleave({"off": _switched(fwd, every_row), "on": fwd}, opts.rounds, opts.warmup, sync))
-            if device.type == "cpu" and precision == "fp32":
+            if device.type == "cpu":  # bf16: the kept bf16 weight copies (`model.Linear`)
                 add("onednn matmul", "inference", f"{B}x{T} full", precision,
                     interleave({"off": _switched(fwd, torch_matmul), "on": fwd}, opts.rounds, opts.warmup, sync))
             if device.type == "cpu":

@@ -53,8 +53,9 @@ def _onednn_works() -> bool:
             return False
         g = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(*s, generator=g) for s in ((5, 16), (7, 16), (7,)))
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", enabled=False):  # it may first be asked inside a bf16 region
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            return torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-5)
     except (AttributeError, RuntimeError):
         return False
 
@@ -63,11 +64,12 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0
             or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
         return False
-    return fp32_cpu_matmul() == "onednn"
+    return cpu_matmul() == "onednn"
 
 
-def fp32_cpu_matmul() -> str:
-    """What fp32 projections on the CPU run through under the current --cpu-matmul: "onednn" or "torch"."""
+def cpu_matmul() -> str:
+    """What projections on the CPU run through under the current --cpu-matmul: "onednn" (fp32, and bf16 inference:
+    `Linear`) or "torch" (F.linear)."""
     if _cpu_matmul["onednn"] is None:
         mode = _cpu_matmul["mode"]
         _cpu_matmul["onednn"] = mode == "onednn" or (
@@ -108,11 +110,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _bf16_inference(x: torch.Tensor) -> bool:
+    """No gradients, bf16 CPU autocast, oneDNN on: where `Linear` keeps bf16 copies of its weights."""
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() > 0
+            and x.dtype in (torch.float32, torch.bfloat16) and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()
+            and cpu_matmul() == "onednn")
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) through `linear`."""
+    """nn.Linear (same parameters and names) through `linear`.
+
+    In bf16 inference on the CPU (evaluation, prediction) it keeps bf16 copies of its weight and bias between
+    forwards, made again when either changes (an optimizer step, a load), and runs oneDNN's linear with the
+    bias fused: autocast would cast every weight again at every forward. minilm bf16 inference: 1.07x
+    (BENCHMARKS.md, "Fast paths"). The price: the copies (half the fp32 size) stay in memory after an evaluation.
+    """
+
+    _bf16: tuple | None = None  # (what the copies were made from, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features)."""
+        if _bf16_inference(x):
+            w, b = self._bf16_weights()
+            return _mm_t(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w, b).view(*x.shape[:-1], w.shape[0])
         return linear(x, self.weight, self.bias)
+
+    def _bf16_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = self.bias
+        key = (self.weight.data_ptr(), self.weight._version, None if b is None else (b.data_ptr(), b._version))
+        if self._bf16 is None or self._bf16[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, so the module still deep-copies
+                self._bf16 = (key, self.weight.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16))
+        return self._bf16[1], self._bf16[2]
 
 
 class BertEmbeddings(nn.Module):

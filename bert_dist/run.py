@@ -136,12 +136,12 @@ def run_task(cfg: RunConfig, accelerator, out_dir: Path) -> dict:
         from bert_dist.finetune import run_finetune as recipe
     results = recipe(cfg, accelerator, out_dir)
     if accelerator.is_main_process and not results.get("interrupted"):
-        from bert_dist.model import fp32_cpu_matmul
+        from bert_dist.model import cpu_matmul
         from bert_dist.report import describe_hardware, write_report
 
         results["hardware"] = describe_hardware(accelerator)
         if accelerator.device.type == "cpu":
-            results["hardware"]["fp32_cpu_matmul"] = fp32_cpu_matmul()  # --cpu-matmul as resolved here
+            results["hardware"]["cpu_matmul"] = cpu_matmul()  # --cpu-matmul as resolved here
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print_table(f"{cfg.task} results", {"final": {k: v for k, v in results.items() if isinstance(v, (int, float))}})
         try:

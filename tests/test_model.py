@@ -11,12 +11,14 @@ from bert_dist.model import (
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertModel,
+    Linear,
     attend,
     linear,
     masked_rows,
     set_cpu_matmul,
 )
 from bert_dist.model import _onednn_works as onednn_works
+from bert_dist.model import cpu_matmul as cpu_matmul_in_use
 
 V = 97
 
@@ -302,3 +304,38 @@ def test_low_precision_and_forced_torch_keep_f_linear(cpu_matmul):
     assert linear(x, w).grad_fn.name() != "_OneDNNLinearBackward"
     with pytest.raises(ValueError, match="--cpu-matmul"):
         cpu_matmul("mkl")
+
+
+@needs_onednn
+def test_bf16_inference_keeps_weight_copies_and_remakes_them_when_weights_change(cpu_matmul):
+    """bf16 autocast without gradients: `Linear` runs on kept bf16 copies; the same logits as autocast's F.linear,
+    also after an in-place update of a weight (which must remake the copies)."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny(), num_labels=3).eval()
+    b = batch()
+
+    def logits(mode: str) -> torch.Tensor:
+        cpu_matmul(mode)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**b)["logits"].float()
+
+    ours, ref = logits("onednn"), logits("torch")
+    assert model.classifier._bf16 is not None
+    torch.testing.assert_close(ours, ref, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        model.classifier.weight.mul_(-3)
+    ours2, ref2 = logits("onednn"), logits("torch")
+    torch.testing.assert_close(ours2, ref2, rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(ours2, ours, atol=1e-3)  # the stale copy was not used
+    copy_of = Linear(4, 2)
+    cpu_matmul("onednn")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # gradients on: no copies
+        copy_of(torch.randn(3, 4))
+    assert copy_of._bf16 is None
+
+
+@needs_onednn
+def test_cpu_matmul_first_asked_inside_autocast_still_finds_onednn(cpu_matmul):
+    cpu_matmul("auto")  # forget the resolved choice
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_matmul_in_use() == "onednn"

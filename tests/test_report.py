@@ -37,7 +37,7 @@ def test_run_writes_a_self_contained_report(run):
     assert not re.search(r"<script|<link|src=|(?<!xmlns=\")https?://", page)  # nothing to fetch: opens offline
     results = json.loads((run / "results.json").read_text())
     assert results["hardware"]["num_processes"] == 1 and results["hardware"]["device_type"] == "cpu"
-    assert results["hardware"]["fp32_cpu_matmul"] == "torch"  # --cpu-matmul torch, as the run was given
+    assert results["hardware"]["cpu_matmul"] == "torch"  # --cpu-matmul torch, as the run was given
 
 
 def test_run_writes_a_model_card(run):
