@@ -149,6 +149,8 @@ class TrainConfig:
                                 "(their updates are zeroed; checked at log and save steps)")
     compile: bool = _f(False, "torch.compile the model")
     cpu_matmul: str = _f("auto", "fp32 matmuls on the CPU: auto (oneDNN on x86-64) | onednn | torch (F.linear: MKL)")
+    cpu_threads: int | None = _f(None, "torch threads per CPU process (default: torch's own, except under accelerate "
+                                        "launch's OMP_NUM_THREADS=1 default: the cores per process)")
     eval_only: bool = _f(False, "skip training: evaluate and predict with the --init weights")
 
 
@@ -187,6 +189,8 @@ class RunConfig:
             raise ValueError(f"--lr must be positive, got {o.lr}")
         if not 0 <= o.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
+        if t.cpu_threads is not None and t.cpu_threads < 1:
+            raise ValueError(f"--cpu-threads must be at least 1, got {t.cpu_threads}")
         if t.cpu_matmul not in ("auto", "onednn", "torch"):
             raise ValueError(f"--cpu-matmul must be auto, onednn or torch, not {t.cpu_matmul!r}")
         if o.scheduler not in ("linear", "cosine", "constant"):

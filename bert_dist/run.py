@@ -65,6 +65,34 @@ def preflight(cfg: RunConfig) -> None:
         raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or --resume to continue it")
 
 
+def set_cpu_threads(threads: int | None, accelerator) -> None:
+    """--cpu-threads, or where `accelerate launch` left its default of one thread, the cores per local process.
+
+    accelerate launch (without --cpu, --num_cpu_threads_per_process or OMP_NUM_THREADS) sets OMP_NUM_THREADS=1: the
+    README's command would train on one core of a many-core machine (1.42x slower on the 2-vCPU VM, BENCHMARKS.md).
+    An OMP_NUM_THREADS=1 given on purpose looks the same from here: --cpu-threads 1 keeps one thread.
+    """
+    import torch
+
+    if accelerator.device.type != "cpu":
+        return
+    if threads is None:
+        launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ and os.environ.get("OMP_NUM_THREADS") == "1"
+        if not launched or torch.get_num_threads() != 1:
+            return
+        import psutil
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = min(psutil.cpu_count(logical=False) or usable, usable)
+        threads = max(1, cores // max(1, local))
+        if threads == 1:
+            return
+        log.info("using %d CPU threads per process (accelerate launch set OMP_NUM_THREADS=1; --cpu-threads to choose)",
+                 threads)
+    torch.set_num_threads(threads)
+
+
 def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     """runs/<task>-<timestamp> by default (one name for all processes); returns (dir, whether this run made it)."""
     from accelerate.utils import broadcast_object_list
@@ -181,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         is_main = accelerator.is_main_process
         setup_logging(is_main)
+        set_cpu_threads(cfg.train.cpu_threads, accelerator)
         set_seed(cfg.seed)
         out_dir, created = prepare_output_dir(cfg, accelerator)
         if cfg.report_to:

@@ -123,6 +123,7 @@ def test_unknown_task(tmp_path, capsys):
     (["--max-eval-samples", "-1"], ["--max-eval-samples", "at least 1"]),
     (["--num-workers", "-1"], ["--num-workers"]),
     (["--cpu-matmul", "mkl"], ["--cpu-matmul", "auto, onednn or torch"]),
+    (["--cpu-threads", "0"], ["--cpu-threads", "at least 1"]),
 ])
 def test_contradictory_or_invalid_flags(tmp_path, capsys, data_dir, extra, phrases):
     data = None if "--train-file" in extra and "--validation-file" not in extra else data_dir

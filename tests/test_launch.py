@@ -7,6 +7,7 @@ Set BERT_DIST_SLOW_TESTS=1 to also really launch 2 gloo processes on the CPU.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,3 +299,23 @@ def test_local_really_starts_two_gloo_ranks(env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = sorted(ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("RANK"))
     assert ranks == [["0", "2", "gloo"], ["1", "2", "gloo"]]
+
+
+def _launched_threads(tmp_path, *extra: str) -> int:
+    """torch threads of a 1-process `accelerate launch` run with no thread settings (accelerate's default: 1)."""
+    out = tmp_path / ("run" + "".join(extra).replace("-", ""))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "bert_dist" / "run.py"), "--task", "sst2",
+           "--smoke", "--max-steps", "2", "--output-dir", str(out), *extra]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())["hardware"]["torch_threads"]
+
+
+@pytest.mark.skipif(min(os.cpu_count() or 1, psutil.cpu_count(logical=False) or 1) < 2, reason="one core")
+def test_accelerate_launch_default_of_one_thread_becomes_the_cores_unless_told(tmp_path):
+    cores = min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False))
+    assert _launched_threads(tmp_path) == cores
+    assert _launched_threads(tmp_path, "--cpu-threads", "1") == 1
