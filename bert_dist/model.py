@@ -26,12 +26,12 @@ _ACT = {
 }
 
 
-# --- fp32 matmuls on the CPU ---------------------------------------------------------------------------------
+# --- Projections on the CPU ----------------------------------------------------------------------------------
 # torch sends an fp32 F.linear on the CPU to MKL, which on AMD CPUs takes a slower code path: on this project's
-# EPYC (AVX-512) oneDNN's fp32 GEMM, the library torch already uses for bf16, ran BERT's projections 2.2x - 2.4x
-# faster forward and 1.7x - 2.3x backward, and the minilm fp32 train step 1.55x, inference 1.93x (BENCHMARKS.md,
-# "fp32 projections through oneDNN"). `linear` routes fp32 CPU matmuls there. bf16 already runs in oneDNN (through
-# oneDNN's linear instead: 0.99x, not kept); fp16, autocast, CUDA and torch.compile keep F.linear.
+# EPYC (AVX-512) oneDNN's fp32 GEMM, the library torch already uses for bf16, ran one BERT projection forward +
+# backward 2.0x faster, the minilm fp32 train step 1.57x and inference 1.93x (BENCHMARKS.md, "Fast paths" (j)).
+# `linear` routes fp32 CPU matmuls there. bf16 training stays on F.linear (already oneDNN; oneDNN's linear measured
+# 0.99x); bf16 inference goes through `Linear`'s kept bf16 weights; fp16, CUDA and torch.compile keep F.linear.
 CPU_MATMULS = ("auto", "onednn", "torch")
 _cpu_matmul = {"mode": "auto", "onednn": None}  # "onednn": the resolved choice, None until first needed
 
@@ -123,8 +123,8 @@ class Linear(nn.Linear):
 
     In bf16 inference on the CPU (evaluation, prediction) it keeps bf16 copies of its weight and bias between
     forwards, made again when either changes (an optimizer step, a load), and runs oneDNN's linear with the
-    bias fused: autocast would cast every weight again at every forward. minilm bf16 inference: 1.07x
-    (BENCHMARKS.md, "Fast paths"). The price: the copies (half the fp32 size) stay in memory after an evaluation.
+    bias fused: autocast would cast every weight again at every forward. minilm bf16 inference: 1.06x - 1.09x
+    (BENCHMARKS.md, "Fast paths" (k)). The price: the copies (half the fp32 size) stay in memory after an evaluation.
     """
 
     _bf16: tuple | None = None  # (what the copies were made from, weight, bias)
