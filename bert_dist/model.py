@@ -122,9 +122,12 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and names) through `linear`.
 
     In bf16 inference on the CPU (evaluation, prediction) it keeps bf16 copies of its weight and bias between
-    forwards, made again when either changes (an optimizer step, a load), and runs oneDNN's linear with the
-    bias fused: autocast would cast every weight again at every forward. minilm bf16 inference: 1.06x - 1.09x
-    (BENCHMARKS.md, "Fast paths" (k)). The price: the copies (half the fp32 size) stay in memory after an evaluation.
+    forwards and runs oneDNN's linear with the bias fused: autocast would cast every weight again at every forward.
+    The copies are dropped at every forward that takes gradients (a training step: fused AdamW updates the weights
+    without bumping their version counters) and made again when the weights' storage or version changes (a load).
+    minilm bf16 inference: 1.06x - 1.09x (BENCHMARKS.md, "Fast paths" (k)). The price: the copies (half the fp32
+    size) stay in memory after an evaluation. A weight changed in place through `.data` with no forward between
+    is not seen: nothing in bert-dist does that.
     """
 
     _bf16: tuple | None = None  # (what the copies were made from, weight, bias)
@@ -134,6 +137,8 @@ class Linear(nn.Linear):
         if _bf16_inference(x):
             w, b = self._bf16_weights()
             return _mm_t(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w, b).view(*x.shape[:-1], w.shape[0])
+        if torch.is_grad_enabled():
+            self._bf16 = None  # the weights are about to change, and an optimizer may leave no trace of it
         return linear(x, self.weight, self.bias)
 
     def _bf16_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:

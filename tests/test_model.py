@@ -339,3 +339,27 @@ def test_cpu_matmul_first_asked_inside_autocast_still_finds_onednn(cpu_matmul):
     cpu_matmul("auto")  # forget the resolved choice
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_matmul_in_use() == "onednn"
+
+
+@needs_onednn
+def test_bf16_inference_after_a_fused_adamw_step_sees_the_new_weights(cpu_matmul):
+    """Evaluate, train a step with fused AdamW (which leaves no version mark on the weights), evaluate again: the
+    second evaluation must use the updated weights, as autocast's F.linear does."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny(), num_labels=3)
+    b = batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+
+    def logits(mode: str) -> torch.Tensor:
+        cpu_matmul(mode)
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**b)["logits"].float()
+
+    before = logits("onednn")
+    model.train()
+    model(**b, labels=torch.tensor([0, 2, 1]))["loss"].backward()
+    optimizer.step()
+    after, ref = logits("onednn"), logits("torch")
+    assert not torch.allclose(after, before, atol=1e-3)
+    torch.testing.assert_close(after, ref, rtol=1e-2, atol=1e-2)
