@@ -49,6 +49,21 @@ def test_reload_with_init_gives_the_same_evaluation(trained, tmp_path):
     assert "new head" not in p.stderr  # the classifier came back from the run dir
 
 
+def test_bf16_run_evaluating_during_training_scores_like_its_reload(tmp_path):
+    """bf16 with evaluations between training steps: the last evaluation must see the trained weights (the CPU keeps
+    bf16 weight copies for inference, which training must invalidate), so it equals --eval-only of the saved model."""
+    out = tmp_path / "bf16"
+    p = run_cli(["--task", "sst2", "--smoke", "--mixed-precision", "bf16", "--max-steps", "30", "--eval-every", "10",
+                 "--output-dir", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    data_dir = json.loads((out / "run_config.json").read_text())["data"]["data_dir"]
+    again = tmp_path / "reloaded"
+    p = run_cli(["--task", "sst2", "--init", str(out), "--data-dir", data_dir, "--eval-only", "--mixed-precision",
+                 "bf16", "--output-dir", str(again)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (again / "predictions_validation.jsonl").read_text() == (out / "predictions_validation.jsonl").read_text()
+
+
 def test_refuses_a_non_empty_output_dir(trained):
     out, _ = trained
     before = (out / "results.json").read_text()
