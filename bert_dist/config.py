@@ -132,6 +132,10 @@ class OptimConfig:
     fused: bool | None = _f(None, "fused AdamW kernel (default: on, for CUDA and the CPU)")
 
 
+CPU_MATMULS = ("auto", "onednn", "torch")
+"""--cpu-matmul: see `bert_dist.model.linear`."""
+
+
 @dataclass
 class TrainConfig:
     """The loop, counted in optimizer steps."""
@@ -191,7 +195,7 @@ class RunConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
         if t.cpu_threads is not None and t.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be at least 1, got {t.cpu_threads}")
-        if t.cpu_matmul not in ("auto", "onednn", "torch"):
+        if t.cpu_matmul not in CPU_MATMULS:
             raise ValueError(f"--cpu-matmul must be auto, onednn or torch, not {t.cpu_matmul!r}")
         if o.scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"--scheduler must be linear, cosine or constant, not {o.scheduler!r}")

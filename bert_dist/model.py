@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bert_dist.config import BertConfig
+from bert_dist.config import CPU_MATMULS, BertConfig
 
 _ACT = {
     "gelu": F.gelu,  # exact (erf) GELU, as in the original BERT
@@ -32,7 +32,6 @@ _ACT = {
 # backward 2.0x faster, the minilm fp32 train step 1.57x and inference 1.93x (BENCHMARKS.md, "Fast paths" (j)).
 # `linear` routes fp32 CPU matmuls there. bf16 training stays on F.linear (already oneDNN; oneDNN's linear measured
 # 0.99x); bf16 inference goes through `Linear`'s kept bf16 weights; fp16, CUDA and torch.compile keep F.linear.
-CPU_MATMULS = ("auto", "onednn", "torch")
 _cpu_matmul = {"mode": "auto", "onednn": None}  # "onednn": the resolved choice, None until first needed
 
 
