@@ -41,10 +41,11 @@ def test_quick_fastpaths_run_with_every_path(tmp_path):
     """The suite named on demand (each fast path off and on) runs too, so that it cannot rot either."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "benchmarks", "fastpaths", "--quick", "--shapes", "4x32",
-                        "--precisions", "fp32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                        "--precisions", "fp32,bf16"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    for path in ("unpad", "last layer on read rows", "dropout attention", "onednn matmul", "adamw"):
-        assert f"| {path} " in p.stdout, path
+    for path in ("unpad", "last layer on read rows", "dropout attention", "onednn matmul", "adamw", "qkv",
+                 "activation in the GEMM"):
+        assert f"| {path} |" in p.stdout, path
     assert "pretrain step" in p.stdout
 
 

@@ -327,11 +327,47 @@ def test_bf16_inference_keeps_weight_copies_and_remakes_them_when_weights_change
     ours2, ref2 = logits("onednn"), logits("torch")
     torch.testing.assert_close(ours2, ref2, rtol=1e-2, atol=1e-2)
     assert not torch.allclose(ours2, ours, atol=1e-3)  # the stale copy was not used
+    attention = model.bert.encoder.layer[0].attention.self  # its three projections share one kept copy
+    assert attention._bf16 is not None and attention.query._bf16 is None
+    with torch.no_grad():
+        attention.value.weight.mul_(-3)
+    ours3, ref3 = logits("onednn"), logits("torch")
+    torch.testing.assert_close(ours3, ref3, rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(ours3, ours2, atol=1e-3)
     copy_of = Linear(4, 2)
     cpu_matmul("onednn")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # gradients on: no copies
         copy_of(torch.randn(3, 4))
     assert copy_of._bf16 is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_bf16_inference_path_matches_autocast(cpu_matmul, act, padded):
+    """bf16 inference (one QKV GEMM on kept copies, the activation in the GEMM's epilogue) against autocast's
+    F.linear: the encoder's output on the padded and unpadded paths, with the last layer on [CLS] and one more row
+    (`keep`, as classification and pretraining run it) and on every row (QA)."""
+    torch.manual_seed(0)
+    model = BertModel(tiny(hidden_act=act), add_pooling_layer=False).eval()
+    b = batch()
+    b.pop("labels", None)
+    if not padded:
+        b["attention_mask"] = torch.ones_like(b["attention_mask"])
+    keep = torch.tensor([[0, 2], [0, 5], [0, 1]])
+
+    def outputs(mode: str) -> list[torch.Tensor]:
+        cpu_matmul(mode)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            every_row = model(**b)[0].float()
+            real = b["attention_mask"].bool()
+            return [every_row[real], model(**b, keep=keep)[0].float()]  # padded rows may hold anything
+
+    ours, ref = outputs("onednn"), outputs("torch")
+    assert model.encoder.layer[-1].attention.self._bf16 is not None  # the path under test was taken
+    for o, r in zip(ours, ref, strict=True):
+        assert r.abs().mean() > 0.5  # LayerNorm's output: a wrong projection shows as an O(1) difference
+        torch.testing.assert_close(o, r, rtol=0.05, atol=0.05)
 
 
 @needs_onednn
