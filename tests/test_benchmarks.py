@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,7 +46,7 @@ def test_quick_fastpaths_run_with_every_path(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     for path in ("unpad", "last layer on read rows", "dropout attention", "onednn matmul", "adamw", "qkv",
                  "activation in the GEMM"):
-        assert f"| {path} |" in p.stdout, path
+        assert re.search(rf"\| {re.escape(path)} +\|", p.stdout), path
     assert "pretrain step" in p.stdout
 
 
