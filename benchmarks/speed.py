@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Samples, fmt, interleave, print_table, progress, ratio, synchronizer
+from benchmarks.harness import Samples, fmt, interleave, print_table, progress, ratio, synchronizer, times
 from benchmarks.sources import Options, Source
 from bert_dist import model as M
 from bert_dist.config import BertConfig, OptimConfig, preset
@@ -67,6 +70,18 @@ def model_pair(cfg: BertConfig, head: str, device: torch.device, seed: int = 0) 
     for k, v in ours.state_dict().items():  # a silent miss would time two different models
         assert torch.equal(theirs[k], v), f"{k} did not load into the reference"
     return ours.to(device), ref.to(device)
+
+
+def baseline_classifier(path: Path, cfg: BertConfig, like: torch.nn.Module) -> torch.nn.Module:
+    """BertForSequenceClassification from another version of bert_dist/model.py at `path`, holding `like`'s weights
+    (it must take the same parameter names)."""
+    spec = importlib.util.spec_from_file_location("bert_dist_baseline_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    model = module.BertForSequenceClassification(cfg, num_labels=2)
+    model.load_state_dict(like.state_dict())
+    return model.to(next(like.parameters()).device)
 
 
 def reference_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -178,7 +193,7 @@ def step_suite(opts: Options, src: Source | None = None) -> list[dict]:
         del ours, ref, optims
         _free(device)
     _print_model_table("step: forward + backward + AdamW (BertForSequenceClassification)", rows, device,
-                       extra=(("fwd+bwd x", "fwd_bwd_speedup", 2), ("optim ms ours/ref", None, 0)))
+                       extra=(("fwd+bwd x", "fwd_bwd_speedup", None), ("optim ms ours/ref", None, 0)))
     return rows
 
 
@@ -189,22 +204,31 @@ def inference_suite(opts: Options, src: Source | None = None) -> list[dict]:
         cfg = preset(name)
         ours, ref = model_pair(cfg, "classification", device)
         ours.eval(), ref.eval()
+        base = baseline_classifier(opts.baseline_model, cfg, ours).eval() if opts.baseline_model else None
         for B, T in opts.shapes:
             for precision in opts.precisions:
                 for inputs in opts.inputs:
                     batch = make_batch(cfg, B, T, inputs, "classification", device)
                     fns = {"ours": forward_fn(ours, batch, device, precision),
                            REF: forward_fn(ref, batch, device, precision)}
+                    if base is not None:
+                        fns["baseline"] = forward_fn(base, batch, device, precision)
                     res = interleave(fns, opts.rounds, opts.warmup, sync)
                     o, r = res["ours"], res[REF]
                     rows.append({"preset": name, "batch": B, "seq": T, "precision": precision, "inputs": inputs,
                                  "ours_ms": 1e3 * o.median(), "ref_ms": 1e3 * r.median(),
                                  "ours_examples_per_s": B / o.median(), "ref_examples_per_s": B / r.median(),
                                  **_speedups(res, device), "rounds": opts.rounds})
+                    if base is not None:
+                        b = res["baseline"]
+                        rows[-1].update(baseline_ms=1e3 * b.median(), vs_baseline=ratio(b.median(), o.median()),
+                                        baseline_speedup=ratio(r.median(), b.median()))
                     progress(rows[-1])
-        del ours, ref
+        del ours, ref, base
         _free(device)
-    _print_model_table("inference: eval forward, inference_mode (BertForSequenceClassification)", rows, device)
+    extra = ((("baseline ms", "baseline_ms", 1), (f"baseline vs {REF}", "baseline_speedup", None),
+              ("ours vs baseline", "vs_baseline", None)) if opts.baseline_model else ())
+    _print_model_table("inference: eval forward, inference_mode (BertForSequenceClassification)", rows, device, extra)
     return rows
 
 
@@ -343,7 +367,7 @@ def _pct(x: float | None) -> str:
 
 
 def _print_model_table(title: str, rows: list[dict], device: torch.device,
-                       extra: tuple[tuple[str, str | None, int], ...] = ()) -> None:
+                       extra: tuple[tuple[str, str | None, int | None], ...] = ()) -> None:
     header = ["preset", "B x T", "precision", "inputs", "ours ms", f"{REF} ms", "speed-up"]
     if device.type == "cpu":
         header.append("CPU-time x")
@@ -354,9 +378,11 @@ def _print_model_table(title: str, rows: list[dict], device: torch.device,
                 fmt(r["ref_ms"]), f"{r['speedup']:.2f}x"]
         if device.type == "cpu":
             line.append(f"{r['cpu_time_speedup']:.2f}x")
-        for _, key, digits in extra:
-            both = f"{fmt(r['ours_optim_ms'], digits)}/{fmt(r['ref_optim_ms'], digits)}"
-            line.append(f"{r[key]:.2f}x" if key else both)
+        for _, key, digits in extra:  # key None: the AdamW "ours/reference" ms column; digits None: a ratio
+            if key is None:
+                line.append(f"{fmt(r['ours_optim_ms'], digits)}/{fmt(r['ref_optim_ms'], digits)}")
+            else:
+                line.append(times(r[key]) if digits is None else fmt(r[key], digits))
         table.append(line)
     rounds = rows[0]["rounds"] if rows else 0
     print_table(title, header, table, note=f"median of {rounds} interleaved rounds; speed-up = {REF} time / ours "

@@ -41,16 +41,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = 300):
-    """Run the real entry point in a subprocess (1 process, or `nproc` gloo processes on the CPU)."""
+def run_cli(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: int = 300,
+            env: dict[str, str] | None = None):
+    """Run the real entry point in a subprocess (1 process, or `nproc` gloo processes on the CPU).
+
+    env: variables to set on top of os.environ. A multi-process launch whose rendezvous port was taken between
+    `free_port()` and the launch (EADDRINUSE) is launched again on a fresh port, twice at most: a port race on a
+    shared machine, not a failure of the code under test.
+    """
     import subprocess
 
+    env = {**os.environ, **(env or {})}
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "bert_dist" / "run.py"), *args]
-        env = dict(os.environ)
-    else:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    for _ in range(3):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), str(REPO / "bert_dist" / "run.py"), *args]
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr:
+            return proc
+    return proc

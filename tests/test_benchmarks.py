@@ -50,6 +50,22 @@ def test_quick_fastpaths_run_with_every_path(tmp_path):
     assert "pretrain step" in p.stdout
 
 
+def test_inference_against_a_baseline_model_file(tmp_path):
+    """--baseline-model times another bert_dist/model.py (here this one) in the same rounds, same weights."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "inference", "--quick", "--shapes", "2x16", "--precisions",
+                        "bf16", "--inputs", "padded", "--baseline-model", str(REPO / "bert_dist" / "model.py"),
+                        "--out", str(tmp_path / "r.json")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "ours vs baseline" in p.stdout
+    (row,) = json.loads((tmp_path / "r.json").read_text())["suites"]["inference"]
+    assert row["baseline_ms"] > 0 and row["vs_baseline"] > 0
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "inference", "--quick", "--baseline-model",
+                        str(tmp_path / "none.py")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--baseline-model" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_unknown_suite_is_refused():
     p = subprocess.run([sys.executable, "-m", "benchmarks", "nosuch", "--quick"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)

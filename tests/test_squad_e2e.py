@@ -8,19 +8,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_cli
 
 from bert_dist.metrics import load_metric
 from bert_dist.run import main
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 15
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -125,26 +121,15 @@ def test_squad_v2_end_to_end(squad_v2_run):
     assert res["best_f1"] >= res["f1"] - 1e-6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_predict_what_one_does(squad_v2_run, tmp_path):
     """2 gloo processes (sharded eval batches, padded gathers, duplicates dropped) = the 1-process answers."""
     cfg = read(squad_v2_run / "run_config.json")
     out = tmp_path / "two"
-    env = {**os.environ, **OFFLINE, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "HF_HOME": str(tmp_path / "hf_home")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(REPO / "bert_dist" / "run.py"),
-           "--task", "squad_v2", "--eval-only", "--init", str(squad_v2_run), "--data-dir", cfg["data"]["data_dir"],
-           "--max-length", "128", "--doc-stride", "32", "--max-query-length", "16", "--eval-batch-size", "16",
-           "--output-dir", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_cli(["--task", "squad_v2", "--eval-only", "--init", str(squad_v2_run), "--data-dir",
+                    cfg["data"]["data_dir"], "--max-length", "128", "--doc-stride", "32", "--max-query-length", "16",
+                    "--eval-batch-size", "16", "--output-dir", str(out)],
+                   nproc=2, cwd=REPO, env={**OFFLINE, "HF_HOME": str(tmp_path / "hf_home")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout + proc.stderr
     assert read(out / "predictions.json") == read(squad_v2_run / "predictions.json")
