@@ -14,11 +14,8 @@
   it too, after a host sync) vs our all-True mask. Not in the model (no gain measured): a variant here.
 - adamw: one AdamW step over the model's parameters: torch's CPU default (a per-tensor loop),
   `foreach=True`, and `fused=True` (what `build_optimizer` picks on CUDA and the CPU).
-- qkv: one projection on the concatenated query/key/value weights vs three. In bf16 inference on the CPU the
-  model does it on kept bf16 copies (`BertSelfAttention`, session 6): "off" is three projections on each
-  `Linear`'s kept copies. Elsewhere not in the model (no gain measured; `torch.cat` per forward): "qkv (not kept)".
-- activation in the GEMM: bf16 inference on the CPU, GELU as oneDNN's post-op on the intermediate GEMM
-  (`BertIntermediate`, session 6) vs the GEMM then `F.gelu`.
+- qkv: one projection on the concatenated query/key/value weights (`torch.cat` per forward) vs three.
+  Not in the model (no gain measured): the variant lives here so the measurement can be repeated.
 - compile (a suite of its own, minutes of compiling): `torch.compile(model)` vs eager, the first
   (compiling) step's time and the steady-state step.
 
@@ -57,29 +54,6 @@ def _fused_qkv_forward(self: M.BertSelfAttention, x: torch.Tensor, mask: torch.T
     q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
     return y.transpose(1, 2).reshape(B, T, H)
-
-
-def _separate_qkv_forward(self: M.BertSelfAttention, x: torch.Tensor, mask: torch.Tensor | None,
-                          unpad: M.Unpadding | None = None, xq: torch.Tensor | None = None) -> torch.Tensor:
-    """BertSelfAttention.forward with three projections, each on its `Linear`'s kept bf16 copies (padded path)."""
-    assert unpad is None, "the qkv variant is measured on the padded path"
-    B, T, H = x.shape
-
-    def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, nh, L, hs)
-        return t.view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
-
-    q = heads(self.query(x if xq is None else xq))
-    y = F.scaled_dot_product_attention(q, heads(self.key(x)), heads(self.value(x)), attn_mask=mask)
-    return y.transpose(1, 2).reshape(B, -1, H)
-
-
-def separate_qkv():
-    return _replaced(M.BertSelfAttention, "forward", _separate_qkv_forward)
-
-
-def activation_after_gemm():
-    """BertIntermediate: the GEMM, then the activation (what it does outside bf16 inference)."""
-    return _replaced(M.BertIntermediate, "forward", lambda self, x: self.act(self.dense(x)))
 
 
 def _switched(fn, switch):
@@ -211,22 +185,15 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             fwd = forward_fn(model, batch, device, precision)
             add("last layer on read rows", "inference", f"{B}x{T} full", precision,
                 interleave({"off": _switched(fwd, every_row), "on": fwd}, opts.rounds, opts.warmup, sync))
-            if device.type == "cpu":  # bf16: every kept-copy path (`Linear`, qkv, activation)
+            if device.type == "cpu":  # bf16: the kept bf16 weight copies (`model.Linear`)
                 add("onednn matmul", "inference", f"{B}x{T} full", precision,
                     interleave({"off": _switched(fwd, torch_matmul), "on": fwd}, opts.rounds, opts.warmup, sync))
             if device.type == "cpu":
                 add("no mask (not kept)", "inference", f"{B}x{T} full", precision,
                     interleave({"off": fwd, "on": _switched(fwd, unmasked_full_rows)}, opts.rounds, opts.warmup,
                                sync))
-            if device.type == "cpu" and precision == "bf16":  # in the model: on kept copies
-                add("qkv", "inference", f"{B}x{T} full", precision,
-                    interleave({"off": _switched(fwd, separate_qkv), "on": fwd}, opts.rounds, opts.warmup, sync))
-                add("activation in the GEMM", "inference", f"{B}x{T} full", precision,
-                    interleave({"off": _switched(fwd, activation_after_gemm), "on": fwd}, opts.rounds, opts.warmup,
-                               sync))
-            else:
-                add("qkv (not kept)", "inference", f"{B}x{T} full", precision,
-                    interleave({"off": fwd, "on": _switched(fwd, fused_qkv)}, opts.rounds, opts.warmup, sync))
+            add("qkv (not kept)", "inference", f"{B}x{T} full", precision,
+                interleave({"off": fwd, "on": _switched(fwd, fused_qkv)}, opts.rounds, opts.warmup, sync))
 
     # last layer on read rows, pretraining: [CLS] + the ~15% masked positions.
     torch.manual_seed(0)

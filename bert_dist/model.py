@@ -24,9 +24,6 @@ _ACT = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
-# The same activations as oneDNN post-ops (attr, algorithm), applied to a GEMM's fp32 accumulator in bf16 inference.
-_ONEDNN_ACT = {"gelu": ("gelu", "none"), "relu": ("relu", ""), "gelu_new": ("gelu", "tanh"),
-               "gelu_pytorch_tanh": ("gelu", "tanh")}
 
 
 # --- Projections on the CPU ----------------------------------------------------------------------------------
@@ -79,13 +76,9 @@ def cpu_matmul() -> str:
     return "onednn" if _cpu_matmul["onednn"] else "torch"
 
 
-def _mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-          act: tuple[str, str] = ("none", "")) -> torch.Tensor:
-    """a (M, K), b (N, K) -> act(a @ b.T + bias): (M, N), in oneDNN. Either may be a transposed view.
-
-    act: a `_ONEDNN_ACT` value, applied in the GEMM's epilogue (before the result is rounded to a's dtype).
-    """
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, act[0], [], act[1])
+def _mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K), b (N, K) -> a @ b.T + bias: (M, N), in oneDNN. Either may be a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -124,45 +117,36 @@ def _bf16_inference(x: torch.Tensor) -> bool:
             and cpu_matmul() == "onednn")
 
 
-def _kept_bf16(owner: nn.Module, params: tuple[torch.Tensor | None, ...], make) -> tuple:
-    """make()'s bf16 copies of `params`, kept in owner._bf16 and made again when a parameter's storage or version
-    changes (a load). Owners drop them (owner._bf16 = None) at every forward that takes gradients: fused AdamW
-    updates weights without bumping their version counters."""
-    key = tuple(None if p is None else (p.data_ptr(), p._version) for p in params)
-    if owner._bf16 is None or owner._bf16[0] != key:
-        with torch.inference_mode(False), torch.no_grad():  # plain tensors, so the module still deep-copies
-            owner._bf16 = (key, make())
-    return owner._bf16[1]
-
-
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) through `linear`.
 
     In bf16 inference on the CPU (evaluation, prediction) it keeps bf16 copies of its weight and bias between
     forwards and runs oneDNN's linear with the bias fused: autocast would cast every weight again at every forward.
-    The copies are dropped at every forward that takes gradients (a training step) and made again when the
-    weights' storage or version changes (a load): `_kept_bf16`. minilm bf16 inference: 1.06x - 1.09x
-    (BENCHMARKS.md, "Fast paths" (k)). The price: the copies (half the fp32 size) stay in memory after an
-    evaluation. A weight changed in place through `.data` with no forward between is not seen: nothing in
-    bert-dist does that.
+    The copies are dropped at every forward that takes gradients (a training step: fused AdamW updates the weights
+    without bumping their version counters) and made again when the weights' storage or version changes (a load).
+    minilm bf16 inference: 1.06x - 1.09x (BENCHMARKS.md, "Fast paths" (k)). The price: the copies (half the fp32
+    size) stay in memory after an evaluation. A weight changed in place through `.data` with no forward between
+    is not seen: nothing in bert-dist does that.
     """
 
-    _bf16: tuple | None = None  # (what the copies were made from, (weight, bias))
+    _bf16: tuple | None = None  # (what the copies were made from, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features)."""
         if _bf16_inference(x):
-            return self.bf16_inference(x)
+            w, b = self._bf16_weights()
+            return _mm_t(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w, b).view(*x.shape[:-1], w.shape[0])
         if torch.is_grad_enabled():
             self._bf16 = None  # the weights are about to change, and an optimizer may leave no trace of it
         return linear(x, self.weight, self.bias)
 
-    def bf16_inference(self, x: torch.Tensor, act: tuple[str, str] = ("none", "")) -> torch.Tensor:
-        """x (..., in_features) -> act(x W^T + b) (..., out_features) in bf16, from the kept copies (where
-        `_bf16_inference(x)`); act as in `_mm_t`."""
-        w, b = _kept_bf16(self, (self.weight, self.bias), lambda: (
-            self.weight.to(torch.bfloat16), None if self.bias is None else self.bias.to(torch.bfloat16)))
-        return _mm_t(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w, b, act).view(*x.shape[:-1], w.shape[0])
+    def _bf16_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = self.bias
+        key = (self.weight.data_ptr(), self.weight._version, None if b is None else (b.data_ptr(), b._version))
+        if self._bf16 is None or self._bf16[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, so the module still deep-copies
+                self._bf16 = (key, self.weight.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16))
+        return self._bf16[1], self._bf16[2]
 
 
 class BertEmbeddings(nn.Module):
@@ -218,13 +202,6 @@ class BertSelfAttention(nn.Module):
         self.value = Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    _bf16: tuple | None = None  # bf16 inference: (what they were made from, (W_qkv (3H, H), b_qkv (3H,)))
-
-    def _qkv_bf16(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lins = (self.query, self.key, self.value)
-        return (torch.cat([lin.weight for lin in lins]).to(torch.bfloat16),
-                torch.cat([lin.bias for lin in lins]).to(torch.bfloat16))
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, unpad: Unpadding | None = None,
                 xq: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, H), or (N, H) with `unpad`; mask: (B, 1, 1, T) bool, True = attend, or None -> x's shape.
@@ -235,30 +212,16 @@ class BertSelfAttention(nn.Module):
         B, T = (x.shape[0], x.shape[1]) if unpad is None else (unpad.batch_size, unpad.seq_len)
         H = x.shape[-1]
 
-        def heads(t: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:  # (B, L, n*H) -> n x (B, nh, L, hs)
-            return t.view(B, -1, n, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, nh, L, hs)
+            return t.view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
 
-        def padded(t: torch.Tensor) -> torch.Tensor:
-            # On the unpadded path the projections run on the N real tokens only; attention itself needs the
-            # (B, nh, T, hs) layout back.
-            return t if unpad is None else unpad.pad(t)
-
-        if _bf16_inference(x):
-            # One GEMM on kept bf16 copies of the three weights side by side, (3H, H): one cast of x rather than
-            # three, a wider GEMM (session 6, "Fast paths"). A last layer on its read rows takes queries from xq.
-            w, b = _kept_bf16(self, (self.query.weight, self.key.weight, self.value.weight, self.query.bias,
-                                     self.key.bias, self.value.bias), self._qkv_bf16)
-            x2 = x.reshape(-1, H).to(torch.bfloat16)
-            if xq is None:
-                q, k, v = heads(padded(_mm_t(x2, w, b)), 3)
-            else:
-                k, v = heads(padded(_mm_t(x2, w[H:], b[H:])), 2)
-                q, = heads(_mm_t(xq.reshape(-1, H).to(torch.bfloat16), w[:H], b[:H]))
+        # On the unpadded path the projections run on the N real tokens only; attention itself needs the
+        # (B, nh, T, hs) layout back.
+        k, v = (heads(lin(x) if unpad is None else unpad.pad(lin(x))) for lin in (self.key, self.value))
+        if xq is not None:
+            q = heads(self.query(xq))  # (B, nh, Q, hs)
         else:
-            if torch.is_grad_enabled():
-                self._bf16 = None  # as in Linear.forward
-            k, v = (heads(padded(lin(x)))[0] for lin in (self.key, self.value))
-            q, = heads(self.query(xq) if xq is not None else padded(self.query(x)))  # (B, nh, Q or T, hs)
+            q = heads(self.query(x) if unpad is None else unpad.pad(self.query(x)))  # (B, nh, T, hs)
         y = attend(q, k, v, mask, self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, -1, H)
         return y if unpad is None or xq is not None else unpad.unpad(y)  # (N, H): padded queries are dropped
@@ -292,15 +255,9 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.act = _ACT[config.hidden_act]
-        self.onednn_act = _ONEDNN_ACT.get(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., H) -> (..., I)."""
-        if self.onednn_act is not None and _bf16_inference(x):
-            # The activation in the GEMM's epilogue, on its fp32 result: one pass over (..., I) fewer, and one
-            # bf16 rounding fewer than autocast's GEMM-then-activation (session 6, "Fast paths").
-            return self.dense.bf16_inference(x, self.onednn_act)
-        return self.act(self.dense(x))
+        return self.act(self.dense(x))  # (B, T, I)
 
 
 class BertOutput(BertSelfOutput):

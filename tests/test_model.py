@@ -327,8 +327,8 @@ def test_bf16_inference_keeps_weight_copies_and_remakes_them_when_weights_change
     ours2, ref2 = logits("onednn"), logits("torch")
     torch.testing.assert_close(ours2, ref2, rtol=1e-2, atol=1e-2)
     assert not torch.allclose(ours2, ours, atol=1e-3)  # the stale copy was not used
-    attention = model.bert.encoder.layer[0].attention.self  # its three projections share one kept copy
-    assert attention._bf16 is not None and attention.query._bf16 is None
+    attention = model.bert.encoder.layer[0].attention.self
+    assert attention.value._bf16 is not None
     with torch.no_grad():
         attention.value.weight.mul_(-3)
     ours3, ref3 = logits("onednn"), logits("torch")
@@ -345,9 +345,9 @@ def test_bf16_inference_keeps_weight_copies_and_remakes_them_when_weights_change
 @pytest.mark.parametrize("act", ["gelu", "gelu_new"])
 @pytest.mark.parametrize("padded", [True, False])
 def test_bf16_inference_path_matches_autocast(cpu_matmul, act, padded):
-    """bf16 inference (one QKV GEMM on kept copies, the activation in the GEMM's epilogue) against autocast's
-    F.linear: the encoder's output on the padded and unpadded paths, with the last layer on [CLS] and one more row
-    (`keep`, as classification and pretraining run it) and on every row (QA)."""
+    """bf16 inference (`Linear`'s kept bf16 copies) against autocast's F.linear: the encoder's output on the padded
+    and unpadded paths, with the last layer on [CLS] and one more row (`keep`, as classification and pretraining run
+    it) and on every row (QA)."""
     torch.manual_seed(0)
     model = BertModel(tiny(hidden_act=act), add_pooling_layer=False).eval()
     b = batch()
@@ -364,7 +364,7 @@ def test_bf16_inference_path_matches_autocast(cpu_matmul, act, padded):
             return [every_row[real], model(**b, keep=keep)[0].float()]  # padded rows may hold anything
 
     ours, ref = outputs("onednn"), outputs("torch")
-    assert model.encoder.layer[-1].attention.self._bf16 is not None  # the path under test was taken
+    assert model.encoder.layer[-1].attention.self.key._bf16 is not None  # the path under test was taken
     for o, r in zip(ours, ref, strict=True):
         assert r.abs().mean() > 0.5  # LayerNorm's output: a wrong projection shows as an O(1) difference
         torch.testing.assert_close(o, r, rtol=0.05, atol=0.05)
