@@ -119,9 +119,6 @@ def data_missing(cfg: RunConfig, accelerator: Accelerator) -> str | None:
 def release(accelerator: Accelerator) -> None:
     """Drop the previous task's model, optimizer and loaders from the shared Accelerator."""
     accelerator.free_memory()
-    # train() registers its TrainState and scheduler for save_state; free_memory() keeps them, and the next
-    # task's checkpoints would then hold (and its resume expect) the previous task's objects as well.
-    accelerator._custom_objects.clear()
 
 
 def task_score(task: str, results: dict[str, Any]) -> tuple[dict[str, float], float]:

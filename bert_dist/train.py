@@ -153,7 +153,7 @@ def total_steps(cfg: TrainConfig, num_batches: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints (accelerate save_state: model, optimizer, scheduler, scaler, RNG states, TrainState)
+# Checkpoints (accelerate save_state: model, optimizer, scaler, RNG states; ours: TrainState, scheduler)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -173,7 +173,14 @@ def remove_incomplete_checkpoints(out_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: int) -> Path:
+# Ours, beside accelerate's files. Not accelerate's register_for_checkpointing: it pickles the objects and loads them
+# back with weights_only=False, so a crafted checkpoint would run code on --resume. Checkpoints are data.
+TRAIN_STATE_FILE = "train_state.json"
+SCHEDULER_FILE = "lr_scheduler.pt"  # a state dict of numbers and lists, loaded with weights_only=True
+
+
+def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: int, state: TrainState,
+                    scheduler: Any) -> Path:
     """Write step-N.tmp, then rename it to step-N: a kill at any point leaves the previous one newest."""
     final = out_dir / "checkpoints" / f"step-{step:08d}"
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
@@ -182,6 +189,9 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: in
     accelerator.wait_for_everyone()
     with _quiet_accelerate():
         accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:  # both are the same on every process
+        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state.state_dict()))
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # from another trajectory (--resume-from an older checkpoint)
@@ -195,11 +205,17 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: in
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState) -> None:
-    """accelerate load_state with one clear error for a checkpoint that is broken or belongs to another setup."""
+def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, scheduler: Any) -> None:
+    """accelerate load_state, then our TrainState and scheduler, with one clear error for a checkpoint that is broken
+    or belongs to another setup. Nothing in it is unpickled beyond tensors and plain containers."""
     try:
+        if not (path / TRAIN_STATE_FILE).is_file():
+            raise FileNotFoundError(f"no {TRAIN_STATE_FILE} (a checkpoint of an older bert-dist: its pickled "
+                                    "training state is not loaded, for safety)")
         with _quiet_accelerate():
             accelerator.load_state(str(path))
+        state.load_state_dict(json.loads((path / TRAIN_STATE_FILE).read_text()))
+        scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     except Exception as e:  # torch/safetensors/pickle raise many types; all mean this checkpoint can't be used
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ValueError(
@@ -298,12 +314,11 @@ def train(
     Under fp16 the gradient scaler skips inf/NaN steps itself (counted as skipped_steps).
     """
     state = TrainState()
-    accelerator.register_for_checkpointing(state, scheduler)
     is_main = accelerator.is_main_process
     if is_main:
         remove_incomplete_checkpoints(out_dir)
     if resume_from is not None:
-        load_checkpoint(accelerator, resume_from, state)
+        load_checkpoint(accelerator, resume_from, state, scheduler)
         if is_main:
             _trim_metrics(out_dir, state.step)
     win = Window(accelerator.device)
@@ -347,7 +362,7 @@ def train(
         nonlocal last_save
         win.flush_throughput(accelerator, state)
         state.window = {k: v for k, v in win.read(accelerator).items() if k != "mean_loss"}
-        save_checkpoint(accelerator, out_dir, state.step, cfg.keep_checkpoints)
+        save_checkpoint(accelerator, out_dir, state.step, cfg.keep_checkpoints, state, scheduler)
         last_save = state.step
         win.t0 = time.perf_counter()  # saving time is not training time
 

@@ -59,8 +59,8 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
                 os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args, **kw)
 
-    def save_checkpoint(accelerator, out_dir, step, keep):
-        path = save(accelerator, out_dir, step, keep)
+    def save_checkpoint(accelerator, out_dir, step, keep, *state_and_scheduler):
+        path = save(accelerator, out_dir, step, keep, *state_and_scheduler)
         if fault.get("kill_after_save") == step:
             seen["countdown"] = fault["forwards"]
         return path
@@ -268,3 +268,33 @@ if __name__ == "__main__":  # the child process of `run(..., child=True)`
     from bert_dist.run import main
 
     sys.exit(main(sys.argv[1:]))
+
+
+class _Trap:
+    """Unpickling this runs code: it creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_a_checkpoint_is_data_resume_runs_no_code_from_it(setup, uninterrupted, tmp_path, capsys):
+    """Training state and scheduler are JSON / tensors loaded with weights_only=True, nothing is registered with
+    accelerate's pickled objects (custom_checkpoint_N.pkl, which it loads with weights_only=False): a pickle planted
+    there is refused with one line and never runs."""
+    import shutil
+
+    out = tmp_path / "planted"
+    shutil.copytree(uninterrupted, out)
+    newest = sorted((out / "checkpoints").iterdir())[-1]
+    assert {"train_state.json", "lr_scheduler.pt"} <= {p.name for p in newest.iterdir()}
+    assert not list(newest.glob("custom_checkpoint_*"))
+    marker = tmp_path / "code-ran"
+    torch.save(_Trap(marker), newest / "custom_checkpoint_0.pkl")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(setup, out, "--resume", trace="resumed")
+    assert e.value.code == 1 and "cannot resume from" in logged(capsys)
+    assert not marker.exists()
