@@ -22,7 +22,6 @@ from bert_dist.config import RunConfig, config_from_args, config_from_overrides,
 from bert_dist.console import fail, print_table, setup_logging
 
 log = logging.getLogger("bert_dist")
-RUN_FILES = ("results.json", "metrics.jsonl", "train_log.jsonl", "model.safetensors")
 """What marks a finished run: cleared by --overwrite before the new run starts."""
 
 
@@ -63,6 +62,12 @@ def preflight(cfg: RunConfig) -> None:
     resuming = cfg.train.resume or cfg.train.resume_from
     if out is not None and out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or resuming):
         raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or --resume to continue it")
+    from bert_dist.train import list_checkpoints
+
+    if (cfg.train.resume and out is not None and (out / "results.json").is_file()
+            and not list_checkpoints(out)):
+        raise ValueError(f"--resume: {out} holds a finished run and no checkpoint to continue from; pass --overwrite "
+                         "(without --resume) to train it again, or choose another --output-dir")
 
 
 def set_cpu_threads(threads: int | None, accelerator) -> None:
@@ -109,10 +114,8 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and not resuming:
-            for stale in RUN_FILES:
-                (out / stale).unlink(missing_ok=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # else --resume would pick up the old run
+        # --overwrite: the previous run's files go once this run's data and model have loaded
+        # (train.prepare_training), so a run that fails on bad input loses nothing.
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
     return out, created[0]

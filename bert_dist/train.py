@@ -321,6 +321,8 @@ def train(
         load_checkpoint(accelerator, resume_from, state, scheduler)
         if is_main:
             _trim_metrics(out_dir, state.step)
+    elif cfg.resume and is_main:
+        _trim_metrics(out_dir, 0)  # killed before its first checkpoint: it starts over, its lines would repeat
     win = Window(accelerator.device)
     win.load(state.window, is_main)
     fp16 = accelerator.mixed_precision == "fp16"
@@ -576,6 +578,20 @@ class Prepared:
         )
 
 
+RUN_FILES = ("results.json", "metrics.jsonl", "train_log.jsonl", "model.safetensors")
+"""What a run writes that a later run's files could be mixed up with (and its checkpoints/)."""
+
+
+def discard_previous_run(accelerator: Accelerator, out_dir: Path) -> None:
+    """--overwrite: remove the previous run's results, logs, model and checkpoints (else --resume would pick them
+    up). Called once this run's data and model have loaded: a run that fails on its input loses nothing."""
+    if accelerator.is_main_process:
+        for stale in RUN_FILES:
+            (out_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def prepare_training(
     cfg: RunConfig,
     accelerator: Accelerator,
@@ -585,6 +601,8 @@ def prepare_training(
     out_dir: Path,
 ) -> Prepared:
     """Optimizer, schedule, `accelerator.prepare`, optional torch.compile, and the checkpoint to resume."""
+    if cfg.overwrite and not (cfg.train.resume or cfg.train.resume_from):
+        discard_previous_run(accelerator, out_dir)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device.type)
     names = list(eval_loaders)
     model, optimizer, train_loader, *loaders = accelerator.prepare(

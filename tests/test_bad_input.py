@@ -209,6 +209,34 @@ def test_non_empty_output_dir_without_overwrite(tmp_path, capsys, data_dir):
     assert (out / "results.json").read_text() == '{"accuracy": 0.9}'
 
 
+def test_overwrite_that_fails_on_its_input_keeps_the_previous_run(tmp_path, capsys, data_dir, model_dir):
+    """--overwrite replaces a run only once the new run's data and model have loaded."""
+    out = copy_dir(model_dir, tmp_path / "o")  # a run: config, weights, tokenizer
+    (out / "results.json").write_text('{"accuracy": 0.9}')
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != "run_config.json"}
+    bad = write_jsonl(tmp_path / "bad" / "sst2" / "train.jsonl", [{"text": "no sentence column", "label": 0}])
+    write_jsonl(bad.parent / "validation.jsonl", [{"text": "x", "label": 1}])
+    _reset_accelerate()
+    with pytest.raises(SystemExit):
+        main(args(out, "--overwrite", "--init", str(model_dir), data=bad.parent.parent))
+    assert "error:" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.name in before} == before
+    assert (out / "checkpoints" / "step-00000002").is_dir()
+    # --init and --output-dir the same run: its weights load before anything is removed.
+    _reset_accelerate()
+    assert main(args(out, "--overwrite", "--init", str(out), data=data_dir)) == 0
+    assert not (out / "checkpoints").exists() and json.loads((out / "results.json").read_text())["steps"] == 2
+
+
+def test_resume_of_a_finished_run_without_checkpoints(tmp_path, capsys, data_dir, model_dir):
+    out = copy_dir(model_dir, tmp_path / "o")
+    (out / "results.json").write_text('{"accuracy": 0.9}')
+    fails(args(out, "--resume", "--init", str(model_dir), data=data_dir), capsys, "--resume", "finished run",
+          "--overwrite")
+    assert (out / "results.json").read_text() == '{"accuracy": 0.9}'
+
+
 def test_world_size_without_distributed_processes(tmp_path, capsys, data_dir, monkeypatch):
     # What `accelerate launch --config_file multi_cpu.yaml` does without ACCELERATE_USE_CPU=1: torchrun
     # starts 2 processes that each see one process, and each would run the whole job.
