@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -189,8 +190,18 @@ class RunConfig:
                             ("--grad-accum", t.grad_accum), ("--log-every", t.log_every)):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
-        if o.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {o.lr}")
+        if not 0 < o.lr < math.inf:  # also refuses nan
+            raise ValueError(f"--lr must be a positive finite number, got {o.lr}")
+        for flag, value, ok, what in (
+                ("--adam-beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "in [0, 1)"),
+                ("--adam-beta2", o.adam_beta2, 0 <= o.adam_beta2 < 1, "in [0, 1)"),
+                ("--adam-eps", o.adam_eps, 0 < o.adam_eps < math.inf, "a positive finite number"),
+                ("--weight-decay", o.weight_decay, 0 <= o.weight_decay < math.inf, "0 or a positive finite number"),
+                ("--max-grad-norm", o.max_grad_norm, 0 <= o.max_grad_norm <= math.inf, "0 (off) or positive")):
+            if not ok:
+                raise ValueError(f"{flag} must be {what}, got {value}")
+        if o.warmup_steps is not None and o.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be 0 or more, got {o.warmup_steps}")
         if not 0 <= o.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
         if t.cpu_threads is not None and t.cpu_threads < 1:

@@ -124,6 +124,14 @@ def test_unknown_task(tmp_path, capsys):
     (["--num-workers", "-1"], ["--num-workers"]),
     (["--cpu-matmul", "mkl"], ["--cpu-matmul", "auto, onednn or torch"]),
     (["--cpu-threads", "0"], ["--cpu-threads", "at least 1"]),
+    (["--lr", "inf"], ["--lr", "positive finite"]),
+    (["--lr", "nan"], ["--lr", "positive finite"]),
+    (["--adam-beta1", "1.5"], ["--adam-beta1", "[0, 1)"]),
+    (["--adam-beta2", "1"], ["--adam-beta2", "[0, 1)"]),
+    (["--adam-eps", "-1"], ["--adam-eps", "positive"]),
+    (["--weight-decay", "-0.1"], ["--weight-decay"]),
+    (["--max-grad-norm", "-1"], ["--max-grad-norm", "0 (off)"]),
+    (["--warmup-steps", "-1"], ["--warmup-steps", "0 or more"]),
 ])
 def test_contradictory_or_invalid_flags(tmp_path, capsys, data_dir, extra, phrases):
     data = None if "--train-file" in extra and "--validation-file" not in extra else data_dir
