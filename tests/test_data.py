@@ -124,6 +124,18 @@ def test_custom_files_with_label_names(tmp_path, tokenizer):
     assert D.column(raw["train"], "label") == [1, 0]
 
 
+def test_tsv_quotes_are_text(tmp_path):
+    """A '"' in a .tsv is part of the sentence (GLUE's files are unquoted): no rows merge."""
+    spec = GLUE_TASKS["sst2"]
+    rows = ['sentence\tlabel', '" the movie is great\t1', 'bad , really bad\t0', 'he said "fine\t1']
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    cfg = DataConfig(train_file=str(tmp_path / "train.tsv"), validation_file=str(tmp_path / "validation.tsv"))
+    raw = D.check_raw(D.load_raw(spec, cfg), spec, "tsv")
+    assert D.column(raw["train"], "sentence") == ['" the movie is great', "bad , really bad", 'he said "fine']
+    assert D.column(raw["train"], "label") == [1, 0, 1]
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [

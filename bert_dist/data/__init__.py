@@ -6,6 +6,7 @@ Every task goes through the same path: rows in the hub's schema -> checked -> to
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -65,7 +66,9 @@ def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None) 
     """One data file -> a Dataset; `kind` "text" reads it a line per row (pretraining corpora), else the suffix says."""
     check_file(path, flag, any_suffix=kind is not None)
     kind = kind or DATA_SUFFIXES[path.suffix.lower()]
-    kw: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    # .tsv as GLUE's own files are written: tab-separated, no quoting ('"' is text: MRPC's rows hold unmatched ones,
+    # which CSV quoting would read as one field running over the next rows).
+    kw: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix.lower() == ".tsv" else {}
     where = f"{flag} {path}".strip()
     try:
         ds = datasets.load_dataset(kind, data_files={split: str(path)}, split=split, **kw)
