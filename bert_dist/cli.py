@@ -42,11 +42,22 @@ def export(argv: list[str]) -> int:
                                 "directory (config, safetensors, tokenizer files) that transformers loads.")
     p.add_argument("--model", required=True, help="a bert-dist run directory")
     p.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face transformers (the only one)")
-    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--out", required=True, help="the directory to write (new or empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its model files")
     args = p.parse_args(argv)
+    from pathlib import Path
+
     from bert_dist.checkpoint import export_hf
 
-    print(export_hf(args.model, args.out))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out} is not empty; give a new directory, or --overwrite to replace its model files")
+    try:
+        print(export_hf(args.model, out))
+    except OSError as e:  # not writable, a file in the way, ...: the user's path, not our bug
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     return 0
 
 

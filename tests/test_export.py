@@ -133,3 +133,28 @@ def test_export_refuses_a_directory_that_is_no_run(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="--model"):
         export_hf(tmp_path / "empty", tmp_path / "out")
+
+
+def test_export_cli_keeps_what_is_in_out(tmp_path, capsys):
+    """`bert-dist export` writes into a new or empty --out; a non-empty one only with --overwrite; one error line."""
+    from bert_dist.cli import main
+
+    tok = train_tokenizer(iter(SENTENCES * 3), vocab_size=200)
+    run = tmp_path / "run"
+    save_run_model(BertForSequenceClassification(_bert(tok.get_vocab_size()), 2), run, _bert(tok.get_vocab_size()),
+                   {"task": "sst2", "kind": "classification", "num_labels": 2, "label_names": ["neg", "pos"]}, tok)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--model", str(run), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "not empty" in err and "--overwrite" in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["README.md"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["export", "--model", str(run), "--out", str(tmp_path / "afile")])
+    assert "is a file" in capsys.readouterr().err
+    assert main(["export", "--model", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file()
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "new")]) == 0
