@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ def read_config(model_dir: Path) -> tuple[BertConfig, dict[str, Any]]:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--init: {f} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--init: {f} holds a JSON {type(d).__name__}, not a config object")
     if d.get("model_type", "bert") != "bert":
         raise ValueError(f"--init: {f} describes a {d['model_type']!r} model, not BERT")
     try:
@@ -112,6 +115,9 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
                 sd = load_file(str(f))
             else:
                 sd = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only=True refused an object: checkpoints are data, never code
+            raise ValueError(f"--init: {f} holds Python objects beyond tensors, which are not loaded (they could run "
+                             "code); save the weights as safetensors or a plain state dict") from None
         except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
             raise ValueError(
                 f"--init: {f} is corrupt or truncated ({str(e).splitlines()[0][:120]}); re-download or re-save it"

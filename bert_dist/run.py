@@ -59,6 +59,12 @@ def preflight(cfg: RunConfig) -> None:
     out = Path(cfg.output_dir) if cfg.output_dir else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} is a file")
+    if out is not None:  # where it will be made: an existing directory there must be writable
+        parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+        if not parent.is_dir():
+            raise ValueError(f"--output-dir {out}: {parent} is a file, not a directory; choose another --output-dir")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--output-dir {out}: {parent} is not writable; choose another --output-dir")
     resuming = cfg.train.resume or cfg.train.resume_from
     if out is not None and out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or resuming):
         raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or --resume to continue it")
@@ -112,8 +118,12 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
         run_dir = Path(cfg.train.resume_from).parent.parent if cfg.train.resume_from else out
         check_same_run(cfg, run_dir / "run_config.json")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    try:  # on every process (exist_ok): each fails alike, none waits for a main process that gave up
         out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output-dir {out}: cannot create it ({e.strerror or e}); "
+                         "choose another --output-dir") from None
+    if accelerator.is_main_process:
         # --overwrite: the previous run's files go once this run's data and model have loaded
         # (train.prepare_training), so a run that fails on bad input loses nothing.
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -386,6 +386,31 @@ def test_init_that_is_not_a_model_dir(tmp_path, capsys, data_dir, model_dir):
     (bad / "config.json").write_text("{not json")
     fails(args(tmp_path / "o", "--init", str(bad), data=data_dir), capsys, "config.json", "not valid JSON",
           out=tmp_path / "o")
+    (bad / "config.json").write_text("[1, 2]")
+    fails(args(tmp_path / "o", "--init", str(bad), data=data_dir), capsys, "config.json", "not a config object",
+          out=tmp_path / "o")
+
+
+class _Code:
+    def __reduce__(self):
+        return print, ("this ran",)
+
+
+def test_init_weights_that_hold_code_are_refused(tmp_path, capsys, data_dir, model_dir):
+    import torch
+
+    bad = copy_dir(model_dir, tmp_path / "bad")
+    (bad / "model.safetensors").unlink()
+    torch.save({"bert.embeddings.word_embeddings.weight": _Code()}, bad / "pytorch_model.bin")
+    fails(args(tmp_path / "o", "--init", str(bad), data=data_dir), capsys, "pytorch_model.bin", "not loaded",
+          out=tmp_path / "o")
+    assert "this ran" not in capsys.readouterr().out
+
+
+def test_output_dir_that_cannot_be_made(tmp_path, capsys, data_dir):
+    (tmp_path / "afile").write_text("x")
+    fails(args(tmp_path / "afile" / "sub", data=data_dir), capsys, "--output-dir", "is a file, not a directory")
+    fails(args(Path("/proc/bert-dist-cannot-be-here"), data=data_dir), capsys, "--output-dir", "choose another")
 
 
 def _tokenizer_without(tmp_path: Path, missing: str, texts: list[str]) -> Path:
