@@ -121,14 +121,18 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     source = D.describe_source(spec, cfg.data)
     src = load_init(cfg.init, cfg.tokenizer)
     with accelerator.main_process_first():
-        raw = D.check_raw(D.load_raw(spec, cfg.data), spec, source)
-    if cfg.data.max_train_samples:
+        raw = D.check_raw(D.load_raw(spec, cfg.data, need_train=not cfg.train.eval_only), spec, source)
+    if cfg.data.max_train_samples and spec.train_split in raw:
         raw[spec.train_split] = raw[spec.train_split].select(
             range(min(cfg.data.max_train_samples, len(raw[spec.train_split])))
         )
     if cfg.data.max_eval_samples:
         for s in [*spec.eval_splits, *spec.test_splits]:
             if s in raw:
+                if s in spec.test_splits and len(raw[s]) > cfg.data.max_eval_samples:
+                    n = cfg.data.max_eval_samples
+                    log.warning("--max-eval-samples %d: the %s predictions cover %d of its %d rows (not a full "
+                                "submission file)", n, s, n, len(raw[s]))
                 raw[s] = raw[s].select(range(min(cfg.data.max_eval_samples, len(raw[s]))))
     bert, tokenizer = resolve_model(cfg, src, lambda: D.task_texts(raw, spec), accelerator, out_dir)
     max_length = check_max_length(cfg, spec, bert)
@@ -138,12 +142,15 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     torch.manual_seed(cfg.seed)  # the head's init depends on the seed alone
     model = kind.head(bert, spec)
     if src.state_dict is not None:
-        load_weights(model, src.state_dict, src.name)
+        loaded = load_weights(model, src.state_dict, src.name)
+        if cfg.train.eval_only and any(not k.startswith("bert.") for k in loaded["new"]):
+            log.warning("--eval-only: %s has no trained %s head; these scores are those of a random head "
+                        "(--init a run fine-tuned on %s)", src.name, spec.name, spec.name)
     log.info(
         "%s: %s parameters, %d train / %s features, max length %d",
         spec.name,
         f"{count_params(model):,}",
-        len(feats[spec.train_split]),
+        len(feats[spec.train_split]) if spec.train_split in feats else 0,
         " / ".join(f"{len(feats[s])} {s}" for s in spec.eval_splits if s in feats),
         max_length,
     )
@@ -154,7 +161,8 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         scalar_keys=kind.targets,
     )
     metric = load_metric(spec.metric, spec.metric_config)
-    loader, sampler = D.train_loader(feats[spec.train_split], cfg.data, collator, cfg.seed)
+    loader, sampler = (D.train_loader(feats[spec.train_split], cfg.data, collator, cfg.seed)
+                       if spec.train_split in feats else (None, None))  # --eval-only reads no train split
     splits = {s: Split(s, raw[s], feats[s]) for s in (*spec.eval_splits, *spec.test_splits) if s in feats}
     run = prepare_training(
         cfg,
@@ -180,7 +188,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
             metrics.update({prefix + k: round(float(v), 6) for k, v in scores.items()})
         return metrics
 
-    results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch)
+    results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch if sampler else None)
     if results.get("interrupted"):
         return results
     model = accelerator.unwrap_model(run.model)

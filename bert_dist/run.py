@@ -41,7 +41,7 @@ def preflight(cfg: RunConfig) -> None:
     else:
         spec = D.get_task("pretrain" if cfg.task == "tokenizer" else cfg.task)
         if spec.kind != "pretrain":  # the pretraining recipe reads its corpus its own way
-            D.source_files(spec, cfg.data)
+            D.source_files(spec, cfg.data, need_train=not cfg.train.eval_only)
     bert = check_init(cfg.init, cfg.tokenizer, need_mask=spec.kind == "pretrain")
     if bert is None and cfg.init == "scratch":
         bert = preset(cfg.preset)

@@ -544,9 +544,9 @@ class Prepared:
     """What `prepare_training` hands back: accelerate-wrapped objects and the step budget."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer | None  # None (and scheduler, train_loader): --eval-only without a train split
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    train_loader: torch.utils.data.DataLoader | None
     eval_loaders: dict[str, torch.utils.data.DataLoader]
     num_steps: int
     resume_from: Path | None
@@ -596,15 +596,22 @@ def prepare_training(
     cfg: RunConfig,
     accelerator: Accelerator,
     model: torch.nn.Module,
-    train_loader: torch.utils.data.DataLoader,
+    train_loader: torch.utils.data.DataLoader | None,
     eval_loaders: dict[str, torch.utils.data.DataLoader],
     out_dir: Path,
 ) -> Prepared:
-    """Optimizer, schedule, `accelerator.prepare`, optional torch.compile, and the checkpoint to resume."""
+    """Optimizer, schedule, `accelerator.prepare`, optional torch.compile, and the checkpoint to resume.
+
+    train_loader None (--eval-only without a train split): the model and eval loaders only, no steps."""
     if cfg.overwrite and not (cfg.train.resume or cfg.train.resume_from):
         discard_previous_run(accelerator, out_dir)
-    optimizer = build_optimizer(model, cfg.optim, accelerator.device.type)
     names = list(eval_loaders)
+    if train_loader is None:
+        if not cfg.train.eval_only:
+            raise ValueError("no training data: give a train split (or --eval-only)")
+        model, *loaders = accelerator.prepare(model, *eval_loaders.values())
+        return Prepared(model, None, None, None, dict(zip(names, loaders)), 0, None)
+    optimizer = build_optimizer(model, cfg.optim, accelerator.device.type)
     model, optimizer, train_loader, *loaders = accelerator.prepare(
         model, optimizer, train_loader, *eval_loaders.values()
     )

@@ -480,3 +480,29 @@ def test_subprocess_shows_one_line_and_no_traceback(tmp_path, data_dir, model_di
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert lines and lines[-1].startswith("error:") and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not out.exists()
+
+
+def test_eval_only_needs_no_train_split(tmp_path, capsys, data_dir, model_dir):
+    """--eval-only reads no train split: a --data-dir with validation (and test) only, or --validation-file alone.
+    A head --init does not have is warned about (its scores are a random head's)."""
+    only_eval = tmp_path / "data" / "sst2"
+    only_eval.mkdir(parents=True)
+    for split in ("validation", "test"):
+        (only_eval / f"{split}.jsonl").write_bytes((data_dir / "sst2" / f"{split}.jsonl").read_bytes())
+    _reset_accelerate()
+    assert main(args(tmp_path / "a", "--eval-only", "--init", str(model_dir), data=only_eval.parent)) == 0
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["steps"] == 0
+    assert "random head" not in capsys.readouterr().err  # the run's own head
+    from safetensors.torch import load_file, save_file
+
+    headless = copy_dir(model_dir, tmp_path / "headless")
+    sd = load_file(headless / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if not k.startswith("classifier.")}, headless / "model.safetensors")
+    _reset_accelerate()
+    assert main(args(tmp_path / "h", "--eval-only", "--init", str(headless), data=only_eval.parent)) == 0
+    assert "random head" in " ".join(capsys.readouterr().err.split())
+    _reset_accelerate()
+    assert main(args(tmp_path / "b", "--eval-only", "--init", str(model_dir), "--validation-file",
+                     str(only_eval / "validation.jsonl"))) == 0
+    fails(args(tmp_path / "c", "--init", str(model_dir), data=only_eval.parent), capsys, "no train split",
+          out=tmp_path / "c")

@@ -134,13 +134,14 @@ def _load_hub(spec: TaskSpec) -> DatasetDict:
         raise ValueError(f"cannot load {what} from the hub ({str(e).splitlines()[0][:150]}); {hint}") from None
 
 
-def load_raw(spec: TaskSpec, cfg: DataConfig) -> DatasetDict:
+def load_raw(spec: TaskSpec, cfg: DataConfig, need_train: bool = True) -> DatasetDict:
     """The task's splits in the hub's schema: train, eval splits and (where present) test splits.
 
     Custom files (--train-file/--validation-file) come back as the task's train and first eval split.
+    need_train False (--eval-only): no train split, none read.
     """
-    wanted = [spec.train_split, *spec.eval_splits]
-    files = source_files(spec, cfg)
+    wanted = [spec.train_split, *spec.eval_splits] if need_train else list(spec.eval_splits)
+    files = source_files(spec, cfg, need_train)
     if files is not None:
         raw = DatasetDict({split: _read_file(f, split, flag) for split, (flag, f) in files.items()})
     else:
@@ -154,22 +155,28 @@ def load_raw(spec: TaskSpec, cfg: DataConfig) -> DatasetDict:
     return out
 
 
-def source_files(spec: TaskSpec, cfg: DataConfig) -> dict[str, tuple[str, Path]] | None:
+def source_files(spec: TaskSpec, cfg: DataConfig, need_train: bool = True) -> dict[str, tuple[str, Path]] | None:
     """{split: (flag, file)} for local data (--train-file/--validation-file or --data-dir), None for the hub.
 
+    need_train False (--eval-only): the train split is neither needed nor listed; --validation-file may come alone.
     Checks only paths (cheap), so the entry point can call it before it creates anything.
     """
     if cfg.train_file or cfg.validation_file:
-        if not (cfg.train_file and cfg.validation_file):
+        if need_train and not (cfg.train_file and cfg.validation_file):
             raise ValueError("--train-file and --validation-file go together: give both")
-        files = {spec.train_split: ("--train-file", Path(cfg.train_file)),
-                 spec.eval_splits[0]: ("--validation-file", Path(cfg.validation_file))}
+        if not cfg.validation_file:
+            raise ValueError("--eval-only with custom files: give --validation-file")
+        files = {spec.eval_splits[0]: ("--validation-file", Path(cfg.validation_file))}
+        if need_train:
+            files = {spec.train_split: ("--train-file", Path(cfg.train_file)), **files}
     elif cfg.data_dir:
         data_dir = Path(cfg.data_dir)
         if not data_dir.is_dir():
             raise ValueError(f"--data-dir {data_dir}: no such directory")
         files = {}
         for split in [spec.train_split, *spec.eval_splits, *spec.test_splits]:
+            if split == spec.train_split and not need_train:
+                continue
             f = _find_split_file(data_dir, spec, split)
             if f is None and split not in spec.test_splits:
                 raise ValueError(
