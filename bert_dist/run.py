@@ -54,6 +54,7 @@ def preflight(cfg: RunConfig) -> None:
 
         check_windows(max_length, cfg.data.doc_stride, cfg.data.max_query_length)
     set_cpu_matmul(cfg.train.cpu_matmul)  # a forced onednn that this torch lacks fails here, before anything starts
+    check_trackers(cfg.report_to)
     if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
         raise ValueError(f"--resume-from {cfg.train.resume_from}: no such checkpoint directory")
     out = Path(cfg.output_dir) if cfg.output_dir else None
@@ -74,6 +75,24 @@ def preflight(cfg: RunConfig) -> None:
             and not list_checkpoints(out)):
         raise ValueError(f"--resume: {out} holds a finished run and no checkpoint to continue from; pass --overwrite "
                          "(without --resume) to train it again, or choose another --output-dir")
+
+
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
+
+
+def check_trackers(report_to: str | None) -> None:
+    """--report-to: each named tracker importable (accelerate would only warn and train without logging)."""
+    import importlib.util
+
+    for name in (t.strip() for t in (report_to or "").split(",") if t.strip()):
+        if name == "all":
+            continue
+        if name not in TRACKER_MODULES:
+            raise ValueError(f"--report-to {name}: unknown tracker; choose from {', '.join(TRACKER_MODULES)} or all")
+        if not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[name]):
+            raise ValueError(f"--report-to {name}: the {TRACKER_MODULES[name][0]} package is not installed; "
+                             f"pip install {TRACKER_MODULES[name][0]}, or drop --report-to")
 
 
 def set_cpu_threads(threads: int | None, accelerator) -> None:

@@ -220,7 +220,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, sch
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ValueError(
             f"cannot resume from {path} ({type(e).__name__}: {msg}); it is incomplete, or was written by a run "
-            "with another model or flags: resume with the run's own flags, or start afresh without --resume"
+            "with another model or flags: resume with the run's own flags, or start afresh with --overwrite "
+            "(without --resume)"
         ) from None
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batches_in_epoch)
 

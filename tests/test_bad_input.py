@@ -124,6 +124,7 @@ def test_unknown_task(tmp_path, capsys):
     (["--num-workers", "-1"], ["--num-workers"]),
     (["--cpu-matmul", "mkl"], ["--cpu-matmul", "auto, onednn or torch"]),
     (["--cpu-threads", "0"], ["--cpu-threads", "at least 1"]),
+    (["--report-to", "nosuch"], ["--report-to nosuch", "unknown tracker"]),
     (["--lr", "inf"], ["--lr", "positive finite"]),
     (["--lr", "nan"], ["--lr", "positive finite"]),
     (["--adam-beta1", "1.5"], ["--adam-beta1", "[0, 1)"]),
@@ -506,3 +507,12 @@ def test_eval_only_needs_no_train_split(tmp_path, capsys, data_dir, model_dir):
                      str(only_eval / "validation.jsonl"))) == 0
     fails(args(tmp_path / "c", "--init", str(model_dir), data=only_eval.parent), capsys, "no train split",
           out=tmp_path / "c")
+
+
+def test_report_to_a_tracker_that_is_not_installed(tmp_path, capsys, data_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    fails(args(tmp_path / "o", "--report-to", "wandb", data=data_dir), capsys, "--report-to wandb", "not installed",
+          "pip install wandb", out=tmp_path / "o")
