@@ -102,3 +102,26 @@ def test_two_processes_with_grad_accum_and_group_by_length_count_each_example_on
         assert len(rows) == n
         assert [r["idx"] for r in rows] == [r["idx"] for r in predictions(one_process, split)]
     assert json.loads((out / "results.json").read_text())["steps"] == 8
+
+
+@pytest.mark.slow
+def test_two_processes_resume_from_a_checkpoint_bitwise(setup):
+    """2 processes save (train_state.json and lr_scheduler.pt by the main process, accelerate's files by both) and
+    resume from the step-4 checkpoint: the same final weights as their uninterrupted run."""
+    import shutil
+
+    root, flags = setup
+    full, resumed = root / "two-full", root / "two-resumed"
+    p = run_cli([*flags, "--batch-size", "8", "--save-every", "4", "--output-dir", str(full)], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = full / "checkpoints" / "step-00000004"
+    assert (ckpt / "train_state.json").is_file() and (ckpt / "lr_scheduler.pt").is_file()
+    assert json.loads((ckpt / "train_state.json").read_text())["step"] == 4
+    resumed.mkdir()
+    shutil.copy(full / "run_config.json", resumed / "run_config.json")
+    p = run_cli([*flags, "--batch-size", "8", "--save-every", "4", "--output-dir", str(resumed), "--resume-from",
+                 str(ckpt)], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in " ".join(p.stderr.split())
+    a, b = (load_file(d / "model.safetensors") for d in (full, resumed))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
