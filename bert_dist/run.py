@@ -22,7 +22,6 @@ from bert_dist.config import RunConfig, config_from_args, config_from_overrides,
 from bert_dist.console import fail, print_table, setup_logging
 
 log = logging.getLogger("bert_dist")
-"""What marks a finished run: cleared by --overwrite before the new run starts."""
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -142,9 +141,11 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     except OSError as e:
         raise ValueError(f"--output-dir {out}: cannot create it ({e.strerror or e}); "
                          "choose another --output-dir") from None
-    if accelerator.is_main_process:
-        # --overwrite: the previous run's files go once this run's data and model have loaded
-        # (train.prepare_training), so a run that fails on bad input loses nothing.
+    # --overwrite of a run: its files, run_config.json included, are replaced once this run's data and model have
+    # loaded (train.discard_previous_run), so a run that fails on bad input loses nothing.
+    # (--task glue's own directory holds no model: its run_config.json is written now, its tasks' later.)
+    replacing = cfg.overwrite and not resuming and cfg.task != "glue" and (out / "run_config.json").is_file()
+    if accelerator.is_main_process and not replacing:
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
     return out, created[0]

@@ -583,13 +583,15 @@ RUN_FILES = ("results.json", "metrics.jsonl", "train_log.jsonl", "model.safetens
 """What a run writes that a later run's files could be mixed up with (and its checkpoints/)."""
 
 
-def discard_previous_run(accelerator: Accelerator, out_dir: Path) -> None:
+def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[str, Any]) -> None:
     """--overwrite: remove the previous run's results, logs, model and checkpoints (else --resume would pick them
-    up). Called once this run's data and model have loaded: a run that fails on its input loses nothing."""
+    up), and write this run's run_config.json (`config`). Called once this run's data and model have loaded: a run
+    that fails on its input loses nothing."""
     if accelerator.is_main_process:
         for stale in RUN_FILES:
             (out_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        (out_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
     accelerator.wait_for_everyone()
 
 
@@ -605,7 +607,7 @@ def prepare_training(
 
     train_loader None (--eval-only without a train split): the model and eval loaders only, no steps."""
     if cfg.overwrite and not (cfg.train.resume or cfg.train.resume_from):
-        discard_previous_run(accelerator, out_dir)
+        discard_previous_run(accelerator, out_dir, cfg.to_dict())
     names = list(eval_loaders)
     if train_loader is None:
         if not cfg.train.eval_only:

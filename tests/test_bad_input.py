@@ -223,7 +223,8 @@ def test_overwrite_that_fails_on_its_input_keeps_the_previous_run(tmp_path, caps
     out = copy_dir(model_dir, tmp_path / "o")  # a run: config, weights, tokenizer
     (out / "results.json").write_text('{"accuracy": 0.9}')
     (out / "checkpoints" / "step-00000002").mkdir(parents=True)
-    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != "run_config.json"}
+    (out / "run_config.json").write_text('{"the": "previous run"}')
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
     bad = write_jsonl(tmp_path / "bad" / "sst2" / "train.jsonl", [{"text": "no sentence column", "label": 0}])
     write_jsonl(bad.parent / "validation.jsonl", [{"text": "x", "label": 1}])
     _reset_accelerate()
@@ -236,6 +237,7 @@ def test_overwrite_that_fails_on_its_input_keeps_the_previous_run(tmp_path, caps
     _reset_accelerate()
     assert main(args(out, "--overwrite", "--init", str(out), data=data_dir)) == 0
     assert not (out / "checkpoints").exists() and json.loads((out / "results.json").read_text())["steps"] == 2
+    assert json.loads((out / "run_config.json").read_text())["init"] == str(out)
 
 
 def test_resume_of_a_finished_run_without_checkpoints(tmp_path, capsys, data_dir, model_dir):
