@@ -46,7 +46,7 @@ from bert_dist.metrics import load_metric
 from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, count_params
 from bert_dist.perf import mfu
 from bert_dist.tokenizer import train_shared_tokenizer
-from bert_dist.train import evaluate, prepare_training
+from bert_dist.train import evaluate, main_process_first, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     kind = KINDS[spec.kind]
     source = D.describe_source(spec, cfg.data)
     src = load_init(cfg.init, cfg.tokenizer)
-    with accelerator.main_process_first():
+    with main_process_first(accelerator):
         raw = D.check_raw(D.load_raw(spec, cfg.data, need_train=not cfg.train.eval_only), spec, source)
     if cfg.data.max_train_samples and spec.train_split in raw:
         raw[spec.train_split] = raw[spec.train_split].select(
@@ -136,7 +136,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
                 raw[s] = raw[s].select(range(min(cfg.data.max_eval_samples, len(raw[s]))))
     bert, tokenizer = resolve_model(cfg, src, lambda: D.task_texts(raw, spec), accelerator, out_dir)
     max_length = check_max_length(cfg, spec, bert)
-    with accelerator.main_process_first():  # the main process writes the datasets cache, the others read it
+    with main_process_first(accelerator):  # the main process writes the datasets cache, the others read it
         feats = kind.features(raw, spec, tokenizer, max_length, cfg.data)
 
     torch.manual_seed(cfg.seed)  # the head's init depends on the seed alone

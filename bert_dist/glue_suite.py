@@ -27,6 +27,7 @@ from bert_dist import data as D
 from bert_dist.config import RunConfig, config_from_overrides
 from bert_dist.console import print_table
 from bert_dist.data.glue import GLUE_TASKS
+from bert_dist.train import main_process_first
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def data_missing(cfg: RunConfig, accelerator: Accelerator) -> str | None:
         if cfg.data.data_dir:
             D.source_files(spec, cfg.data)  # paths only: cheap
         else:
-            with accelerator.main_process_first():  # the hub: load it (the run then reads the cache)
+            with main_process_first(accelerator):  # the hub: load it (the run then reads the cache)
                 D.load_raw(spec, cfg.data)
     except ValueError as e:
         return str(e)

@@ -40,7 +40,7 @@ from bert_dist.tokenizer import (
     check_special_tokens,
     train_shared_tokenizer,
 )
-from bert_dist.train import evaluate, prepare_training
+from bert_dist.train import evaluate, main_process_first, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def mlm_metrics(sums: dict[str, Any]) -> dict[str, float]:
 def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
     """`--task pretrain` (MLM + NSP) or `--task tokenizer` (WordPiece only); returns the run's results."""
     spec = D.get_task("pretrain")
-    with accelerator.main_process_first():
+    with main_process_first(accelerator):
         train_files, held_files, source = load_corpus(cfg, spec)
 
     def corpus_tokenizer():  # trained once, on the main process, then shared
@@ -175,7 +175,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     if max_length > bert.max_position_embeddings:
         raise ValueError(f"--max-length {max_length} is above the model's {bert.max_position_embeddings} positions")
 
-    with accelerator.main_process_first():
+    with main_process_first(accelerator):
         docs = corpus_documents(train_files, tok)
         if len(docs) == 0:
             raise ValueError(f"{source}: no text to pretrain on (every line is blank)")

@@ -156,6 +156,22 @@ def total_steps(cfg: TrainConfig, num_batches: int) -> int:
 # Checkpoints (accelerate save_state: model, optimizer, scaler, RNG states; ours: TrainState, scheduler)
 
 
+@contextlib.contextmanager
+def main_process_first(accelerator: Accelerator):
+    """`accelerator.main_process_first()` (the main process runs the block first, e.g. to write a datasets cache the
+    others then read), also when the block raises on the main process: it still meets the others at the barrier
+    before raising, so they run the block too, meet the same error (bad data is bad on every process) and exit,
+    rather than wait at the barrier forever."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        yield
+        return
+    try:
+        yield
+    finally:
+        accelerator.wait_for_everyone()
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a save in progress has a .tmp name and is ignored)."""
     d = out_dir / "checkpoints"
