@@ -125,6 +125,7 @@ def test_unknown_task(tmp_path, capsys):
     (["--cpu-matmul", "mkl"], ["--cpu-matmul", "auto, onednn or torch"]),
     (["--cpu-threads", "0"], ["--cpu-threads", "at least 1"]),
     (["--report-to", "nosuch"], ["--report-to nosuch", "unknown tracker"]),
+    (["--mixed-precision", "fp16"], ["--mixed-precision fp16", "CPU", "bf16"]),
     (["--lr", "inf"], ["--lr", "positive finite"]),
     (["--lr", "nan"], ["--lr", "positive finite"]),
     (["--adam-beta1", "1.5"], ["--adam-beta1", "[0, 1)"]),

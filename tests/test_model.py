@@ -320,10 +320,10 @@ def test_bf16_inference_keeps_weight_copies_and_remakes_them_when_weights_change
             return model(**b)["logits"].float()
 
     ours, ref = logits("onednn"), logits("torch")
-    assert model.classifier._bf16 is not None
+    assert model.bert.pooler.dense._bf16 is not None
     torch.testing.assert_close(ours, ref, rtol=1e-2, atol=1e-2)
     with torch.no_grad():
-        model.classifier.weight.mul_(-3)
+        model.bert.pooler.dense.weight.mul_(-3)
     ours2, ref2 = logits("onednn"), logits("torch")
     torch.testing.assert_close(ours2, ref2, rtol=1e-2, atol=1e-2)
     assert not torch.allclose(ours2, ours, atol=1e-3)  # the stale copy was not used
@@ -399,3 +399,18 @@ def test_bf16_inference_after_a_fused_adamw_step_sees_the_new_weights(cpu_matmul
     after, ref = logits("onednn"), logits("torch")
     assert not torch.allclose(after, before, atol=1e-3)
     torch.testing.assert_close(after, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_head_logits_are_fp32_under_bf16_autocast():
+    """Regression scores and span logits keep fp32 resolution (bf16 would round 2 - 4 to steps of 1/64)."""
+    torch.manual_seed(0)
+    b = batch()
+    reg = BertForSequenceClassification(tiny(), num_labels=1, regression=True).eval()
+    qa = BertForQuestionAnswering(tiny()).eval()
+    with torch.no_grad():
+        reg.classifier.bias.fill_(3.0)  # scores near 3: bf16 steps of 1/64 there
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = reg(**b)["logits"]
+            spans = qa(**b)
+    assert scores.dtype == torch.float32 and spans["start_logits"].dtype == torch.float32
+    assert not torch.equal(scores, scores.bfloat16().float())  # finer than bf16
