@@ -80,6 +80,11 @@ def test_predict_squad_answers_match_the_runs_predictions(tmp_path_factory):
     r = next(r for r, g in zip(rows, got) if g["answer"])
     one = _predict_cli("--model", str(run), "--text", r["question"], "--text-pair", r["context"])
     assert json.loads(one.stdout)["answer"] == want[r["id"]]
+    # A context with nothing in it (every row of the batch): no answer, not a crash.
+    for ctx in ("", "   "):
+        none = _predict_cli("--model", str(run), "--text", r["question"], "--text-pair", ctx)
+        assert none.returncode == 0, none.stderr[-2000:]
+        assert json.loads(none.stdout)["no_answer"] is True
 
 
 def test_predict_bad_input_is_one_line(sst2, tmp_path):

@@ -393,11 +393,12 @@ def _offset_arrays(features: Any, n_feat: int) -> tuple[np.ndarray, np.ndarray]:
         col = features.with_format("arrow")["offset_mapping"].combine_chunks()
         lengths = col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         tokens = col.flatten()  # list<int64> per token, null for non-context tokens
-        valid = tokens.is_valid().to_numpy(zero_copy_only=False)
-        values = tokens.flatten().to_numpy(zero_copy_only=False)
-        if len(values) == 2 * int(valid.sum()):  # else an unexpected layout: take the generic path
-            flat = np.full((len(tokens), 2), -1, dtype=np.int64)
-            flat[valid] = values.astype(np.int64).reshape(-1, 2)
+        if hasattr(tokens, "flatten"):  # not when no feature has a context token (all null: Arrow's null type)
+            valid = tokens.is_valid().to_numpy(zero_copy_only=False)
+            values = tokens.flatten().to_numpy(zero_copy_only=False)
+            if len(values) == 2 * int(valid.sum()):  # else an unexpected layout: take the generic path
+                flat = np.full((len(tokens), 2), -1, dtype=np.int64)
+                flat[valid] = values.astype(np.int64).reshape(-1, 2)
     if flat is None:
         (offsets,) = _columns(features, "offset_mapping")
         lengths = np.fromiter(map(len, offsets), dtype=np.int64, count=n_feat)
