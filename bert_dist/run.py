@@ -264,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         if results.get("interrupted"):
             log.warning("stopped by SIGTERM at step %d with a checkpoint in %s; rerun with --resume to finish",
                         results["steps"], out_dir)
+        failed = [t for t, r in results.get("tasks", {}).items() if r.get("status") == "failed"]
+        if failed:  # --task glue: the others ran and are scored, but a CI job must notice
+            if is_main:
+                fail(f"GLUE task(s) failed: {', '.join(failed)} (reasons in {out_dir / 'glue_results.md'}); the "
+                     "average covers the others")
+            return 1
         return 0
     except ValueError as e:  # user errors: bad flags, data, checkpoints
         if os.environ.get("BERT_DIST_DEBUG"):

@@ -112,3 +112,19 @@ def test_scores_follow_the_leaderboard():
                                    "qqp": {"status": "skipped", "reason": "no data | here"}},
                          "average": s, "averaged_over": ["cola"]})
     assert "| QQP | skipped: no data / here |  |" in md and "**50.0**" in md
+
+
+def test_a_failing_task_is_scored_around_and_exits_1(tmp_path):
+    """One task's data is broken: the others still run and are summarised, and the exit status says it failed."""
+    data = tmp_path / "data"
+    for task in ("stsb", "cola"):
+        write_task_data(get_task(task), data, n_train=48, n_eval=16, n_test=4)
+    train = data / "cola" / "train.jsonl"
+    train.write_text(train.read_text().replace('"sentence"', '"sent"'))
+    out = tmp_path / "suite"
+    p = run_cli(["--task", "glue", "--tasks", "stsb,cola", *TINY, "--data-dir", str(data), "--output-dir", str(out)])
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "GLUE task(s) failed: cola" in " ".join(p.stderr.split())
+    summary = json.loads((out / "glue_results.json").read_text())
+    assert summary["tasks"]["cola"]["status"] == "failed" and summary["averaged_over"] == ["stsb"]
+    assert "no text column 'sentence'" in summary["tasks"]["cola"]["reason"]
