@@ -226,23 +226,31 @@ def read_rows(texts: list[str] | None, pairs: list[str] | None, file: str | None
         if not path.is_file():
             raise ValueError(f"--file {path}: no such file")
         suffix = path.suffix.lower()
-        if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
-            raise ValueError(f"--file {path}: unsupported type {suffix!r}; use .jsonl, .csv or .tsv")
+        if suffix not in (".jsonl", ".json", ".csv", ".tsv", ".txt"):
+            raise ValueError(f"--file {path}: unsupported type {suffix!r}; use .jsonl, .csv, .tsv or .txt")
         with open(path, encoding="utf-8", newline="") as fh:
-            if suffix in (".csv", ".tsv"):
-                yield from csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            if suffix == ".csv":
+                yield from csv.DictReader(fh)
+            elif suffix == ".tsv":  # unquoted, as GLUE's files (a '"' is text)
+                yield from csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            elif suffix == ".txt":
+                yield from _text_lines(fh, f"--file {path}", pair_task)
             else:
                 yield from _json_lines(fh, f"--file {path}")
         return
     if stdin is None or stdin.isatty():
         raise ValueError("nothing to predict: give --text, --file, or rows on stdin")
-    for n, line in enumerate(stdin, 1):
-        if not line.strip():
-            continue
+    yield from _text_lines(stdin, "stdin", pair_task)
+
+
+def _text_lines(lines: Iterable[str], where: str, pair_task: bool) -> Iterator[dict[str, Any]]:
+    """One row per line: a JSON object, or text (a tab between the two texts of a pair). A blank line is an empty
+    text, so that output line n answers input line n."""
+    for n, line in enumerate(lines, 1):
         if line.lstrip().startswith("{"):
-            yield from _json_lines([line], f"stdin line {n}")
+            yield from _json_lines([line], f"{where} line {n}")
         else:
-            parts = line.rstrip("\n").split("\t") if pair_task else [line.rstrip("\n")]
+            parts = line.rstrip("\r\n").split("\t") if pair_task else [line.rstrip("\r\n")]
             yield dict(zip(("text", "text_pair"), parts))
 
 

@@ -51,6 +51,16 @@ def test_predict_texts_stdin_and_batching_agree(sst2):
     p = _predict_cli("--model", str(run), stdin="\n".join(texts[:3]) + "\n")  # plain lines on stdin
     assert p.returncode == 0, p.stderr[-3000:]
     assert [json.loads(line)["label"] for line in p.stdout.splitlines()] == [w["label"] for w in want[:3]]
+    # A blank line is an empty text: output line n answers input line n (stdin, and a .txt file alike).
+    lines = f"{texts[0]}\n\n{texts[1]}\n"
+    p = _predict_cli("--model", str(run), stdin=lines)
+    txt = run.parent / "lines.txt"
+    txt.write_text(lines)
+    q = _predict_cli("--model", str(run), "--file", str(txt))
+    for out in (p, q):
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = [json.loads(line)["label"] for line in out.stdout.splitlines()]
+        assert len(got) == 3 and got[0] == want[0]["label"] and got[2] == want[1]["label"]
 
 
 def test_predict_regression_gives_the_runs_scores(tmp_path_factory):
