@@ -275,8 +275,12 @@ def predict_main(model: str, texts: list[str] | None = None, pairs: list[str] | 
     predictor = Predictor(model, batch_size=batch_size, max_length=max_length)
     rows = read_rows(texts, pairs, file, sys.stdin, pair_task=len(predictor.spec.text_columns) == 2)
     n = 0
-    for row in predictor.predict(rows):
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        n += 1
+    try:
+        for row in predictor.predict(rows):
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    except UnicodeError:  # decoding a file; or stdin's undecodable bytes (surrogate escapes) met when encoding
+        where = f"--file {file}" if file else "stdin"
+        raise ValueError(f"{where}: not UTF-8 text (after {n} rows); re-encode it as UTF-8") from None
     log.info("%d predictions with %s on %s", n, predictor.dir, predictor.accelerator.device)
     return 0
