@@ -76,22 +76,19 @@ def preflight(cfg: RunConfig) -> None:
                          "(without --resume) to train it again, or choose another --output-dir")
 
 
-TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-                   "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
-
-
 def check_trackers(report_to: str | None) -> None:
-    """--report-to: each named tracker importable (accelerate would only warn and train without logging)."""
-    import importlib.util
+    """--report-to: each named tracker known to accelerate and installed (accelerate itself only warns and then
+    trains without logging). Its own lists: LoggerType (the names) and the trackers it found importable."""
+    from accelerate.tracking import _available_trackers
+    from accelerate.utils import LoggerType
 
+    known, installed = {t.value for t in LoggerType}, {LoggerType(t).value for t in _available_trackers}
     for name in (t.strip() for t in (report_to or "").split(",") if t.strip()):
-        if name == "all":
-            continue
-        if name not in TRACKER_MODULES:
-            raise ValueError(f"--report-to {name}: unknown tracker; choose from {', '.join(TRACKER_MODULES)} or all")
-        if not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[name]):
-            raise ValueError(f"--report-to {name}: the {TRACKER_MODULES[name][0]} package is not installed; "
-                             f"pip install {TRACKER_MODULES[name][0]}, or drop --report-to")
+        if name not in known:
+            raise ValueError(f"--report-to {name}: unknown tracker; choose from {', '.join(sorted(known))}")
+        if name != "all" and name not in installed:
+            raise ValueError(f"--report-to {name}: the {name} package is not installed; pip install {name}, "
+                             "or drop --report-to")
 
 
 def set_cpu_threads(threads: int | None, accelerator) -> None:
@@ -144,9 +141,11 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     # --overwrite of a run: its files, run_config.json included, are replaced once this run's data and model have
     # loaded (train.discard_previous_run), so a run that fails on bad input loses nothing.
     # (--task glue's own directory holds no model: its run_config.json is written now, its tasks' later.)
+    from bert_dist.train import write_run_config
+
     replacing = cfg.overwrite and not resuming and cfg.task != "glue" and (out / "run_config.json").is_file()
     if accelerator.is_main_process and not replacing:
-        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_run_config(out, cfg.to_dict())
     accelerator.wait_for_everyone()
     return out, created[0]
 

@@ -599,6 +599,11 @@ RUN_FILES = ("results.json", "metrics.jsonl", "train_log.jsonl", "model.safetens
 """What a run writes that a later run's files could be mixed up with (and its checkpoints/)."""
 
 
+def write_run_config(out_dir: Path, config: dict[str, Any]) -> None:
+    """run_config.json: every setting of the run (RunConfig.to_dict())."""
+    (out_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[str, Any]) -> None:
     """--overwrite: remove the previous run's results, logs, model and checkpoints (else --resume would pick them
     up), and write this run's run_config.json (`config`). Called once this run's data and model have loaded: a run
@@ -607,7 +612,7 @@ def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[s
         for stale in RUN_FILES:
             (out_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        (out_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_run_config(out_dir, config)
     accelerator.wait_for_everyone()
 
 
@@ -626,8 +631,6 @@ def prepare_training(
         discard_previous_run(accelerator, out_dir, cfg.to_dict())
     names = list(eval_loaders)
     if train_loader is None:
-        if not cfg.train.eval_only:
-            raise ValueError("no training data: give a train split (or --eval-only)")
         model, *loaders = accelerator.prepare(model, *eval_loaders.values())
         return Prepared(model, None, None, None, dict(zip(names, loaders)), 0, None)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device.type)
