@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     p.add_argument("--synthetic", action="store_true", help="synthetic data and tokenizer even if real ones exist")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; --quick: 1)")
     p.add_argument("--baseline-model", type=Path,
-                   help="inference suite: also time this bert_dist/model.py (e.g. from `git worktree add /tmp/base "
-                        "<commit>`) in the same interleaved rounds, with the same weights")
+                   help="step and inference suites: also time this bert_dist/model.py (e.g. from `git worktree add "
+                        "/tmp/base <commit>`) in the same interleaved rounds, with the same weights")
     a = p.parse_args(argv)
     if bad := [s for s in a.suites if s not in SUITES + EXTRA_SUITES]:
         p.error(f"unknown suite {bad[0]!r}; choose from {', '.join(SUITES + EXTRA_SUITES)}")

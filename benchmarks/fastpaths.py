@@ -5,6 +5,8 @@
 - dropout attention: training on the CPU, attention with dropout as scores/softmax/dropout/matmul (`model.attend`)
   vs SDPA with dropout_p (which leaves its fused CPU kernel for its reference path when dropout is on). In bf16
   only since session 5 (fp32 measured 0.96x - 0.97x and calls SDPA): an fp32 row compares SDPA with SDPA.
+- attention by rows: bf16 inference on the CPU, attention as bf16 matmuls and a softmax on a few batch rows at a
+  time, each row over its real keys only (`model._attend_in_chunks`) vs SDPA (its CPU flash kernel).
 - onednn matmul: fp32 projections on the CPU through oneDNN's linear (`model.linear`, `--cpu-matmul auto`) vs
   F.linear (`--cpu-matmul torch`: MKL in the x86 wheels). In bf16 inference, `model.Linear`'s kept bf16 weight
   copies through oneDNN's linear vs autocast's F.linear. bf16 training stays on F.linear: oneDNN's linear measured
@@ -102,7 +104,8 @@ def every_row():
 
 
 def sdpa_always():
-    """`model.attend` replaced by SDPA with dropout_p, what transformers' sdpa attention calls."""
+    """`model.attend` replaced by SDPA with dropout_p, what transformers' sdpa attention calls (off for both the
+    dropout-attention and the attention-by-rows paths)."""
     return _replaced(M, "attend", lambda q, k, v, mask, p: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                                          dropout_p=p))
 
@@ -185,6 +188,14 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
             fwd = forward_fn(model, batch, device, precision)
             add("last layer on read rows", "inference", f"{B}x{T} full", precision,
                 interleave({"off": _switched(fwd, every_row), "on": fwd}, opts.rounds, opts.warmup, sync))
+            if device.type == "cpu" and precision == "bf16":
+                add("attention by rows", "inference", f"{B}x{T} full", precision,
+                    interleave({"off": _switched(fwd, sdpa_always), "on": fwd}, opts.rounds, opts.warmup, sync))
+                padded_fwd = forward_fn(model, make_batch(cfg, B, T, "padded", "classification", device), device,
+                                        precision)
+                add("attention by rows", "inference", f"{B}x{T} padded", precision,
+                    interleave({"off": _switched(padded_fwd, sdpa_always), "on": padded_fwd}, opts.rounds,
+                               opts.warmup, sync))
             if device.type == "cpu":  # bf16: the kept bf16 weight copies (`model.Linear`)
                 add("onednn matmul", "inference", f"{B}x{T} full", precision,
                     interleave({"off": _switched(fwd, torch_matmul), "on": fwd}, opts.rounds, opts.warmup, sync))

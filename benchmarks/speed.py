@@ -175,12 +175,15 @@ def step_suite(opts: Options, src: Source | None = None) -> list[dict]:
         ours.train(), ref.train()
         opt_cfg = OptimConfig()
         optims = {"ours": build_optimizer(ours, opt_cfg, device.type), REF: reference_optimizer(ref, opt_cfg)}
+        models = {"ours": ours, REF: ref}
+        if opts.baseline_model:
+            models["baseline"] = baseline_classifier(opts.baseline_model, cfg, ours).train()
+            optims["baseline"] = build_optimizer(models["baseline"], opt_cfg, device.type)
         for B, T in opts.shapes:
             for precision in opts.precisions:
                 for inputs in opts.inputs:
                     batch = make_batch(cfg, B, T, inputs, "classification", device)
-                    fns = {k: train_step_fn(m, optims[k], batch, device, precision, sync)
-                           for k, m in (("ours", ours), (REF, ref))}
+                    fns = {k: train_step_fn(m, optims[k], batch, device, precision, sync) for k, m in models.items()}
                     res = interleave(fns, opts.rounds, opts.warmup, sync)
                     o, r = res["ours"], res[REF]
                     rows.append({"preset": name, "batch": B, "seq": T, "precision": precision, "inputs": inputs,
@@ -189,11 +192,13 @@ def step_suite(opts: Options, src: Source | None = None) -> list[dict]:
                                  "fwd_bwd_speedup": ratio(r.median("fwd_bwd"), o.median("fwd_bwd")),
                                  "ours_optim_ms": 1e3 * o.median("optim"), "ref_optim_ms": 1e3 * r.median("optim"),
                                  **_speedups(res, device), "rounds": opts.rounds})
+                    _baseline_columns(rows[-1], res)
                     progress(rows[-1])
-        del ours, ref, optims
+        del ours, ref, optims, models
         _free(device)
     _print_model_table("step: forward + backward + AdamW (BertForSequenceClassification)", rows, device,
-                       extra=(("fwd+bwd x", "fwd_bwd_speedup", None), ("optim ms ours/ref", None, 0)))
+                       extra=(("fwd+bwd x", "fwd_bwd_speedup", None), ("optim ms ours/ref", None, 0))
+                       + _baseline_header(opts))
     return rows
 
 
@@ -219,17 +224,25 @@ def inference_suite(opts: Options, src: Source | None = None) -> list[dict]:
                                  "ours_ms": 1e3 * o.median(), "ref_ms": 1e3 * r.median(),
                                  "ours_examples_per_s": B / o.median(), "ref_examples_per_s": B / r.median(),
                                  **_speedups(res, device), "rounds": opts.rounds})
-                    if base is not None:
-                        b = res["baseline"]
-                        rows[-1].update(baseline_ms=1e3 * b.median(), vs_baseline=ratio(b.median(), o.median()),
-                                        baseline_speedup=ratio(r.median(), b.median()))
+                    _baseline_columns(rows[-1], res)
                     progress(rows[-1])
         del ours, ref, base
         _free(device)
-    extra = ((("baseline ms", "baseline_ms", 1), (f"baseline vs {REF}", "baseline_speedup", None),
-              ("ours vs baseline", "vs_baseline", None)) if opts.baseline_model else ())
-    _print_model_table("inference: eval forward, inference_mode (BertForSequenceClassification)", rows, device, extra)
+    _print_model_table("inference: eval forward, inference_mode (BertForSequenceClassification)", rows, device,
+                       _baseline_header(opts))
     return rows
+
+
+def _baseline_columns(row: dict, res: dict[str, Samples]) -> None:
+    """--baseline-model: its time, its speed-up over the reference, and ours over it, added to `row`."""
+    if "baseline" in res:
+        b, o, r = res["baseline"].median(), res["ours"].median(), res[REF].median()
+        row.update(baseline_ms=1e3 * b, vs_baseline=ratio(b, o), baseline_speedup=ratio(r, b))
+
+
+def _baseline_header(opts: Options) -> tuple[tuple[str, str, int | None], ...]:
+    return ((("baseline ms", "baseline_ms", 1), (f"baseline vs {REF}", "baseline_speedup", None),
+             ("ours vs baseline", "vs_baseline", None)) if opts.baseline_model else ())
 
 
 def pretrain_suite(opts: Options, src: Source | None = None) -> list[dict]:

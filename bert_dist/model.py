@@ -184,20 +184,77 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """Scaled dot-product attention: q (B, nh, Q, hs), k, v (B, nh, T, hs), mask (B, 1, 1, T) bool (True = attend)
     -> (B, nh, Q, hs). Q = T, except in a last layer that runs on the rows its head reads (`keep`).
 
-    SDPA, except when training with attention dropout in bf16/fp16 on the CPU: there SDPA leaves its fused kernel
-    for its reference path, which also upcasts bf16 to fp32; with these few ops instead the minilm bf16 train step
-    at 32x128 went from 1.01x to 1.13x transformers' (BENCHMARKS.md, "Training step"). Scores in the input
-    precision, softmax in fp32, as transformers' eager attention does under autocast. In fp32 the two do the same
-    arithmetic and SDPA's measured 3% - 4% faster (session 5, "Fast paths").
+    SDPA, except in low precision on the CPU (`_attend_in_chunks`), where SDPA's kernels ran 2x - 2.6x slower than
+    plain matmuls and a softmax over a few rows at a time. In fp32 the two do the same arithmetic and SDPA measured 3%
+    - 4% faster (session 5, "Fast paths"). Under torch.compile, the plain ops in one piece where there is dropout
+    (inductor fuses them; SDPA with dropout leaves its fused CPU kernel for a reference path that upcasts to fp32).
     """
     low_precision = q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-    if dropout_p == 0.0 or q.device.type != "cpu" or not low_precision:
+    if q.device.type != "cpu" or not low_precision or (dropout_p == 0.0 and torch.compiler.is_compiling()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, nh, Q, T)
+    if torch.compiler.is_compiling():
+        return _attention(q, k, v, mask, dropout_p)
+    return _attend_in_chunks(q, k, v, mask, dropout_p)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               dropout_p: float) -> torch.Tensor:
+    """Attention as its ops: q (b, nh, Q, hs), k, v (b, nh, T, hs), mask (b, 1, 1, T) or None -> (b, nh, Q, hs).
+
+    Scores in the input precision (bf16 under autocast, as in transformers' eager attention), the softmax computed
+    in fp32 and stored in the input precision (the PV matmul reads bf16 probabilities on every path, SDPA's too).
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (b, nh, Q, T)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = F.dropout(torch.softmax(scores, -1, dtype=torch.float32), dropout_p)
-    return probs.to(v.dtype) @ v
+    return F.dropout(torch.softmax(scores, -1), dropout_p) @ v
+
+
+# The most bf16 scores, (rows, nh, Q, T), one chunk of `_attend_in_chunks` holds. Without gradients: a core's L2
+# (1 MB on this project's EPYC). With gradients a chunk's backward comes later, and fewer, larger chunks won: of 2,
+# 4, 8 and 16 MB, 8 MB was fastest or within noise of it at 32x128 and 16x384 (BENCHMARKS.md, "Fast paths").
+_CHUNK_BYTES = {"inference": 1 << 20, "training": 8 << 20}
+
+
+def _attend_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      dropout_p: float) -> torch.Tensor:
+    """`_attention` on a few batch rows at a time, so that each chunk's scores stay in cache: the shapes of
+    `attend`. SDPA's CPU flash kernel ran bf16 inference at a sixth of the projections' GEMM speed; this took
+    2.3x - 2.6x less time there, and 1.8x - 2.2x less on a bf16 training step's attention (forward + backward,
+    against these same ops on the whole batch with an fp32 softmax). BENCHMARKS.md, "Fast paths".
+
+    Without gradients, where the mask is real tokens then padding (what every collator here makes), each row
+    attends over its first n keys only, with no mask, one row per chunk; a padded query row (Q = T) is then zeros
+    (no head reads it: BertModel). With gradients the mask is applied as it is.
+    """
+    B, nh, Q, hs = q.shape
+    T = k.shape[2]
+    grad = torch.is_grad_enabled()
+    lengths = None
+    if mask is not None:
+        m = mask.reshape(B, T)
+        n = m.sum(1)
+        if bool((n == T).all()):
+            mask = None
+        elif not grad and torch.equal(m, torch.arange(T, device=m.device) < n[:, None]):
+            lengths, mask = n.tolist(), None
+    rows = max(1, _CHUNK_BYTES["training" if grad else "inference"] // (q.element_size() * nh * Q * T))
+    if grad:
+        if rows >= B:
+            return _attention(q, k, v, mask, dropout_p)
+        return torch.cat([_attention(q[i:i + rows], k[i:i + rows], v[i:i + rows],
+                                     None if mask is None else mask[i:i + rows], dropout_p)
+                          for i in range(0, B, rows)])
+    out = torch.empty_like(q) if lengths is None else torch.zeros_like(q)
+    for i in range(0, B, 1 if lengths is not None else rows):
+        if lengths is None:
+            r, nq, nk = slice(i, i + rows), None, None
+        else:
+            r, nk = slice(i, i + 1), lengths[i]
+            nq = nk if Q == T else None  # the last layer's kept queries are positions, not a prefix
+        out[r, :, :nq] = _attention(q[r, :, :nq], k[r, :, :nk], v[r, :, :nk], None if mask is None else mask[r],
+                                    dropout_p)
+    return out
 
 
 class BertSelfAttention(nn.Module):

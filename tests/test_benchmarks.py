@@ -44,13 +44,15 @@ def test_quick_fastpaths_run_with_every_path(tmp_path):
     p = subprocess.run([sys.executable, "-m", "benchmarks", "fastpaths", "--quick", "--shapes", "4x32",
                         "--precisions", "fp32,bf16"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    for path in ("unpad", "last layer on read rows", "dropout attention", "onednn matmul", "adamw", "qkv (not kept)"):
+    for path in ("unpad", "last layer on read rows", "dropout attention", "attention by rows", "onednn matmul", "adamw",
+                 "qkv (not kept)"):
         assert re.search(rf"\| {re.escape(path)} +\|", p.stdout), path
     assert "pretrain step" in p.stdout
 
 
 def test_inference_against_a_baseline_model_file(tmp_path):
-    """--baseline-model times another bert_dist/model.py (here this one) in the same rounds, same weights."""
+    """--baseline-model times another bert_dist/model.py (here this one) in the same rounds, same weights: inference
+    and the training step."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "benchmarks", "inference", "--quick", "--shapes", "2x16", "--precisions",
                         "bf16", "--inputs", "padded", "--baseline-model", str(REPO / "bert_dist" / "model.py"),
@@ -59,6 +61,13 @@ def test_inference_against_a_baseline_model_file(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "ours vs baseline" in p.stdout
     (row,) = json.loads((tmp_path / "r.json").read_text())["suites"]["inference"]
+    assert row["baseline_ms"] > 0 and row["vs_baseline"] > 0
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "step", "--quick", "--shapes", "2x16", "--precisions",
+                        "bf16", "--inputs", "full", "--baseline-model", str(REPO / "bert_dist" / "model.py"),
+                        "--out", str(tmp_path / "s.json")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "s.json").read_text())["suites"]["step"]
     assert row["baseline_ms"] > 0 and row["vs_baseline"] > 0
     p = subprocess.run([sys.executable, "-m", "benchmarks", "inference", "--quick", "--baseline-model",
                         str(tmp_path / "none.py")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

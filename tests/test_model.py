@@ -157,6 +157,83 @@ def test_cpu_dropout_attention_matches_sdpa(amp):
     assert ours.dtype == torch.bfloat16
 
 
+def _qkv(B: int = 5, Q: int = 9, T: int = 9, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, 4, n, 8, generator=g).bfloat16() for n in (Q, T, T))
+
+
+@pytest.mark.parametrize("masking", ["none", "all real", "prefix", "not a prefix"])
+@pytest.mark.parametrize("rows_bytes", [1 << 20, 2 * 4 * 9 * 9 * 2])  # every row in one chunk; chunks of 2 rows
+def test_bf16_inference_attention_by_rows_matches_sdpa(monkeypatch, masking, rows_bytes):
+    """`attend` in bf16 without gradients on the CPU (`_attend_in_chunks`) is SDPA's attention at bf16 precision,
+    for each kind of mask, in one chunk or several (5 rows, chunks of 2: a short last chunk). With a prefix mask
+    the padded query rows are zeros and a row with no real token is all zeros, not NaN."""
+    import bert_dist.model as M
+
+    monkeypatch.setitem(M._CHUNK_BYTES, "inference", rows_bytes)
+    q, k, v = _qkv()
+    mask = torch.ones(5, 1, 1, 9, dtype=torch.bool)
+    if masking == "prefix":
+        for b, n in enumerate((9, 6, 1, 0, 4)):
+            mask[b, ..., n:] = False
+    elif masking == "not a prefix":
+        mask[1, ..., 2] = False
+        mask[3, ..., :4] = False
+    with torch.no_grad():
+        ours = attend(q, k, v, None if masking == "none" else mask, 0.0)
+        assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
+        seen = mask.any(-1).squeeze(1).squeeze(1)  # rows with at least one key
+        ref = torch.nn.functional.scaled_dot_product_attention(q[seen].float(), k[seen].float(), v[seen].float(),
+                                                               attn_mask=mask[seen])
+    if masking == "prefix":
+        real = mask.view(5, 1, 9, 1).expand_as(ours)  # a query row is real where its own token is
+        assert not ours[~real].any()
+        torch.testing.assert_close(ours.float()[seen][real[seen]], ref[real[seen]], atol=3e-2, rtol=3e-2)
+    else:
+        torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_bf16_inference_attention_by_rows_on_kept_queries():
+    """A last layer on kept rows: Q = 2 query positions (not a prefix) over T = 9 keys, some padded; a row with
+    fewer real tokens than kept queries still answers every query."""
+    q, k, v = _qkv(Q=2)
+    mask = torch.ones(5, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    mask[2, ..., 1:] = False
+    with torch.inference_mode():
+        ours = attend(q, k, v, mask, 0.0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 2 * 4 * 9 * 9 * 2])  # one chunk; chunks of 2 rows
+@pytest.mark.parametrize("dropout_p", [0.0, 1e-12])  # 1e-12: the dropout op runs, and drops nothing
+def test_bf16_training_attention_in_chunks_matches_sdpa_and_its_gradients(monkeypatch, chunk_bytes, dropout_p):
+    """With gradients (training), `attend` in chunks of rows gives SDPA's output and gradients at bf16 precision,
+    the mask applied as it is (a prefix in one row, a hole in another)."""
+    import bert_dist.model as M
+
+    monkeypatch.setitem(M._CHUNK_BYTES, "training", chunk_bytes)
+    q, k, v = _qkv()
+    mask = torch.ones(5, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 6:] = False
+    mask[3, ..., 2] = False
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn, dtype in ((attend, torch.bfloat16), (None, torch.float32)):
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        if fn is None:
+            out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=mask)
+        else:
+            out = fn(*leaves, mask, dropout_p)
+            assert out.dtype == torch.bfloat16
+        (out.float() * dy).sum().backward()
+        grads.append([out.float()] + [t.grad.float() for t in leaves])
+    for ours, ref in zip(*grads, strict=True):
+        assert ref.abs().max() > 0.1
+        torch.testing.assert_close(ours, ref, atol=4e-2, rtol=4e-2)
+
+
 def test_dropout_only_in_training():
     torch.manual_seed(0)
     m = BertModel(tiny())
