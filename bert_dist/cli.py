@@ -10,16 +10,17 @@ After a run:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+
+from bert_dist.config import ArgumentParser
 
 SUBCOMMANDS = {"train": None, "pretrain": "pretrain", "tokenizer": "tokenizer"}
 """First word -> the --task it implies (None: the flags say)."""
 
 
 def predict(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bert-dist predict", description="Predict with a finished run: JSON Lines "
+    p = ArgumentParser(prog="bert-dist predict", description="Predict with a finished run: JSON Lines "
                                 "on stdout, one line per input (label and probabilities, a score, or an answer).")
     p.add_argument("--model", required=True, help="a bert-dist run directory (or its Hugging Face export)")
     p.add_argument("--text", action="append", help="a text (repeatable); the question for a SQuAD model")
@@ -38,7 +39,7 @@ def predict(argv: list[str]) -> int:
 
 
 def export(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bert-dist export", description="Write a run as a Hugging Face model "
+    p = ArgumentParser(prog="bert-dist export", description="Write a run as a Hugging Face model "
                                 "directory (config, safetensors, tokenizer files) that transformers loads.")
     p.add_argument("--model", required=True, help="a bert-dist run directory")
     p.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face transformers (the only one)")

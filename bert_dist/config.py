@@ -11,9 +11,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, NoReturn, get_type_hints
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -271,9 +272,19 @@ def _leaf_fields(cls: type) -> list[tuple[str | None, dataclasses.Field, Any]]:
     return out
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the whole usage block first: dozens of flags) from the launch's
+    first process only (every process parses the same command line); exit status 2, as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"{self.prog}: error: {message} (--help lists the flags)\n")
+        sys.exit(2)
+
+
 def build_parser(prog: str = "bert-dist") -> argparse.ArgumentParser:
     """The argparse parser generated from `RunConfig` (flags are field names with dashes)."""
-    p = argparse.ArgumentParser(prog=prog, description="Fine-tune or pretrain BERT with Accelerate.")
+    p = ArgumentParser(prog=prog, description="Fine-tune or pretrain BERT with Accelerate.")
     defaults = RunConfig()
     for group, f, typ in _leaf_fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")

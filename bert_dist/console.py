@@ -20,12 +20,13 @@ console = Console(stderr=True)
 
 
 def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
-    """INFO and up from the main process, only warnings and errors from the others."""
+    """INFO and up from the main process, only errors from the others (every process runs the same code on the same
+    data, so their warnings would be the main process's, repeated once per process)."""
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False,
                           log_time_format="[%X]")
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level if is_main else logging.WARNING)
+    root.setLevel(level if is_main else logging.ERROR)
     for noisy in ("datasets", "huggingface_hub", "filelock", "urllib3", "fsspec", "accelerate.utils.other",
                   "torch.distributed", "evaluate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -39,6 +40,8 @@ def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
     except ImportError:
         pass
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    if not is_main:
+        warnings.simplefilter("ignore")  # Python warnings (torch's, ours) too
 
 
 class StepProgress:

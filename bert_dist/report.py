@@ -13,7 +13,6 @@ needs no plotting library, no JavaScript and no network to open.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import html
 import json
@@ -24,6 +23,8 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bert_dist.config import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +485,7 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """`bert-dist report RUN_DIR`: (re)write a run's report.html and README.md; a GLUE suite's, for every task."""
-    p = argparse.ArgumentParser(prog="bert-dist report", description=main.__doc__)
+    p = ArgumentParser(prog="bert-dist report", description=main.__doc__)
     p.add_argument("run_dir", help="a run's --output-dir (or a --task glue output dir: every task in it)")
     args = p.parse_args(argv)
     d = Path(args.run_dir)

@@ -518,3 +518,14 @@ def test_report_to_a_tracker_that_is_not_installed(tmp_path, capsys, data_dir, m
     monkeypatch.setattr(accelerate.tracking, "_available_trackers", [])  # as where wandb is not installed
     fails(args(tmp_path / "o", "--report-to", "wandb", data=data_dir), capsys, "--report-to wandb", "not installed",
           "pip install wandb", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("argv", [["bert_dist/run.py", "--task", "sst2", "--nosuch", "1"],
+                                  ["-m", "bert_dist.cli", "predict", "--bogus"],
+                                  ["-m", "bert_dist.cli", "report"]])
+def test_a_flag_error_is_one_line_without_the_usage_block(argv):
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, *argv], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and "--help" in lines[0], p.stderr

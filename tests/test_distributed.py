@@ -125,3 +125,14 @@ def test_two_processes_resume_from_a_checkpoint_bitwise(setup):
     assert "resumed from" in " ".join(p.stderr.split())
     a, b = (load_file(d / "model.safetensors") for d in (full, resumed))
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_warn_once(setup):
+    """A warning (here: --max-eval-samples cuts the test split) comes from the main process only, not once per
+    process."""
+    root, flags = setup
+    p = run_cli([*flags, "--batch-size", "8", "--max-steps", "2", "--max-eval-samples", "5", "--output-dir",
+                 str(root / "warn")], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert " ".join(p.stderr.split()).count("the test predictions cover 5 of its") == 1, p.stderr[-3000:]
