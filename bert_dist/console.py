@@ -30,6 +30,9 @@ def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
     for noisy in ("datasets", "huggingface_hub", "filelock", "urllib3", "fsspec", "accelerate.utils.other",
                   "torch.distributed", "evaluate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    other = logging.getLogger("accelerate.utils.other")
+    if not any(isinstance(f, _TiedDecoderSaved) for f in other.filters):
+        other.addFilter(_TiedDecoderSaved())
     # Library progress bars (datasets.map, evaluate) would fight with ours.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
@@ -42,6 +45,15 @@ def setup_logging(is_main: bool, level: int = logging.INFO) -> None:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     if not is_main:
         warnings.simplefilter("ignore")  # Python warnings (torch's, ours) too
+
+
+class _TiedDecoderSaved(logging.Filter):
+    """Drops accelerate's warning, at every pretraining checkpoint, that it left out the MLM decoder's weight: that
+    weight is the word embeddings (tied), and loading ties it again. Its other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Removed shared tensor" in message and "'cls.predictions.decoder.weight'}" in message)
 
 
 class StepProgress:

@@ -287,3 +287,29 @@ def test_pretrain_then_finetune_through_the_entry_point(tmp_path):
             assert torch.equal(loaded[k], v), k
     assert main(["--task", "sst2", "--smoke", "--init", str(pt), "--max-steps", "3", "--output-dir", str(ft)]) == 0
     assert json.loads((ft / "results.json").read_text())["steps"] == 3
+
+
+def test_accelerates_warning_about_the_tied_decoder_is_dropped_and_others_pass(capsys):
+    """accelerate warns at every checkpoint that it left the MLM decoder's weight out (it is the word embeddings);
+    that one warning is dropped, a warning about any other shared tensor still shows."""
+    import logging
+
+    from accelerate import PartialState
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    from bert_dist.console import setup_logging
+
+    PartialState()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging(True)
+        kept = clean_state_dict_for_safetensors(BertForPreTraining(preset("tiny", vocab_size=50)).state_dict())
+        assert "cls.predictions.decoder.weight" not in kept  # accelerate did leave it out
+        shared = torch.zeros(3)
+        clean_state_dict_for_safetensors({"a": shared, "b": shared})
+    finally:
+        root.handlers[:], root.level = handlers, level
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Removed shared tensor {'b'}" in err
+    assert "decoder" not in err
