@@ -154,6 +154,12 @@ def train_shared_tokenizer(
     if is_main:
         log.info("training a WordPiece tokenizer (vocab %d, %s)", vocab_size, "lowercased" if lowercase else "cased")
         tok = train_tokenizer(texts(), vocab_size=vocab_size, lowercase=lowercase)
+        if (n := tok.get_vocab_size()) > vocab_size:
+            log.warning("--vocab-size %d: the tokenizer has %d tokens (WordPiece keeps every character of the corpus, "
+                        "with and without ##, and the 5 special tokens, whatever the size asked for)", vocab_size, n)
+        elif n < vocab_size:
+            log.info("the tokenizer has %d tokens, fewer than --vocab-size %d: the corpus has no more to merge",
+                     n, vocab_size)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_tokenizer(tok, out_dir)
     barrier()

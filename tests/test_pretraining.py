@@ -257,6 +257,18 @@ def test_tokenizer_task_writes_tokenizer_files(tmp_path):
     assert "Quick" in load_tokenizer(out).encode("Quick").tokens  # --no-lowercase kept the case
 
 
+def test_a_vocab_size_below_the_alphabet_is_warned_about(tmp_path, capsys):
+    from bert_dist.run import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The quick fox number {i} jumps" for i in range(50)) + "\n")
+    assert main(["--task", "tokenizer", "--train-file", str(corpus), "--vocab-size", "6", "--output-dir",
+                 str(tmp_path / "tok")]) == 0
+    n = len((tmp_path / "tok" / "vocab.txt").read_text().splitlines())
+    assert n > 6
+    assert f"--vocab-size 6: the tokenizer has {n} tokens" in " ".join(capsys.readouterr().err.split())
+
+
 def test_pretrain_then_finetune_through_the_entry_point(tmp_path):
     from bert_dist.checkpoint import load_init, load_weights
     from bert_dist.run import main
