@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from bert_dist.config import ArgumentParser
+from bert_dist.config import MIN_MAX_LENGTH, ArgumentParser
 
 SUBCOMMANDS = {"train": None, "pretrain": "pretrain", "tokenizer": "tokenizer"}
 """First word -> the --task it implies (None: the flags say)."""
@@ -30,9 +30,9 @@ def predict(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, help="rows per forward pass (default: the run's --eval-batch-size)")
     p.add_argument("--max-length", type=int, help="tokens per sequence (default: the run's)")
     args = p.parse_args(argv)
-    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, MIN_MAX_LENGTH)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     from bert_dist.predict import predict_main
 
     return predict_main(args.model, args.text, args.text_pair, args.file, args.batch_size, args.max_length)

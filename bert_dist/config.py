@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, get_type_hints
 
+MIN_MAX_LENGTH = 8  # --max-length: [CLS], [SEP] and a few tokens of text (training and predict)
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation attached (used for --help)."""
@@ -185,8 +187,8 @@ class RunConfig:
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         d, o, t = self.data, self.optim, self.train
-        if d.max_length is not None and d.max_length < 8:
-            raise ValueError(f"--max-length must be at least 8, got {d.max_length}")
+        if d.max_length is not None and d.max_length < MIN_MAX_LENGTH:
+            raise ValueError(f"--max-length must be at least {MIN_MAX_LENGTH}, got {d.max_length}")
         for flag, value in (("--batch-size", d.batch_size), ("--eval-batch-size", d.eval_batch_size),
                             ("--grad-accum", t.grad_accum), ("--log-every", t.log_every)):
             if value < 1:

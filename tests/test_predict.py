@@ -107,6 +107,8 @@ def test_predict_bad_input_is_one_line(sst2, tmp_path):
     assert p.returncode == 1 and "--model" in p.stderr and "Traceback" not in p.stderr
     p = _predict_cli("--model", str(run), "--text", "x", "--batch-size", "0")
     assert p.returncode == 1 and "--batch-size must be at least 1" in p.stderr and "Traceback" not in p.stderr
+    p = _predict_cli("--model", str(run), "--text", "x", "--max-length", "1")  # as training: room for the text
+    assert p.returncode == 1 and "--max-length must be at least 8" in p.stderr and "Traceback" not in p.stderr
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes('{"sentence": "caf\u00e9"}\n'.encode("latin-1"))
     p = _predict_cli("--model", str(run), "--file", str(latin))
