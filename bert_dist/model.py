@@ -154,7 +154,10 @@ def output_layer(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     mantissa) round a regression score to steps of 1/64 - 1/32 between 2 and 5 and tie span scores. It is H x C
     multiply-adds per row, C <= 3 (classification, regression) or 2 (QA): nothing next to the encoder."""
     with torch.autocast(x.device.type, enabled=False):
-        return linear(x.float())
+        if linear.weight.dtype == torch.float32:
+            return linear(x.float())
+        bias = None if linear.bias is None else linear.bias.float()  # a model cast to bf16/fp16 as a whole
+        return F.linear(x.float(), linear.weight.float(), bias)
 
 
 class BertEmbeddings(nn.Module):
@@ -205,8 +208,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     in fp32 and stored in the input precision (the PV matmul reads bf16 probabilities on every path, SDPA's too).
     """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (b, nh, Q, T)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:  # the lowest finite score, not -inf: a row with no key to attend gives no NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return F.dropout(torch.softmax(scores, -1), dropout_p) @ v
 
 
@@ -238,7 +241,7 @@ def _attend_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
             mask = None
         elif not grad and torch.equal(m, torch.arange(T, device=m.device) < n[:, None]):
             lengths, mask = n.tolist(), None
-    rows = max(1, _CHUNK_BYTES["training" if grad else "inference"] // (q.element_size() * nh * Q * T))
+    rows = max(1, _CHUNK_BYTES["training" if grad else "inference"] // max(1, q.element_size() * nh * Q * T))
     if grad:
         if rows >= B:
             return _attention(q, k, v, mask, dropout_p)
@@ -649,7 +652,8 @@ def masked_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # A stable sort on "not masked" puts each row's masked positions first, in position order.
     order = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :qm]  # (B, Qm)
     valid = torch.arange(qm, device=labels.device) < counts[:, None]  # (B, Qm)
-    keep = torch.cat([torch.zeros_like(order[:, :1]), order.masked_fill(~valid, 0)], 1)
+    cls = torch.zeros(labels.shape[0], 1, dtype=order.dtype, device=labels.device)  # also when no row is masked
+    keep = torch.cat([cls, order.masked_fill(~valid, 0)], 1)
     return keep, valid
 
 

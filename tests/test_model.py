@@ -491,3 +491,46 @@ def test_head_logits_are_fp32_under_bf16_autocast():
             spans = qa(**b)
     assert scores.dtype == torch.float32 and spans["start_logits"].dtype == torch.float32
     assert not torch.equal(scores, scores.bfloat16().float())  # finer than bf16
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_pretraining_batch_with_no_masked_token_trains(amp):
+    """Short rows often have no masked token: then the MLM loss is 0 (NSP still trains), not an index error."""
+    from bert_dist.model import BertForPreTraining
+
+    torch.manual_seed(0)
+    m = BertForPreTraining(tiny())
+    b = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = m(**b, labels=torch.full_like(b["input_ids"], -100), next_sentence_label=torch.tensor([0, 1, 0]))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert m.cls.seq_relationship.weight.grad.abs().sum() > 0
+
+
+def test_a_model_cast_to_bf16_runs_its_heads():
+    """model.to(torch.bfloat16), no autocast: the heads' fp32 output projection reads the bf16 weights."""
+    torch.manual_seed(0)
+    b = batch()
+    for m in (BertForSequenceClassification(tiny(), num_labels=2), BertForQuestionAnswering(tiny())):
+        ref = m.eval()(**b)
+        with torch.no_grad():
+            out = m.to(torch.bfloat16)(**b)
+        for k, v in out.items():
+            if v is not None and k != "loss":
+                assert v.dtype == torch.float32
+                real = v if k == "logits" else v[b["attention_mask"].bool()]
+                want = ref[k] if k == "logits" else ref[k][b["attention_mask"].bool()]
+                torch.testing.assert_close(real, want.detach(), atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_bf16_attention_with_a_row_that_has_no_key_is_finite(grad):
+    """A row whose keys are all masked (and whose query is read, as [CLS] is): finite, as SDPA gives, not NaN."""
+    q, k, v = _qkv()
+    mask = torch.ones(5, 1, 1, 9, dtype=torch.bool)
+    mask[4] = False
+    mask[2, ..., 3] = False  # not a prefix: the masked path
+    with torch.set_grad_enabled(grad):
+        out = attend(*(t.requires_grad_(grad) for t in (q, k, v)), mask, 0.0)
+    assert torch.isfinite(out.float()).all()
