@@ -135,14 +135,22 @@ def mlm_collect(batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) ->
     }
 
 
-def mlm_metrics(sums: dict[str, Any]) -> dict[str, float]:
-    n = max(int(sums["mlm_count"].sum()), 1)
+def mlm_metrics(sums: dict[str, Any]) -> dict[str, float | None]:
+    """The MLM metrics over the masked positions of the held-out pairs; None (not a perfect 0 loss) where no
+    position was masked."""
+    n = int(sums["mlm_count"].sum())
+    nsp = round(float(sums["nsp_correct"].mean()), 6)
+    if n == 0:
+        log.warning("evaluation: no token of the %d held-out pairs was masked, so MLM loss, perplexity and "
+                    "accuracy are not defined (null in the results); more --max-eval-samples or a higher "
+                    "--mlm-probability give them", len(sums["nsp_correct"]))
+        return {"mlm_loss": None, "perplexity": None, "mlm_accuracy": None, "nsp_accuracy": nsp}
     loss = float(sums["mlm_loss_sum"].sum()) / n
     return {
         "mlm_loss": round(loss, 6),
         "perplexity": round(math.exp(min(loss, 50.0)), 4),
         "mlm_accuracy": round(float(sums["mlm_correct"].sum()) / n, 6),
-        "nsp_accuracy": round(float(sums["nsp_correct"].mean()), 6),
+        "nsp_accuracy": nsp,
     }
 
 

@@ -325,3 +325,16 @@ def test_accelerates_warning_about_the_tied_decoder_is_dropped_and_others_pass(c
     err = " ".join(capsys.readouterr().err.split())
     assert "Removed shared tensor {'b'}" in err
     assert "decoder" not in err
+
+
+def test_mlm_metrics_with_no_masked_token_are_undefined_not_perfect():
+    from bert_dist.pretrain import mlm_metrics
+
+    sums = {"mlm_count": torch.tensor([0, 0]), "mlm_loss_sum": torch.tensor([0.0, 0.0]),
+            "mlm_correct": torch.tensor([0, 0]), "nsp_correct": torch.tensor([1.0, 0.0])}
+    m = mlm_metrics(sums)
+    assert m["mlm_loss"] is None and m["perplexity"] is None and m["mlm_accuracy"] is None
+    assert m["nsp_accuracy"] == 0.5
+    sums["mlm_count"], sums["mlm_loss_sum"], sums["mlm_correct"] = (torch.tensor([2, 2]), torch.tensor([2.0, 2.0]),
+                                                                    torch.tensor([1, 2]))
+    assert mlm_metrics(sums)["mlm_loss"] == 1.0 and mlm_metrics(sums)["mlm_accuracy"] == 0.75
