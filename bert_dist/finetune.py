@@ -134,6 +134,11 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
                     log.warning("--max-eval-samples %d: the %s predictions cover %d of its %d rows (not a full "
                                 "submission file)", n, s, n, len(raw[s]))
                 raw[s] = raw[s].select(range(min(cfg.data.max_eval_samples, len(raw[s]))))
+    if spec.kind == "regression":  # scipy refuses a correlation of one pair, after the whole training
+        for s in spec.eval_splits:
+            if s in raw and len(raw[s]) < 2:
+                raise ValueError(f"{spec.name}: the {s} split has {len(raw[s])} row(s) and its Pearson/Spearman "
+                                 "correlations need at least 2 (raise --max-eval-samples, or add rows to the file)")
     bert, tokenizer = resolve_model(cfg, src, lambda: D.task_texts(raw, spec), accelerator, out_dir)
     max_length = check_max_length(cfg, spec, bert)
     with main_process_first(accelerator):  # the main process writes the datasets cache, the others read it
@@ -188,11 +193,16 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
             metrics.update({prefix + k: round(float(v), 6) for k, v in scores.items()})
         return metrics
 
-    results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch if sampler else None)
+    meta = {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels, "label_names": list(spec.label_names)}
+
+    def save() -> None:
+        if accelerator.is_main_process:
+            save_run_model(accelerator.unwrap_model(run.model), out_dir, bert, meta, tokenizer)
+
+    results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch if sampler else None, save)
     if results.get("interrupted"):
         return results
     model = accelerator.unwrap_model(run.model)
-    meta = {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels, "label_names": list(spec.label_names)}
 
     # train() ends with an evaluation of the final weights: reuse its predictions rather than predict twice.
     for split in splits:
@@ -201,8 +211,6 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
             preds = predict(split)
         if accelerator.is_main_process:
             kind.write(out_dir, spec, splits[split], preds)
-    if accelerator.is_main_process:
-        save_run_model(model, out_dir, bert, meta, tokenizer)
     results.update(
         task=spec.name,
         init=cfg.init,

@@ -245,18 +245,16 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         sampler.set_epoch(epoch)
         collator.set_epoch(epoch)
 
-    results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch)
+    def save() -> None:
+        if accelerator.is_main_process:
+            meta = {"task": "pretrain", "kind": "pretrain", "max_length": max_length,
+                    "mlm_probability": cfg.data.mlm_probability}
+            save_run_model(accelerator.unwrap_model(run.model), out_dir, bert, meta, tok)
+
+    results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch, save)
     if results.get("interrupted"):
         return results
     model = accelerator.unwrap_model(run.model)
-    if accelerator.is_main_process:
-        meta = {
-            "task": "pretrain",
-            "kind": "pretrain",
-            "max_length": max_length,
-            "mlm_probability": cfg.data.mlm_probability,
-        }
-        save_run_model(model, out_dir, bert, meta, tok)
     results.update(
         task="pretrain",
         init=cfg.init,

@@ -273,10 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors: bad flags, data, checkpoints
         if os.environ.get("BERT_DIST_DEBUG"):
             raise
-        if is_main and created and out_dir is not None and not (out_dir / "checkpoints").exists():
+        trained = out_dir is not None and (out_dir / "model.safetensors").exists()  # saved before the final eval
+        if is_main and created and out_dir is not None and not trained and not (out_dir / "checkpoints").exists():
             shutil.rmtree(out_dir, ignore_errors=True)  # nothing to keep: don't leave a run that looks started
         if is_main:
-            fail(str(e))
+            fail(f"{e} (the trained model is saved in {out_dir}; evaluate it with --eval-only --init {out_dir})"
+                 if trained and not cfg.train.eval_only else str(e))
         sys.exit(1)
     except RuntimeError as e:
         from bert_dist.train import TrainingDiverged

@@ -311,8 +311,12 @@ def train(
     resume_from: Path | None = None,
     on_set_epoch: Callable[[int], None] | None = None,
     max_grad_norm: float = 1.0,
+    on_trained: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train for `num_steps` optimizer steps; evaluate every `cfg.eval_every` steps and at the end.
+
+    on_trained: called once the last step is done, before the final evaluation (the recipes save the model there,
+    so that an evaluation that fails cannot cost the training).
 
     The scheduler is stepped here once per optimizer step (it is not passed through
     `accelerator.prepare`, which would step it once per process). Returns the final metrics plus
@@ -452,6 +456,8 @@ def train(
         if last_save != state.step:
             checkpoint()
         return {"interrupted": True, "steps": state.step}
+    if on_trained is not None:
+        on_trained()
     if eval_fn is not None and last_eval != state.step:
         metrics = _run_eval(accelerator, eval_fn, state, out_dir)
     return {
@@ -575,10 +581,14 @@ class Prepared:
         out_dir: Path,
         eval_fn: Callable[[int], dict[str, float]],
         on_set_epoch: Callable[[int], None] | None,
+        save: Callable[[], None],
     ) -> dict[str, Any]:
-        """`train()` with this run's objects, or only `eval_fn` under --eval-only (both recipes end so)."""
+        """`train()` with this run's objects, or only `eval_fn` under --eval-only (both recipes end so). `save` writes
+        the run's model: after training and before the final evaluation, or after the evaluation under --eval-only."""
         if cfg.train.eval_only:
-            return {**eval_fn(0), "steps": 0}
+            results = {**eval_fn(0), "steps": 0}
+            save()
+            return results
         return train(
             accelerator,
             self.model,
@@ -592,6 +602,7 @@ class Prepared:
             self.resume_from,
             on_set_epoch,
             cfg.optim.max_grad_norm,
+            save,
         )
 
 

@@ -529,3 +529,34 @@ def test_a_flag_error_is_one_line_without_the_usage_block(argv):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and ": error: " in lines[0] and "--help" in lines[0], p.stderr
+
+
+def test_a_regression_eval_split_of_one_row_is_refused_before_training(tmp_path, capsys):
+    d = custom(tmp_path, spec=STSB)
+    fails(args(tmp_path / "o", "--max-eval-samples", "1", data=d, task="stsb"), capsys, "stsb",
+          "validation split has 1 row", "--max-eval-samples", out=tmp_path / "o")
+
+
+def test_an_evaluation_that_fails_after_training_keeps_the_trained_model(tmp_path, capsys, data_dir, monkeypatch):
+    """The model is saved before the final evaluation: an error there (any, here a planted one) loses no training,
+    and the error line says where the model is."""
+    import bert_dist.train as T
+
+    real = T._run_eval
+
+    def failing(accelerator, eval_fn, state, out_dir):
+        if state.step == 2:
+            raise ValueError("the metric could not be computed")
+        return real(accelerator, eval_fn, state, out_dir)
+
+    monkeypatch.setattr(T, "_run_eval", failing)
+    out = tmp_path / "o"
+    _reset_accelerate()
+    with pytest.raises(SystemExit) as e:
+        main(args(out, data=data_dir))
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 1 and "the metric could not be computed" in err and "--eval-only --init" in err
+    assert (out / "model.safetensors").is_file() and not (out / "results.json").exists()
+    monkeypatch.setattr(T, "_run_eval", real)
+    _reset_accelerate()
+    assert main(args(tmp_path / "e", "--eval-only", "--init", str(out), data=data_dir)) == 0  # it evaluates
