@@ -164,6 +164,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         tokenizer.token_to_id("[PAD]"),
         pad_multiple(cfg.data.pad_to_multiple_of, accelerator.mixed_precision),
         scalar_keys=kind.targets,
+        max_length=max_length,
     )
     metric = load_metric(spec.metric, spec.metric_config)
     loader, sampler = (D.train_loader(feats[spec.train_split], cfg.data, collator, cfg.seed)

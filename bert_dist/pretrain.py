@@ -228,6 +228,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         pad_token_id=tok.token_to_id("[PAD]"),
         mlm_probability=cfg.data.mlm_probability,
         pad_to_multiple_of=pad_multiple(cfg.data.pad_to_multiple_of, accelerator.mixed_precision),
+        max_length=max_length,
     )
     collator = MLMCollator(**collator_args, seed=cfg.seed)
     eval_collator = MLMCollator(**collator_args, seed=cfg.seed + 1)  # never set_epoch: the same masks every eval

@@ -115,6 +115,16 @@ def test_every_glue_task_preprocesses(name, tmp_path, tokenizer):
     assert set(test_labels) == {-1}
 
 
+
+@pytest.mark.parametrize("longest, expected", [(10, 24), (480, 480), (481, 504), (505, 512), (512, 512)])
+def test_padding_to_a_multiple_stops_at_the_max_length(longest, expected):
+    """--pad-to-multiple-of 24 with --max-length 512: a batch of 505 tokens pads to 512, not 528 (past the model's
+    positions)."""
+    collate = PadCollator(0, pad_to_multiple_of=24, max_length=512)
+    b = collate([{"input_ids": [5] * longest, "labels": 0}, {"input_ids": [5] * 3, "labels": 1}])
+    assert b["input_ids"].shape == (2, expected)
+    assert PadCollator(0, pad_to_multiple_of=24).padded_length(505) == 528  # no limit given: the multiple
+
 def test_custom_files_with_label_names(tmp_path, tokenizer):
     spec = GLUE_TASKS["sst2"]
     for split in ("train", "validation"):

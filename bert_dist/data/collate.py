@@ -32,15 +32,22 @@ class PadCollator:
     """
 
     def __init__(
-        self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None, scalar_keys: Sequence[str] = ("labels",)
+        self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None, scalar_keys: Sequence[str] = ("labels",),
+        max_length: int | None = None,
     ):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.scalar_keys = tuple(scalar_keys)
+        self.max_length = max_length
 
     def padded_length(self, longest: int) -> int:
+        """The batch's T: `longest` rounded up to the multiple, but never past `max_length` (the model's positions
+        end there: 512 rounded up to a multiple of 24 would be 528)."""
         m = self.pad_to_multiple_of
-        return longest if not m else math.ceil(longest / m) * m
+        if not m:
+            return longest
+        rounded = math.ceil(longest / m) * m
+        return rounded if self.max_length is None else max(longest, min(rounded, self.max_length))
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
@@ -88,8 +95,9 @@ class MLMCollator(PadCollator):
         mlm_probability: float = 0.15,
         pad_to_multiple_of: int | None = None,
         seed: int = 0,
+        max_length: int | None = None,
     ):
-        super().__init__(pad_token_id, pad_to_multiple_of, scalar_keys=("next_sentence_label",))
+        super().__init__(pad_token_id, pad_to_multiple_of, scalar_keys=("next_sentence_label",), max_length=max_length)
         if not 0 < mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {mlm_probability}")
         self.mask_token_id, self.mlm_probability, self.seed = mask_token_id, mlm_probability, seed
