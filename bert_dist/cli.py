@@ -29,13 +29,17 @@ def predict(argv: list[str]) -> int:
                    "default: JSON Lines or plain lines on stdin (a tab between the two texts of a pair)")
     p.add_argument("--batch-size", type=int, help="rows per forward pass (default: the run's --eval-batch-size)")
     p.add_argument("--max-length", type=int, help="tokens per sequence (default: the run's)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="autocast for the forward passes (default: no, fp32); the run's own precision gives back its "
+                        "predictions_<split>.jsonl to the digit")
     args = p.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, MIN_MAX_LENGTH)):
         if value is not None and value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     from bert_dist.predict import predict_main
 
-    return predict_main(args.model, args.text, args.text_pair, args.file, args.batch_size, args.max_length)
+    return predict_main(args.model, args.text, args.text_pair, args.file, args.batch_size, args.max_length,
+                        mixed_precision=args.mixed_precision)
 
 
 def export(argv: list[str]) -> int:

@@ -7,7 +7,8 @@ The model is rebuilt from the run's config.json (`checkpoint.load_run_model`), t
 fine-tuning path (`data.tokenize_classification`, or SQuAD's `prepare_eval_features` windows), batches are
 padded by `PadCollator` and run through `train.evaluate` on the best device accelerate finds; SQuAD logits go
 through the same `postprocess_predictions`. So a run's validation rows give back its own
-predictions_validation.jsonl line for line. Output, per input:
+predictions_validation.jsonl line for line, with the run's precision: `--mixed-precision bf16` for a bf16 run
+(the default, fp32, differs from a bf16 run's figures in the last digits). Output, per input:
 
     GLUE-style   {"idx"?, "prediction": class id, "label": name, "probabilities": [...]} as in
                  predictions_<split>.jsonl; regression (STS-B): {"idx"?, "prediction": score}
@@ -45,9 +46,11 @@ class Predictor:
         model_dir: a bert-dist run directory (or its `export --format hf` directory).
         batch_size: rows per forward pass (default: the run's --eval-batch-size).
         max_length: tokens per sequence (default: the run's own), the windows' length for SQuAD.
+        mixed_precision: no (fp32), bf16 or fp16 (CUDA only): autocast for the forward passes.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, batch_size: int | None = None, max_length: int | None = None):
+    def __init__(self, model_dir: str | os.PathLike, batch_size: int | None = None, max_length: int | None = None,
+                 mixed_precision: str = "no"):
         from accelerate import Accelerator
 
         from bert_dist import data as D
@@ -64,7 +67,16 @@ class Predictor:
         if self.data.max_length > src.config.max_position_embeddings:
             raise ValueError(f"--max-length {self.data.max_length} is above the model's "
                              f"{src.config.max_position_embeddings} positions")
-        self.accelerator = Accelerator(mixed_precision="no")
+        if self.meta["kind"] == "qa":  # the run's windows, which predict takes as they are (it has no such flags)
+            d = self.data
+            if d.max_length - d.max_query_length - 3 <= d.doc_stride:
+                raise ValueError(f"--max-length {d.max_length} is too short for this run's SQuAD windows (its "
+                                 f"--doc-stride {d.doc_stride}, --max-query-length {d.max_query_length}): use at least "
+                                 f"{d.doc_stride + d.max_query_length + 4}")
+        self.accelerator = Accelerator(mixed_precision=mixed_precision)
+        if self.accelerator.device.type == "cpu" and mixed_precision == "fp16":
+            raise ValueError("--mixed-precision fp16 does nothing on the CPU (accelerate runs it in fp32); use bf16 "
+                             "there, or no")
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
 
     def _data_config(self, batch_size: int | None, max_length: int | None) -> DataConfig:
@@ -269,10 +281,10 @@ def _json_lines(lines: Iterable[str], where: str) -> Iterator[dict[str, Any]]:
 
 def predict_main(model: str, texts: list[str] | None = None, pairs: list[str] | None = None,
                  file: str | None = None, batch_size: int | None = None, max_length: int | None = None,
-                 out: Any = None) -> int:
+                 out: Any = None, mixed_precision: str = "no") -> int:
     """`bert-dist predict`: JSON Lines on stdout (or `out`), one line per input row, in input order."""
     out = out or sys.stdout
-    predictor = Predictor(model, batch_size=batch_size, max_length=max_length)
+    predictor = Predictor(model, batch_size=batch_size, max_length=max_length, mixed_precision=mixed_precision)
     rows = read_rows(texts, pairs, file, sys.stdin, pair_task=len(predictor.spec.text_columns) == 2)
     n = 0
     try:

@@ -13,9 +13,9 @@ from conftest import run_cli
 from bert_dist.predict import Predictor, read_rows
 
 
-def _smoke(tmp_path_factory, task: str, steps: int) -> tuple[Path, Path]:
+def _smoke(tmp_path_factory, task: str, steps: int, *extra: str) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp(task) / "run"
-    p = run_cli(["--task", task, "--smoke", "--max-steps", str(steps), "--output-dir", str(out)])
+    p = run_cli(["--task", task, "--smoke", "--max-steps", str(steps), "--output-dir", str(out), *extra])
     assert p.returncode == 0, p.stderr[-3000:]
     data_dir = Path(json.loads((out / "run_config.json").read_text())["data"]["data_dir"])
     return out, data_dir / task
@@ -36,6 +36,15 @@ def test_predict_reproduces_the_runs_validation_predictions(sst2):
     p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout == (run / "predictions_validation.jsonl").read_text()  # byte for byte
+
+
+def test_predict_in_a_bf16_runs_precision_reproduces_its_predictions(tmp_path_factory):
+    run, data = _smoke(tmp_path_factory, "sst2", 10, "--mixed-precision", "bf16")
+    p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"), "--mixed-precision", "bf16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout == (run / "predictions_validation.jsonl").read_text()  # byte for byte
+    p = _predict_cli("--model", str(run), "--text", "x", "--mixed-precision", "fp16")
+    assert p.returncode == 1 and "fp16 does nothing on the CPU" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_predict_texts_stdin_and_batching_agree(sst2):
@@ -95,6 +104,11 @@ def test_predict_squad_answers_match_the_runs_predictions(tmp_path_factory):
         none = _predict_cli("--model", str(run), "--text", r["question"], "--text-pair", ctx)
         assert none.returncode == 0, none.stderr[-2000:]
         assert json.loads(none.stdout)["no_answer"] is True
+    # A --max-length too short for the run's windows: one line naming the length that works (predict has no
+    # --doc-stride to change).
+    short = _predict_cli("--model", str(run), "--text", r["question"], "--text-pair", r["context"], "--max-length", "8")
+    assert short.returncode == 1 and "too short for this run's SQuAD windows" in short.stderr, short.stderr[-2000:]
+    assert "use at least" in short.stderr and "Traceback" not in short.stderr
 
 
 def test_predict_bad_input_is_one_line(sst2, tmp_path):
