@@ -399,6 +399,14 @@ def test_bf16_inference_keeps_weight_copies_and_remakes_them_when_weights_change
     ours, ref = logits("onednn"), logits("torch")
     assert model.bert.pooler.dense._bf16 is not None
     torch.testing.assert_close(ours, ref, rtol=1e-2, atol=1e-2)
+    import copy
+    import pickle
+
+    twin = copy.deepcopy(model)  # the packed copies (opaque oneDNN tensors) are left behind, and remade
+    assert twin.bert.pooler.dense._bf16 is None and pickle.loads(pickle.dumps(model)).bert.pooler.dense._bf16 is None
+    cpu_matmul("onednn")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(twin(**b)["logits"].float(), ours)
     with torch.no_grad():
         model.bert.pooler.dense.weight.mul_(-3)
     ours2, ref2 = logits("onednn"), logits("torch")
