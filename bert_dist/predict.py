@@ -73,10 +73,10 @@ class Predictor:
                 raise ValueError(f"--max-length {d.max_length} is too short for this run's SQuAD windows (its "
                                  f"--doc-stride {d.doc_stride}, --max-query-length {d.max_query_length}): use at least "
                                  f"{d.doc_stride + d.max_query_length + 4}")
+        from bert_dist.train import check_precision
+
         self.accelerator = Accelerator(mixed_precision=mixed_precision)
-        if self.accelerator.device.type == "cpu" and mixed_precision == "fp16":
-            raise ValueError("--mixed-precision fp16 does nothing on the CPU (accelerate runs it in fp32); use bf16 "
-                             "there, or no")
+        check_precision(self.accelerator)
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
 
     def _data_config(self, batch_size: int | None, max_length: int | None) -> DataConfig:

@@ -241,10 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         is_main = accelerator.is_main_process
         setup_logging(is_main)
-        if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
-            # accelerate has no fp16 autocast on the CPU: the run would be fp32 while results.json said fp16.
-            raise ValueError("--mixed-precision fp16 does nothing on the CPU (accelerate runs it in fp32); "
-                             "use bf16 there, or no")
+        from bert_dist.train import check_precision
+
+        check_precision(accelerator)
         set_cpu_threads(cfg.train.cpu_threads, accelerator)
         set_seed(cfg.seed)
         out_dir, created = prepare_output_dir(cfg, accelerator)

@@ -156,6 +156,13 @@ def total_steps(cfg: TrainConfig, num_batches: int) -> int:
 # Checkpoints (accelerate save_state: model, optimizer, scaler, RNG states; ours: TrainState, scheduler)
 
 
+def check_precision(accelerator: Accelerator) -> None:
+    """accelerate has no fp16 autocast on the CPU: a run (or predict) would be fp32 while saying fp16."""
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        raise ValueError("--mixed-precision fp16 does nothing on the CPU (accelerate runs it in fp32); use bf16 there, "
+                         "or no")
+
+
 @contextlib.contextmanager
 def main_process_first(accelerator: Accelerator):
     """`accelerator.main_process_first()` (the main process runs the block first, e.g. to write a datasets cache the
