@@ -213,6 +213,10 @@ def run_task(cfg: RunConfig, accelerator, out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     is_main = os.environ.get("RANK", "0") == "0"
+    # Errors are printed by the first process of each machine: on one machine the main process alone (the others
+    # meet the same error), and a machine that fails alone (its own files) is still heard.
+    reports = is_main or os.environ.get("LOCAL_RANK") == "0"
+    started = time.time()
     accelerator = out_dir = None
     created = False
     try:
@@ -272,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors: bad flags, data, checkpoints
         if os.environ.get("BERT_DIST_DEBUG"):
             raise
-        trained = out_dir is not None and (out_dir / "model.safetensors").exists()  # saved before the final eval
-        if is_main and created and out_dir is not None and not trained and not (out_dir / "checkpoints").exists():
+        model_file = None if out_dir is None else out_dir / "model.safetensors"  # saved before the final eval
+        kept = model_file is not None and (model_file.exists() or (out_dir / "checkpoints").exists())
+        if is_main and created and not kept:
             shutil.rmtree(out_dir, ignore_errors=True)  # nothing to keep: don't leave a run that looks started
-        if is_main:
+        # This run's model, not a previous run's (--overwrite removes that only once the data has loaded).
+        trained = model_file is not None and model_file.exists() and model_file.stat().st_mtime >= started
+        if reports:
             fail(f"{e} (the trained model is saved in {out_dir}; evaluate it with --eval-only --init {out_dir})"
                  if trained and not cfg.train.eval_only else str(e))
         sys.exit(1)

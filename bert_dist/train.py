@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -235,8 +236,18 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, sch
         if not (path / TRAIN_STATE_FILE).is_file():
             raise FileNotFoundError(f"no {TRAIN_STATE_FILE} (a checkpoint of an older bert-dist: its pickled "
                                     "training state is not loaded, for safety)")
+        # Every process checks every process's random states (the same error everywhere, no lone failing rank):
+        # without them a resumed run draws other dropout masks than the uninterrupted one.
+        missing = [f"random_states_{i}.pkl" for i in range(accelerator.num_processes)
+                   if not (path / f"random_states_{i}.pkl").is_file()]
+        if missing:
+            raise FileNotFoundError(f"no {', '.join(missing)} (the random states of {len(missing)} process(es))")
+        torch.manual_seed(int.from_bytes(os.urandom(7), "little"))
+        sentinel = torch.get_rng_state()
         with _quiet_accelerate():
             accelerator.load_state(str(path))
+        if torch.equal(torch.get_rng_state(), sentinel):  # accelerate only logs (at INFO) a file it could not read
+            raise ValueError(f"random_states_{accelerator.process_index}.pkl did not load")
         state.load_state_dict(json.loads((path / TRAIN_STATE_FILE).read_text()))
         scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     except Exception as e:  # torch/safetensors/pickle raise many types; all mean this checkpoint can't be used
@@ -365,8 +376,11 @@ def train(
     def on_sigterm(signum: int, frame: Any) -> None:  # SLURM's warning before preemption or a time limit
         signalled["signum"] = signum
 
-    with contextlib.suppress(ValueError):  # not the main thread: no handler, SIGTERM kills as usual
-        signal.signal(signal.SIGTERM, on_sigterm)
+    def set_sigterm(handler: Any) -> None:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler, SIGTERM kills as usual
+            signal.signal(signal.SIGTERM, handler)
+
+    set_sigterm(on_sigterm)
 
     def stop_requested(sync_point: bool) -> bool:
         # One process decides alone, every step. Several must agree (or one would wait forever for the
@@ -454,19 +468,28 @@ def train(
             else:
                 state.epoch += 1
                 state.batches_in_epoch = 0
+    except BaseException:
+        set_sigterm(prev_handler)
+        raise
     finally:
         progress.close()
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, prev_handler)
-    if stopping:
-        log.warning("SIGTERM at step %d: saving a checkpoint and stopping; rerun with --resume to continue", state.step)
-        if last_save != state.step:
-            checkpoint()
-        return {"interrupted": True, "steps": state.step}
-    if on_trained is not None:
-        on_trained()
-    if eval_fn is not None and last_eval != state.step:
-        metrics = _run_eval(accelerator, eval_fn, state, out_dir)
+    try:
+        if stopping:
+            log.warning("SIGTERM at step %d: saving a checkpoint and stopping; rerun with --resume to continue",
+                        state.step)
+            if last_save != state.step:
+                checkpoint()
+            return {"interrupted": True, "steps": state.step}
+        # The handler stays through the saving and the final evaluation: a SIGTERM there (the last minutes of a
+        # job) no longer kills the run a step from its end; it finishes, and exits 0.
+        if on_trained is not None:
+            on_trained()
+        if eval_fn is not None and last_eval != state.step:
+            metrics = _run_eval(accelerator, eval_fn, state, out_dir)
+        if signalled["signum"] is not None:
+            log.warning("SIGTERM after the last step: the run was finished (model saved, evaluated) instead")
+    finally:
+        set_sigterm(prev_handler)
     return {
         **metrics,
         "steps": state.step,

@@ -34,7 +34,8 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
     Before each training forward pass, one line: a digest of the global RNG (what dropout draws from) and of
     the batch. Faults: {"kill_after_save": N, "forwards": k} SIGKILLs on the k-th micro-batch after the
     step-N checkpoint (mid-step); {"kill_in_save": N} SIGKILLs halfway through writing step N's checkpoint;
-    {"sigterm_at_forward": k} sends SIGTERM on the k-th micro-batch.
+    {"sigterm_at_forward": k} sends SIGTERM on the k-th micro-batch; {"sigterm_in_final_eval": True} sends it as
+    the evaluation after the last step starts.
     """
     from accelerate import Accelerator
 
@@ -65,6 +66,15 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
             seen["countdown"] = fault["forwards"]
         return path
 
+    run_eval = T._run_eval
+
+    def signalled_eval(accelerator, eval_fn, state, out_dir):
+        if fault.get("sigterm_in_final_eval") and state.step == STEPS:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return run_eval(accelerator, eval_fn, state, out_dir)
+
+    T._run_eval = signalled_eval
+
     def killed_save_state(self, output_dir=None, **kw):
         out = save_state(self, output_dir, **kw)
         if output_dir and output_dir.endswith(f"step-{fault.get('kill_in_save', -1):08d}.tmp"):
@@ -79,6 +89,7 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
 
     def undo() -> None:
         BertForSequenceClassification.forward, T.save_checkpoint, Accelerator.save_state = forward, save, save_state
+        T._run_eval = run_eval
 
     return undo
 
@@ -208,6 +219,39 @@ def test_sigterm_saves_exits_0_and_resumes_bitwise_equal(setup, uninterrupted, c
     assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
     assert run(setup, out, "--resume", trace="resumed") == 0
     assert_same_run(out, uninterrupted, "resumed")
+
+
+def test_sigterm_during_the_final_evaluation_finishes_the_run(setup, uninterrupted):
+    """SIGTERM after the last step (the model saved, the final evaluation under way): the run finishes, exits 0,
+    and is the uninterrupted run (it used to die from the signal a step from its end)."""
+    out = setup[0] / "sigterm_final"
+    p = run(setup, out, fault={"sigterm_in_final_eval": True}, child=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "SIGTERM after the last step" in " ".join(p.stderr.split())
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert json.loads((out / "results.json").read_text())["accuracy"] == \
+        json.loads((uninterrupted / "results.json").read_text())["accuracy"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_a_checkpoint_without_its_random_states_is_refused(setup, uninterrupted, capsys, damage):
+    """accelerate only logs (at INFO) random states it could not load, and the resumed run would then draw other
+    dropout masks: refused, with one line."""
+    import shutil
+
+    out = setup[0] / f"rng_{damage}"
+    shutil.copytree(uninterrupted, out)
+    for f in ("results.json", "model.safetensors"):
+        (out / f).unlink()
+    for ckpt in (out / "checkpoints").iterdir():
+        rng = ckpt / "random_states_0.pkl"
+        rng.unlink() if damage == "missing" else rng.write_bytes(b"not a pickle")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(setup, out, "--resume")
+    err = logged(capsys)
+    assert e.value.code == 1 and "cannot resume from" in err and "random_states_0.pkl" in err, err
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------
