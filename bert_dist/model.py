@@ -234,7 +234,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 
 # The most bf16 scores, (rows, nh, Q, T), one chunk of `_attend_in_chunks` holds. Without gradients: a core's L2
 # (1 MB on this project's EPYC). With gradients a chunk's backward comes later, and fewer, larger chunks won: of 2,
-# 4, 8 and 16 MB, 8 MB was fastest or within noise of it at 32x128 and 16x384 (BENCHMARKS.md, "Fast paths").
+# 4, 8 and 16 MB, 8 MB was fastest or within noise of it at 32x128 and 16x384 (BENCHMARKS.md, "Session 7").
 _CHUNK_BYTES = {"inference": 1 << 20, "training": 8 << 20}
 
 
@@ -243,7 +243,7 @@ def _attend_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """`_attention` on a few batch rows at a time, so that each chunk's scores stay in cache: the shapes of
     `attend`. SDPA's CPU flash kernel ran bf16 inference at a sixth of the projections' GEMM speed; this took
     2.3x - 2.6x less time there, and 1.8x - 2.2x less on a bf16 training step's attention (forward + backward,
-    against these same ops on the whole batch with an fp32 softmax). BENCHMARKS.md, "Fast paths".
+    against these same ops on the whole batch with an fp32 softmax). BENCHMARKS.md, "Session 7" under "Speed".
 
     Without gradients, where the mask is real tokens then padding (what every collator here makes), each row
     attends over its first n keys only, with no mask, one row per chunk; a padded query row (Q = T) is then zeros
