@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in SUBCOMMANDS:
         task = SUBCOMMANDS[argv[0]]
         argv = argv[1:] + (["--task", task] if task else [])  # last: the subcommand wins over a stray --task
-    from bert_dist.run import main as run_main
+    from bert_dist.run import launch
 
-    return run_main(argv)
+    launch(argv)
+    return 0  # not reached: launch exits
 
 
 if __name__ == "__main__":
