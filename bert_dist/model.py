@@ -9,6 +9,7 @@ Shape legend used in this file:
 
 from __future__ import annotations
 
+import math
 import platform
 from dataclasses import dataclass
 
@@ -179,6 +180,36 @@ def output_layer(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), linear.weight.float(), bias)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout, x any shape -> the same shape; on the CPU its keep mask comes from `_keep`.
+
+    The same arithmetic as torch's (x times a mask of 0 and 1 / (1 - p) in x's dtype), another mask generator:
+    torch's CPU `bernoulli_` took 30 ms for one (32, 12, 128, 128) attention mask here, about a fifth of a minilm
+    bf16 training step; this dropout's forward + backward took 19 ms where torch's took 35 ms (BENCHMARKS.md,
+    "Session 8"). CUDA and torch.compile (which fuses its own) keep F.dropout.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not x.is_floating_point() or not 0.0 < p < 1.0 or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    return x * _keep(x.shape, p, x.dtype).mul_(1.0 / (1.0 - p))
+
+
+def _keep(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """A mask of `shape` in `dtype`, each element 1 with probability 1 - p (to 2**-32), else 0: 32 bits of the
+    default generator per element, drawn 64 at a time (`random_` over every int64 value), against a threshold."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None).view(torch.int32)[:n].view(shape)
+    return torch.ge(bits, min(-2**31 + round(p * 2**32), 2**31 - 1), out=torch.empty(shape, dtype=dtype))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (no parameters, same repr) through `dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -186,7 +217,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         # A buffer rather than torch.arange per call: no allocation in the step, moves with .to().
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings), persistent=False)
 
@@ -229,7 +260,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (b, nh, Q, T)
     if mask is not None:  # the lowest finite score, not -inf: a row with no key to attend gives no NaN
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return F.dropout(torch.softmax(scores, -1), dropout_p) @ v
+    return dropout(torch.softmax(scores, -1), dropout_p) @ v
 
 
 # The most bf16 scores, (rows, nh, Q, T), one chunk of `_attend_in_chunks` holds. Without gradients: a core's L2
@@ -319,7 +350,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(y)) + residual)  # post-LN, as in BERT
@@ -509,7 +540,7 @@ class _BertWithHead(nn.Module):
         self.config = config
         self.bert = BertModel(config, add_pooling_layer=add_pooling_layer)
         p = config.classifier_dropout
-        self.head_dropout = nn.Dropout(config.hidden_dropout_prob if p is None else p)
+        self.head_dropout = Dropout(config.hidden_dropout_prob if p is None else p)
 
     def init_weights(self) -> None:
         self.apply(lambda m: _init_weights(m, self.config.initializer_range))

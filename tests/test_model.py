@@ -234,6 +234,32 @@ def test_bf16_training_attention_in_chunks_matches_sdpa_and_its_gradients(monkey
         torch.testing.assert_close(ours, ref, atol=4e-2, rtol=4e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_drops_each_element_with_probability_p_and_scales_like_torch(dtype, p):
+    """`dropout` (its own mask on the CPU): the dropped fraction is p, in even and odd positions alike (each int64
+    draw serves two elements) and in an odd-sized tensor; kept elements are scaled exactly as F.dropout scales them
+    in that dtype; the gradient is the same mask; the mask follows the seed."""
+    from bert_dist.model import dropout
+
+    n = 100_001
+    x = torch.ones(n, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, p)
+    y.sum().backward()
+    dropped = y == 0
+    tol = 6 * (p * (1 - p) / (n / 2)) ** 0.5  # six standard deviations of either half's fraction
+    for half in (dropped[0::2], dropped[1::2]):
+        assert abs(half.float().mean().item() - p) < tol
+    scale = torch.nn.functional.dropout(torch.ones(1000, dtype=dtype), p).max().item()  # torch's kept value
+    assert torch.equal(y[~dropped], torch.full_like(y[~dropped], scale))
+    assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x.detach(), p), y.detach())
+    assert not torch.equal(dropout(x.detach(), p), y.detach())
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
+
+
 def test_dropout_only_in_training():
     torch.manual_seed(0)
     m = BertModel(tiny())
