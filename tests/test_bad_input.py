@@ -184,6 +184,25 @@ def test_squad_validation_ids_must_be_unique(tmp_path, capsys):
           "--validation-file", "'a'", "rows 1 and 2", out=tmp_path / "o")
 
 
+def test_squad_v1_validation_question_without_an_answer_is_refused_before_training(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", [SQUAD_ROW])
+    val = write_jsonl(tmp_path / "val.jsonl", [SQUAD_ROW, {**SQUAD_ROW, "id": "b", "answers": {"text": [],
+                                                                                               "answer_start": []}}])
+    fails(args(tmp_path / "o", "--train-file", str(train), "--validation-file", str(val), task="squad"), capsys,
+          "--validation-file", "'b'", "row 2", "has no answer", "--task squad_v2", out=tmp_path / "o")
+
+
+def test_squad_integer_ids_are_read_as_text():
+    """predictions.json is keyed by id as text; integer ids (a custom file) become "7"."""
+    import datasets
+
+    from bert_dist.data import check_raw
+
+    rows = [{**SQUAD_ROW, "id": 7}, {**SQUAD_ROW, "id": 8}]
+    raw = check_raw(datasets.DatasetDict(validation=datasets.Dataset.from_list(rows)), get_task("squad"), "rows")
+    assert raw["validation"]["id"] == ["7", "8"]
+
+
 def test_squad_answers_as_the_official_json_lists_them_are_read():
     """Per question, the official SQuAD JSON has answers as [{"text", "answer_start"}]: converted to the hub's form."""
     import datasets

@@ -146,6 +146,39 @@ def test_tsv_quotes_are_text(tmp_path):
     assert D.column(raw["train"], "label") == [1, 0, 1]
 
 
+def test_csv_cells_are_text_as_written(tmp_path):
+    """A CSV/TSV sentence that reads like a missing value ("None", "NA", "null", "") or a number ("1999") is text,
+    as GLUE's own reader keeps it; labels written 1.0 are class 1; regression scores written as text are numbers."""
+    spec = GLUE_TASKS["sst2"]
+    (tmp_path / "train.csv").write_text("sentence,label\nNone,1.0\nNA,0\n,1\n1999,0\nnull,1\n")
+    (tmp_path / "validation.tsv").write_text("sentence\tlabel\nN/A\t1\nnan\t0\n")
+    cfg = DataConfig(train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "validation.tsv"))
+    raw = D.check_raw(D.load_raw(spec, cfg), spec, "csv")
+    assert D.column(raw["train"], "sentence") == ["None", "NA", "", "1999", "null"]
+    assert D.column(raw["train"], "label") == [1, 0, 1, 0, 1]
+    assert D.column(raw["validation"], "sentence") == ["N/A", "nan"]
+    spec = GLUE_TASKS["stsb"]
+    (tmp_path / "s.csv").write_text("sentence1,sentence2,label\na,b,3.5\nc,d,4\n")
+    (tmp_path / "bad.csv").write_text("sentence1,sentence2,label\na,b,3.5\nc,d,high\n")
+    raw = D.check_raw(D.load_raw(spec, DataConfig(train_file=str(tmp_path / "s.csv"),
+                                                   validation_file=str(tmp_path / "s.csv"))), spec, "csv")
+    assert D.column(raw["train"], "label") == [3.5, 4.0]
+    with pytest.raises(ValueError, match="'high' at row 2"):
+        D.check_raw(D.load_raw(spec, DataConfig(train_file=str(tmp_path / "s.csv"),
+                                                validation_file=str(tmp_path / "bad.csv"))), spec, "csv")
+
+
+def test_each_split_keeps_its_own_columns(tmp_path, tokenizer):
+    """A training file with an extra column and a validation file without it tokenize (each split drops its own)."""
+    spec = GLUE_TASKS["sst2"]
+    (tmp_path / "train.jsonl").write_text('{"sentence": "good", "label": 1, "idx": 0, "note": "x"}\n')
+    (tmp_path / "validation.jsonl").write_text('{"sentence": "bad", "label": 0}\n')
+    cfg = DataConfig(train_file=str(tmp_path / "train.jsonl"), validation_file=str(tmp_path / "validation.jsonl"))
+    feats = D.tokenize_classification(D.check_raw(D.load_raw(spec, cfg), spec, "jsonl"), spec, tokenizer, 32)
+    assert set(feats["train"].column_names) == set(feats["validation"].column_names) == {
+        "input_ids", "token_type_ids", "length", "labels"}
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [

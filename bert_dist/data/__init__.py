@@ -62,13 +62,21 @@ def check_file(path: Path, flag: str, any_suffix: bool = False) -> None:
         raise ValueError(f"{flag} {path}: the file is empty")
 
 
-def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None) -> Dataset:
-    """One data file -> a Dataset; `kind` "text" reads it a line per row (pretraining corpora), else the suffix says."""
+def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None,
+               text_columns: tuple[str, ...] = ()) -> Dataset:
+    """One data file -> a Dataset; `kind` "text" reads it a line per row (pretraining corpora), else the suffix says.
+    `text_columns` of a CSV/TSV are read as text whatever they look like (a sentence "1999" is not a number)."""
     check_file(path, flag, any_suffix=kind is not None)
     kind = kind or DATA_SUFFIXES[path.suffix.lower()]
-    # .tsv as GLUE's own files are written: tab-separated, no quoting ('"' is text: MRPC's rows hold unmatched ones,
-    # which CSV quoting would read as one field running over the next rows).
-    kw: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix.lower() == ".tsv" else {}
+    kw: dict[str, Any] = {}
+    if kind == "csv":
+        # Cells are what they say: pandas would read "None", "NA", "null", "nan" or "N/A" as missing, and refuse a
+        # sentence that is just that word (GLUE's own reader keeps them); an empty cell is "", as in JSON Lines.
+        kw = {"keep_default_na": False, "converters": dict.fromkeys(text_columns, str) or None}
+    if path.suffix.lower() == ".tsv":
+        # .tsv as GLUE's own files are written: tab-separated, no quoting ('"' is text: MRPC's rows hold unmatched
+        # ones, which CSV quoting would read as one field running over the next rows).
+        kw.update(delimiter="\t", quoting=csv.QUOTE_NONE)
     where = f"{flag} {path}".strip()
     try:
         ds = datasets.load_dataset(kind, data_files={split: str(path)}, split=split, **kw)
@@ -143,7 +151,8 @@ def load_raw(spec: TaskSpec, cfg: DataConfig, need_train: bool = True) -> Datase
     wanted = [spec.train_split, *spec.eval_splits] if need_train else list(spec.eval_splits)
     files = source_files(spec, cfg, need_train)
     if files is not None:
-        raw = DatasetDict({split: _read_file(f, split, flag) for split, (flag, f) in files.items()})
+        raw = DatasetDict({split: _read_file(f, split, flag, text_columns=spec.text_columns)
+                           for split, (flag, f) in files.items()})
     else:
         raw = _load_hub(spec)
         missing = [s for s in wanted if s not in raw]
@@ -213,9 +222,17 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
                 raise ValueError(f"{where} has no {col!r} text at row {pc.index(nulls, True).as_py() + 1} "
                                  "(a malformed row?)")
         if spec.kind == "qa":
-            raw[split] = _check_answers(ds, where)
+            ds = raw[split] = _check_answers(ds, where)
+            if "id" in ds.column_names and ds.features["id"] != datasets.Value("string"):
+                ds = raw[split] = ds.cast_column("id", datasets.Value("string"))  # predictions.json keys are text
             if split != spec.train_split:
                 _check_unique_ids(ds, where)
+                if spec.metric == "squad":  # v1.1: every question is scored against at least one gold answer
+                    empty = next((i for i, a in enumerate(column(ds, "answers")) if not a["text"]), None)
+                    if empty is not None:
+                        raise ValueError(f"{where}: question {column(ds, 'id')[empty]!r} at row {empty + 1} has no "
+                                         "answer; SQuAD v1.1 scores every question against one (for unanswerable "
+                                         "questions use --task squad_v2)")
             continue
         if spec.kind not in ("classification", "regression"):
             continue
@@ -228,8 +245,8 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
         # A column of mixed JSON types (1, "x", true) comes as datasets' Json feature: decode it.
         labels = column(ds, spec.label_column) if isinstance(ds.features[spec.label_column], datasets.Value) \
             else list(ds[spec.label_column])
-        missing = next((i for i, v in enumerate(labels) if v is None or (isinstance(v, float) and math.isnan(v))),
-                       None)
+        missing = next((i for i, v in enumerate(labels) if v is None or (isinstance(v, float) and math.isnan(v))
+                        or (isinstance(v, str) and not v.strip())), None)  # "": an empty CSV cell
         if missing is not None:
             raise ValueError(f"{where} has no {spec.label_column!r} at row {missing + 1} (a malformed row?)")
         wrong = next((i for i, v in enumerate(labels) if isinstance(v, bool) or not isinstance(v, (int, float, str))),
@@ -238,10 +255,13 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
             raise ValueError(f"{where}: the label {labels[wrong]!r} at row {wrong + 1} is not a "
                              + ("class id or name" if spec.kind == "classification" else "number"))
         if spec.kind == "regression":
-            bad = next((i for i, v in enumerate(labels) if isinstance(v, str) or not math.isfinite(v)), None)
+            scores = [_number(v) for v in labels]  # numbers written as text ("3.8", a CSV column) are numbers
+            bad = next((i for i, v in enumerate(scores) if v is None or not math.isfinite(v)), None)
             if bad is not None:
                 raise ValueError(f"{where} is a regression task: the label {labels[bad]!r} at row {bad + 1} is "
                                  "not a finite number")
+            if any(isinstance(v, str) for v in labels):
+                raw[split] = ds.remove_columns(spec.label_column).add_column(spec.label_column, scores)
             continue
         if any(isinstance(v, str) for v in labels):
             # Custom files may name the classes; map names (and ids written as text) to ids.
@@ -263,7 +283,20 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
         if bad is not None:
             raise ValueError(f"{where}: the label {labels[bad]!r} at row {bad + 1} is outside "
                              f"0..{spec.num_labels - 1} ({spec.num_labels} classes: {', '.join(spec.label_names)})")
+        if any(isinstance(v, float) for v in labels):  # 1.0 (a float column, a CSV with a blank cell) is class 1
+            raw[split] = raw[split].remove_columns(spec.label_column).add_column(spec.label_column,
+                                                                                 [int(v) for v in labels])
     return raw
+
+
+def _number(v: Any) -> float | None:
+    """A regression label as a float: a number, or a number written as text; None otherwise."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return float(v)
 
 
 def _check_answers(ds: Dataset, where: str) -> Dataset:
@@ -346,15 +379,11 @@ def tokenize_classification(raw: DatasetDict, spec: TaskSpec, tokenizer: Tokeniz
     """
     tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation is this call's business
     tok.enable_truncation(max_length, strategy="longest_first")
-    return raw.map(
-        _encode_batch,
-        batched=True,
-        batch_size=1000,
-        fn_kwargs={"tokenizer": tok, "text_columns": spec.text_columns, "label_column": spec.label_column},
-        remove_columns=raw[next(iter(raw))].column_names,
-        num_proc=num_proc,
-        desc="tokenizing",
-    )
+    kw = {"tokenizer": tok, "text_columns": spec.text_columns, "label_column": spec.label_column}
+    # Each split drops its own columns: a validation file need not carry the training file's extra ones.
+    return DatasetDict({split: ds.map(_encode_batch, batched=True, batch_size=1000, fn_kwargs=kw,
+                                      remove_columns=ds.column_names, num_proc=num_proc, desc="tokenizing")
+                        for split, ds in raw.items()})
 
 
 def task_texts(raw: DatasetDict, spec: TaskSpec, split: str | None = None):
