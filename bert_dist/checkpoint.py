@@ -33,11 +33,13 @@ from bert_dist.tokenizer import check_special_tokens, find_tokenizer_file, load_
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# save_pretrained's sharded form: an index naming each tensor's shard file.
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 # Tied to the word embeddings (or to cls.predictions.bias): never stored twice.
 TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer.json",
-             "tokenizer_config.json"]
+             "tokenizer_config.json", *SHARD_INDEXES, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin"]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -98,23 +100,47 @@ def read_config(model_dir: Path) -> tuple[BertConfig, dict[str, Any]]:
         raise ValueError(f"--init: {f} holds a JSON {type(d).__name__}, not a config object")
     if d.get("model_type", "bert") != "bert":
         raise ValueError(f"--init: {f} describes a {d['model_type']!r} model, not BERT")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"--init: {f} has position_embedding_type {d['position_embedding_type']!r}; bert-dist's "
+                         "BERT has absolute position embeddings only")
     try:
         return BertConfig.from_dict(d), d.get("bert_dist", {})
     except (TypeError, ValueError) as e:
         raise ValueError(f"--init: {f} is not a usable BERT config: {e}") from None
 
 
-def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Weights of `model_dir` (safetensors preferred; .bin only with weights_only=True), HF keys mapped."""
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight file(s) of `model_dir`: model.safetensors, else pytorch_model.bin, else the shards a
+    save_pretrained index names (safetensors first); ValueError if none or an index is unreadable."""
     for name in WEIGHT_FILES:
-        f = model_dir / name
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    for index in SHARD_INDEXES:
+        f = model_dir / index
         if not f.is_file():
             continue
         try:
+            shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise ValueError(f"--init: {f} is not a shard index (a JSON object with a weight_map)") from None
+        missing = [n for n in shards if not (model_dir / n).is_file()]
+        if missing or not shards:
+            raise ValueError(f"--init: {f} names {len(shards)} shard(s), {len(missing)} missing from {model_dir} "
+                             f"(e.g. {(missing or ['none listed'])[0]}); re-download the model")
+        return [model_dir / n for n in shards]
+    raise ValueError(f"--init: {model_dir} has no {' or '.join(WEIGHT_FILES)} (nor a sharded "
+                     f"{' or '.join(SHARD_INDEXES)})")
+
+
+def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Weights of `model_dir` (safetensors preferred; .bin only with weights_only=True), HF keys mapped."""
+    sd: dict[str, torch.Tensor] = {}
+    for f in weight_files(model_dir):
+        try:
             if f.suffix == ".safetensors":
-                sd = load_file(str(f))
+                sd.update(load_file(str(f)))
             else:
-                sd = torch.load(f, map_location="cpu", weights_only=True)
+                sd.update(torch.load(f, map_location="cpu", weights_only=True))
         except pickle.UnpicklingError:  # weights_only=True refused an object: checkpoints are data, never code
             raise ValueError(f"--init: {f} holds Python objects beyond tensors, which are not loaded (they could run "
                              "code); save the weights as safetensors or a plain state dict") from None
@@ -122,8 +148,7 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"--init: {f} is corrupt or truncated ({str(e).splitlines()[0][:120]}); re-download or re-save it"
             ) from None
-        return map_hf_keys(sd)
-    raise ValueError(f"--init: {model_dir} has no {' or '.join(WEIGHT_FILES)}")
+    return map_hf_keys(sd)
 
 
 def check_init(init: str, tokenizer: str | None = None, need_mask: bool = False) -> BertConfig | None:
@@ -135,22 +160,25 @@ def check_init(init: str, tokenizer: str | None = None, need_mask: bool = False)
     bert = None
     if d is not None:
         bert, _ = read_config(d)
-        weights = next((d / n for n in WEIGHT_FILES if (d / n).is_file()), None)
-        if weights is None:
-            raise ValueError(f"--init: {d} has no {' or '.join(WEIGHT_FILES)}")
-        if weights.suffix == ".safetensors":
-            try:
-                with safe_open(str(weights), framework="pt") as fh:
-                    fh.keys()
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"--init: {weights} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
-                                 "re-download or re-save it") from None
+        for weights in weight_files(d):
+            if weights.suffix == ".safetensors":
+                try:
+                    with safe_open(str(weights), framework="pt") as fh:
+                        fh.keys()
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"--init: {weights} is corrupt or truncated ({str(e).splitlines()[0][:120]}); "
+                                     "re-download or re-save it") from None
         if tokenizer is None and find_tokenizer_file(d) is None:
             raise ValueError(f"--init: {d} has no tokenizer.json or vocab.txt; pass --tokenizer")
     if tokenizer is not None or d is not None:
         tok_from = tokenizer or d
         check_special_tokens(load_tokenizer(tok_from), str(find_tokenizer_file(tok_from) or tok_from), need_mask)
     return bert
+
+
+UNTIED_DECODER = "untied.cls.predictions.decoder.weight"
+"""Where `map_hf_keys` puts an MLM decoder that differs from the word embeddings (tie_word_embeddings false):
+no model of ours has the key, so fine-tuning reports it unused; `load_weights` refuses it for pretraining."""
 
 
 def map_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,6 +191,9 @@ def map_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if k.endswith("position_ids") or k in TIED_KEYS:
             continue
         out[k] = v
+    decoder, words = sd.get(TIED_KEYS[0]), out.get("bert.embeddings.word_embeddings.weight")
+    if decoder is not None and words is not None and not torch.equal(decoder, words):
+        out[UNTIED_DECODER] = decoder
     return out
 
 
@@ -172,6 +203,9 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
     Returns {"new": [...], "unused": [...]} key lists and logs each in one line.
     """
     own = model.state_dict()
+    if UNTIED_DECODER in sd and TIED_KEYS[0] in own:
+        raise ValueError(f"--init: {source} has an MLM decoder that is not its word embeddings (tie_word_embeddings "
+                         "false); bert-dist ties the two, so pretraining from it would lose the decoder")
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     bad = [k for k in mismatched if k.startswith("bert.")]
     if bad:

@@ -75,6 +75,16 @@ class BertConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def check_model_fits(bert: BertConfig, spec: TaskSpec, max_length: int) -> None:
+    """The task's inputs fit the model, else ValueError: `max_length` positions, and two segment (token type)
+    embeddings where the task feeds pairs (GLUE pairs, SQuAD's question and context, NSP's two segments)."""
+    if max_length > bert.max_position_embeddings:
+        raise ValueError(f"--max-length {max_length} is above the model's {bert.max_position_embeddings} positions")
+    if bert.type_vocab_size < 2 and (len(spec.text_columns) > 1 or spec.kind in ("qa", "pretrain")):
+        raise ValueError(f"--init: the model has type_vocab_size {bert.type_vocab_size} (one segment embedding), "
+                         f"but --task {spec.name} feeds text pairs (segments 0 and 1); use a BERT with two")
+
+
 PRESETS: dict[str, dict[str, int]] = {
     # Tests and smoke runs: trains in milliseconds per step on a CPU.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),

@@ -33,7 +33,7 @@ from torch import nn
 
 from bert_dist import data as D
 from bert_dist.checkpoint import InitSource, load_init, load_weights, save_run_model
-from bert_dist.config import BertConfig, DataConfig, RunConfig, TaskSpec, preset
+from bert_dist.config import BertConfig, DataConfig, RunConfig, TaskSpec, check_model_fits, preset
 from bert_dist.data.collate import PadCollator, pad_multiple
 from bert_dist.data.squad import (
     answer_alignment,
@@ -107,9 +107,9 @@ def resolve_model(
 
 
 def check_max_length(cfg: RunConfig, spec: TaskSpec, bert: BertConfig) -> int:
+    """The run's max length (--max-length, else the task's), once the model is known to take it."""
     max_length = cfg.data.max_length or spec.max_length
-    if max_length > bert.max_position_embeddings:
-        raise ValueError(f"--max-length {max_length} is above the model's {bert.max_position_embeddings} positions")
+    check_model_fits(bert, spec, max_length)
     return max_length
 
 
@@ -198,12 +198,13 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
 
     def save() -> None:
         if accelerator.is_main_process:
-            save_run_model(accelerator.unwrap_model(run.model), out_dir, bert, meta, tokenizer)
+            model = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # no _orig_mod. keys
+            save_run_model(model, out_dir, bert, meta, tokenizer)
 
     results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch if sampler else None, save)
     if results.get("interrupted"):
         return results
-    model = accelerator.unwrap_model(run.model)
+    model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
 
     # train() ends with an evaluation of the final weights: reuse its predictions rather than predict twice.
     for split in splits:

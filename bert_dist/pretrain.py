@@ -30,7 +30,7 @@ from datasets import Dataset
 
 from bert_dist import data as D
 from bert_dist.checkpoint import load_init, load_weights, save_run_model
-from bert_dist.config import RunConfig, TaskSpec, preset
+from bert_dist.config import RunConfig, TaskSpec, check_model_fits, preset
 from bert_dist.data.collate import MLMCollator, pad_multiple
 from bert_dist.data.pretraining import TEXT_SUFFIXES, corpus_documents, hold_out_documents, make_pairs, read_corpus_file
 from bert_dist.model import BertForPreTraining, count_params
@@ -180,8 +180,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         tok = corpus_tokenizer()
     bert = src.config or preset(cfg.preset, vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"))
     max_length = cfg.data.max_length or spec.max_length
-    if max_length > bert.max_position_embeddings:
-        raise ValueError(f"--max-length {max_length} is above the model's {bert.max_position_embeddings} positions")
+    check_model_fits(bert, spec, max_length)
 
     with main_process_first(accelerator):
         docs = corpus_documents(train_files, tok)
@@ -250,12 +249,13 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         if accelerator.is_main_process:
             meta = {"task": "pretrain", "kind": "pretrain", "max_length": max_length,
                     "mlm_probability": cfg.data.mlm_probability}
-            save_run_model(accelerator.unwrap_model(run.model), out_dir, bert, meta, tok)
+            model = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # no _orig_mod. keys
+            save_run_model(model, out_dir, bert, meta, tok)
 
     results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch, save)
     if results.get("interrupted"):
         return results
-    model = accelerator.unwrap_model(run.model)
+    model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
     results.update(
         task="pretrain",
         init=cfg.init,

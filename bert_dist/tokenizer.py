@@ -21,6 +21,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 """Fixed order, so a trained tokenizer has [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4."""
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+_WARNED: set[str] = set()  # vocab.txt files already warned about (a run loads its tokenizer more than once)
 
 
 def find_tokenizer_file(path: str | os.PathLike) -> Path | None:
@@ -65,7 +66,9 @@ def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None) -> To
     """Load a BERT tokenizer from tokenizer.json, vocab.txt, or a directory holding either.
 
     For vocab.txt, lowercasing comes from `lowercase`, else from a tokenizer_config.json beside it
-    (`do_lower_case`), else from the vocabulary itself (uncased vocabularies have almost no capitals).
+    (`do_lower_case`), else from the vocabulary itself (uncased vocabularies have almost no capitals);
+    `strip_accents` and `tokenize_chinese_chars` from tokenizer_config.json too, as transformers' BertTokenizer
+    reads them. A token's id is its line number; a token on two lines keeps the later one, as there.
     """
     file = find_tokenizer_file(path)
     if file is None:
@@ -74,19 +77,28 @@ def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None) -> To
         if file.suffix == ".json":
             tok = Tokenizer.from_file(str(file))
         else:
-            vocab = {}
             with open(file, encoding="utf-8") as fh:
-                for line in fh:
-                    vocab.setdefault(line.rstrip("\n"), len(vocab))
+                lines = [line.rstrip("\n") for line in fh]
+            vocab = {t: i for i, t in enumerate(lines)}  # the last line of a repeated token wins
+            if len(vocab) < len(lines):  # the earlier lines keep their ids with a name no text produces
+                first = next(t for i, t in enumerate(lines) if vocab[t] != i)
+                if str(file) not in _WARNED:
+                    _WARNED.add(str(file))
+                    log.warning("%s: %d repeated token(s) (e.g. %r at lines %d and %d); ids are line numbers, the "
+                                "later line wins (as transformers reads it)", file, len(lines) - len(vocab), first,
+                                lines.index(first) + 1, vocab[first] + 1)
+                vocab.update({f"[repeated line {i + 1}]": i for i, t in enumerate(lines) if vocab[t] != i})
+            cfg_file = file.parent / "tokenizer_config.json"
+            tok_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            tok_cfg = tok_cfg if isinstance(tok_cfg, dict) else {}
             if lowercase is None:
-                cfg_file = file.parent / "tokenizer_config.json"
-                if cfg_file.is_file():
-                    lowercase = json.loads(cfg_file.read_text()).get("do_lower_case")
+                lowercase = tok_cfg.get("do_lower_case")
             if lowercase is None:
                 lowercase = not _vocab_is_cased(vocab)
             tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
             tok.normalizer = normalizers.BertNormalizer(
-                clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+                clean_text=True, handle_chinese_chars=tok_cfg.get("tokenize_chinese_chars", True) is not False,
+                strip_accents=tok_cfg.get("strip_accents"), lowercase=bool(lowercase),
             )
             tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
             tok.decoder = decoders.WordPiece(prefix="##")

@@ -79,6 +79,25 @@ def test_real_vocab_gives_word_pieces_not_unk():
         assert tok.padding is None and tok.truncation is None  # the shipped file pads/truncates to 128
 
 
+def test_vocab_txt_ids_are_line_numbers_and_tokenizer_config_flags_count(tmp_path):
+    """As transformers' BertTokenizer reads a vocab.txt: a token on two lines has the later line's id, and every
+    other token keeps its line number; tokenizer_config.json's strip_accents is honoured."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "a", "cat", "film", "café", "cafe"]
+    (tmp_path / "vocab.txt").write_text("".join(w + "\n" for w in words))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "strip_accents": False}))
+    ours = load_tokenizer(tmp_path / "vocab.txt")
+    ref = transformers.BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=True, strip_accents=False)
+    for text in ("dog cat film a", "Café cafe"):
+        assert ours.encode(text).ids == ref(text)["input_ids"]
+    assert ours.encode("a cat").ids == [2, 7, 8, 3]
+    (tmp_path / "again").mkdir()
+    save_tokenizer(ours, tmp_path / "again")
+    assert len((tmp_path / "again" / "vocab.txt").read_text().splitlines()) == len(words)  # no line lost
+
+
 def test_tokenizer_without_special_tokens_is_refused(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\nb\n[UNK]\n")
     with pytest.raises(ValueError, match=r"\[PAD\].*\[CLS\].*\[SEP\]"):

@@ -64,6 +64,21 @@ def test_bf16_run_evaluating_during_training_scores_like_its_reload(tmp_path):
     assert (again / "predictions_validation.jsonl").read_text() == (out / "predictions_validation.jsonl").read_text()
 
 
+def test_compiled_run_saves_a_model_that_reloads(tmp_path):
+    """--compile: the saved weights carry the model's own names (torch.compile's wrapper adds `_orig_mod.`), so the
+    run's model reloads for prediction and as --init."""
+    from safetensors import safe_open
+
+    from bert_dist.checkpoint import load_run_model
+
+    out = tmp_path / "compiled"
+    p = run_cli(["--task", "sst2", "--smoke", "--compile", "--max-steps", "2", "--output-dir", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "_orig_mod" in k]  # noqa: SIM118 (safe_open is not iterable)
+    load_run_model(out)  # every tensor of the head and encoder, else ValueError
+
+
 def test_refuses_a_non_empty_output_dir(trained):
     out, _ = trained
     before = (out / "results.json").read_text()

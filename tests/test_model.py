@@ -313,6 +313,61 @@ def test_hf_checkpoint_dir_loads_through_init(tmp_path):
     torch.testing.assert_close(ours(**b)["logits"], hf(**b).logits, atol=1e-5, rtol=1e-5)
 
 
+def _vocab(path) -> None:
+    path.write_text("".join(f"{t}\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                            [f"w{i}" for i in range(V - 5)]))
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_sharded_hf_checkpoint_loads_through_init(tmp_path, safe):
+    """save_pretrained's sharded form (an index naming the shards), safetensors or .bin: every tensor loads."""
+    cfg = tiny()
+    transformers, hf_cfg = _hf_config(cfg)
+    torch.manual_seed(1)
+    hf = transformers.BertForSequenceClassification(hf_cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=safe, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("*-of-*"))) > 1 and not (tmp_path / "model.safetensors").exists()
+    _vocab(tmp_path / "vocab.txt")
+    src = load_init(str(tmp_path))
+    ours = BertForSequenceClassification(src.config, num_labels=2).eval()
+    assert load_weights(ours, src.state_dict, "hf") == {"new": [], "unused": []}
+    b = batch()
+    torch.testing.assert_close(ours(**b)["logits"], hf(**b).logits, atol=1e-5, rtol=1e-5)
+    next(tmp_path.glob("*-of-*")).unlink()
+    with pytest.raises(ValueError, match="missing"):
+        load_init(str(tmp_path))
+
+
+def test_checkpoints_the_model_cannot_represent_are_refused(tmp_path):
+    """Relative position embeddings; an MLM decoder untied from the word embeddings (refused for pretraining only,
+    where it would be lost); one segment embedding for a pair task."""
+    import json
+
+    from bert_dist.config import check_model_fits
+    from bert_dist.data import get_task
+    from bert_dist.model import BertForPreTraining
+
+    transformers, hf_cfg = _hf_config(tiny())
+    torch.manual_seed(1)
+    hf_cfg.tie_word_embeddings = False
+    hf = transformers.BertForPreTraining(hf_cfg)
+    hf.save_pretrained(tmp_path / "untied")
+    _vocab(tmp_path / "untied" / "vocab.txt")
+    src = load_init(str(tmp_path / "untied"))
+    with pytest.raises(ValueError, match="not its word embeddings"):
+        load_weights(BertForPreTraining(src.config), src.state_dict, "untied")
+    load_weights(BertForSequenceClassification(src.config, 2), src.state_dict, "untied")  # fine-tuning: unused
+    cfg = json.loads((tmp_path / "untied" / "config.json").read_text())
+    (tmp_path / "untied" / "config.json").write_text(json.dumps({**cfg, "position_embedding_type": "relative_key"}))
+    with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
+        load_init(str(tmp_path / "untied"))
+    one = tiny(type_vocab_size=1)
+    check_model_fits(one, get_task("sst2"), 64)
+    for task in ("mrpc", "squad", "pretrain"):
+        with pytest.raises(ValueError, match=f"type_vocab_size 1.*--task {task}"):
+            check_model_fits(one, get_task(task), 64)
+
+
 def test_save_and_reload_roundtrip(tmp_path):
     torch.manual_seed(2)
     m = BertForSequenceClassification(tiny(), num_labels=2).eval()
