@@ -240,14 +240,18 @@ def read_rows(texts: list[str] | None, pairs: list[str] | None, file: str | None
         suffix = path.suffix.lower()
         if suffix not in (".jsonl", ".json", ".csv", ".tsv", ".txt"):
             raise ValueError(f"--file {path}: unsupported type {suffix!r}; use .jsonl, .csv, .tsv or .txt")
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: a byte-order mark is not text
             if suffix == ".csv":
                 yield from csv.DictReader(fh)
             elif suffix == ".tsv":  # unquoted, as GLUE's files (a '"' is text)
                 yield from csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
             elif suffix == ".txt":
                 yield from _text_lines(fh, f"--file {path}", pair_task)
+            elif suffix == ".json" and fh.read(4096).lstrip().startswith("["):  # a JSON array of rows
+                fh.seek(0)
+                yield from _json_array(fh, f"--file {path}")
             else:
+                fh.seek(0)
                 yield from _json_lines(fh, f"--file {path}")
         return
     if stdin is None or stdin.isatty():
@@ -263,7 +267,21 @@ def _text_lines(lines: Iterable[str], where: str, pair_task: bool) -> Iterator[d
             yield from _json_lines([line], f"{where} line {n}")
         else:
             parts = line.rstrip("\r\n").split("\t") if pair_task else [line.rstrip("\r\n")]
+            if len(parts) > 2:
+                raise ValueError(f"{where} line {n}: {len(parts)} tab-separated fields; a pair is two texts with "
+                                 "one tab between them (or give JSON Lines)")
             yield dict(zip(("text", "text_pair"), parts))
+
+
+def _json_array(fh: Any, where: str) -> Iterator[dict[str, Any]]:
+    try:
+        rows = json.load(fh)
+    except ValueError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: item {n} of the array is not a JSON object")
+        yield row
 
 
 def _json_lines(lines: Iterable[str], where: str) -> Iterator[dict[str, Any]]:
@@ -294,5 +312,8 @@ def predict_main(model: str, texts: list[str] | None = None, pairs: list[str] | 
     except UnicodeError:  # decoding a file; or stdin's undecodable bytes (surrogate escapes) met when encoding
         where = f"--file {file}" if file else "stdin"
         raise ValueError(f"{where}: not UTF-8 text (after {n} rows); re-encode it as UTF-8") from None
+    except BrokenPipeError:  # the reader left (`| head`): stop as a Unix filter does, with no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        return 141  # 128 + SIGPIPE, the shell's status for a filter stopped this way
     log.info("%d predictions with %s on %s", n, predictor.dir, predictor.accelerator.device)
     return 0

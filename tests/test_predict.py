@@ -129,3 +129,29 @@ def test_predict_bad_input_is_one_line(sst2, tmp_path):
     assert p.returncode == 1 and f"--file {latin}: not UTF-8" in p.stderr and "Traceback" not in p.stderr
     with pytest.raises(ValueError, match="nothing to predict"):
         list(read_rows(None, None, None, None))
+
+
+def test_predict_reads_what_training_reads(tmp_path):
+    """A CSV with a byte-order mark, a .json array, JSON Lines in a .json file; a .txt pair line with a third field
+    is refused rather than cut."""
+    (tmp_path / "bom.csv").write_bytes("\ufeffsentence,label\ngood film,1\n".encode())
+    assert list(read_rows(None, None, str(tmp_path / "bom.csv"))) == [{"sentence": "good film", "label": "1"}]
+    (tmp_path / "rows.json").write_text('  [{"sentence": "a"}, {"sentence": "b"}]')
+    assert list(read_rows(None, None, str(tmp_path / "rows.json"))) == [{"sentence": "a"}, {"sentence": "b"}]
+    (tmp_path / "lines.json").write_text('{"sentence": "a"}\n{"sentence": "b"}\n')
+    assert list(read_rows(None, None, str(tmp_path / "lines.json"))) == [{"sentence": "a"}, {"sentence": "b"}]
+    (tmp_path / "bad.json").write_text('[{"sentence": "a"}, 3]')
+    with pytest.raises(ValueError, match="item 2"):
+        list(read_rows(None, None, str(tmp_path / "bad.json")))
+    (tmp_path / "pairs.txt").write_text("a\tb\na\tb\tc\n")
+    with pytest.raises(ValueError, match="line 2: 3 tab-separated fields"):
+        list(read_rows(None, None, str(tmp_path / "pairs.txt"), pair_task=True))
+    assert list(read_rows(None, None, str(tmp_path / "pairs.txt")))[1] == {"text": "a\tb\tc"}  # one text
+
+
+def test_predict_into_a_closed_pipe_stops_quietly(sst2):
+    """`bert-dist predict ... | head -1`: no BrokenPipeError traceback once the reader has gone."""
+    run, _ = sst2
+    p = subprocess.run(f"yes 'a fine film' | head -3000 | {sys.executable} -m bert_dist.cli predict --model {run} "
+                       "--batch-size 8 | head -1", shell=True, capture_output=True, text=True, timeout=300)
+    assert len(p.stdout.splitlines()) == 1 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
