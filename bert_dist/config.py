@@ -234,6 +234,8 @@ class RunConfig:
             raise ValueError(f"--keep-checkpoints must be at least 1, got {t.keep_checkpoints}")
         if t.max_bad_steps < 1:
             raise ValueError(f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
+        if not 0 <= self.seed < 2**32:  # numpy's range; torch and numpy would fail later without naming the flag
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         if t.resume and t.resume_from:
             raise ValueError("--resume and --resume-from contradict each other: give one")
         if (t.resume or t.resume_from) and self.overwrite:

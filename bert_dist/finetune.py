@@ -45,8 +45,8 @@ from bert_dist.data.squad import (
 from bert_dist.metrics import load_metric
 from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, count_params
 from bert_dist.perf import mfu
-from bert_dist.tokenizer import train_shared_tokenizer
-from bert_dist.train import evaluate, main_process_first, prepare_training
+from bert_dist.tokenizer import save_tokenizer, train_shared_tokenizer
+from bert_dist.train import evaluate, main_process_first, prepare_training, share_from_main
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,8 @@ def resolve_model(
     """The architecture and tokenizer for this run: from --init, or a preset plus a trained tokenizer."""
     tokenizer = src.tokenizer
     if tokenizer is None:  # trained on the task's training text
-        tokenizer = train_shared_tokenizer(
-            texts,
-            out_dir,
-            accelerator.is_main_process,
-            accelerator.wait_for_everyone,
-            cfg.data.vocab_size,
-            cfg.data.lowercase,
-        )
+        tokenizer = train_shared_tokenizer(texts, accelerator.is_main_process, share_from_main, cfg.data.vocab_size,
+                                           cfg.data.lowercase)
     if src.config is not None:
         return src.config, tokenizer
     bert = preset(cfg.preset, vocab_size=tokenizer.get_vocab_size(), pad_token_id=tokenizer.token_to_id("[PAD]"))
@@ -178,6 +172,8 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         {s: D.eval_loader(feats[s].select_columns(INPUT_COLUMNS), cfg.data, collator) for s in splits},
         out_dir,
     )
+    if src.tokenizer is None and accelerator.is_main_process:  # trained here: now that a previous run is gone,
+        save_tokenizer(tokenizer, out_dir)  # saved at once (a resume of --init scratch reads it; run.resume_tokenizer)
     eval_splits = [s for s in spec.eval_splits if s in splits]
     latest: dict[str, tuple[int, dict[str, Any]]] = {}  # split -> (step, predictions) of the last evaluation
 

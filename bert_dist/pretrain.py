@@ -38,9 +38,10 @@ from bert_dist.perf import mfu
 from bert_dist.tokenizer import (
     SPECIAL_TOKENS,
     check_special_tokens,
+    save_tokenizer,
     train_shared_tokenizer,
 )
-from bert_dist.train import evaluate, main_process_first, prepare_training
+from bert_dist.train import evaluate, main_process_first, prepare_training, share_from_main
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,13 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         train_files, held_files, source = load_corpus(cfg, spec)
 
     def corpus_tokenizer():  # trained once, on the main process, then shared
-        return train_shared_tokenizer(lambda: corpus_texts(train_files), out_dir, accelerator.is_main_process,
-                                      accelerator.wait_for_everyone, cfg.data.vocab_size, cfg.data.lowercase)
+        return train_shared_tokenizer(lambda: corpus_texts(train_files), accelerator.is_main_process, share_from_main,
+                                      cfg.data.vocab_size, cfg.data.lowercase)
 
     if cfg.task == "tokenizer":
         tok = corpus_tokenizer()
+        if accelerator.is_main_process:
+            save_tokenizer(tok, out_dir)
         log.info("wrote %s and vocab.txt (%d tokens) from %s", out_dir / "tokenizer.json", tok.get_vocab_size(), source)
         return {"vocab_size": tok.get_vocab_size(), "lowercase": cfg.data.lowercase, "source": source}
 
@@ -237,6 +240,8 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     run = prepare_training(
         cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg, eval_collator)}, out_dir
     )
+    if src.tokenizer is None and accelerator.is_main_process:  # trained here: saved once a previous run is gone
+        save_tokenizer(tok, out_dir)
 
     def eval_fn(step: int) -> dict[str, float]:
         return mlm_metrics(evaluate(accelerator, run.model, run.eval_loaders["validation"], mlm_collect))

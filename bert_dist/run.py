@@ -10,6 +10,7 @@ checkpoints are kept); 130 on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -54,6 +55,15 @@ def preflight(cfg: RunConfig) -> None:
         check_windows(max_length, cfg.data.doc_stride, cfg.data.max_query_length)
     set_cpu_matmul(cfg.train.cpu_matmul)  # a forced onednn that this torch lacks fails here, before anything starts
     check_trackers(cfg.report_to)
+    from bert_dist.train import LOCK_FILE, list_checkpoints
+
+    if cfg.train.resume and not cfg.output_dir:  # else it would start a new runs/<task>-<timestamp> and call it resumed
+        raise ValueError("--resume continues the run in --output-dir: give --output-dir DIR (or --resume-from a "
+                         "checkpoint)")
+    if cfg.train.resume_from and Path(cfg.train.resume_from).name.endswith((".tmp", ".old")):
+        # The loop removes these (left by a kill during a save): resuming from one would delete it, then fail.
+        raise ValueError(f"--resume-from {cfg.train.resume_from}: an incomplete checkpoint (left by a run killed while "
+                         "saving); resume from a complete step-N directory beside it")
     if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
         raise ValueError(f"--resume-from {cfg.train.resume_from}: no such checkpoint directory")
     out = Path(cfg.output_dir) if cfg.output_dir else None
@@ -66,10 +76,9 @@ def preflight(cfg: RunConfig) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"--output-dir {out}: {parent} is not writable; choose another --output-dir")
     resuming = cfg.train.resume or cfg.train.resume_from
-    if out is not None and out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or resuming):
+    content = [p for p in out.iterdir() if p.name != LOCK_FILE] if out is not None and out.is_dir() else []
+    if content and not (cfg.overwrite or resuming):
         raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or --resume to continue it")
-    from bert_dist.train import list_checkpoints
-
     if (cfg.train.resume and out is not None and (out / "results.json").is_file()
             and not list_checkpoints(out)):
         raise ValueError(f"--resume: {out} holds a finished run and no checkpoint to continue from; pass --overwrite "
@@ -130,14 +139,18 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     created = [not out.exists()]
     broadcast_object_list(created)  # decided before the main process makes it
     if resuming:
-        run_dir = Path(cfg.train.resume_from).parent.parent if cfg.train.resume_from else out
-        check_same_run(cfg, run_dir / "run_config.json")
+        check_resume(cfg, out, accelerator.num_processes)
     accelerator.wait_for_everyone()
     try:  # on every process (exist_ok): each fails alike, none waits for a main process that gave up
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--output-dir {out}: cannot create it ({e.strerror or e}); "
                          "choose another --output-dir") from None
+    locked = [lock_output_dir(out) if accelerator.is_main_process else True]
+    broadcast_object_list(locked)  # every process refuses alike
+    if not locked[0]:
+        raise ValueError(f"--output-dir {out} is in use by another bert-dist run (it holds {out / '.lock'}); wait for "
+                         "it to end, or choose another --output-dir")
     # --overwrite of a run: its files, run_config.json included, are replaced once this run's data and model have
     # loaded (train.discard_previous_run), so a run that fails on bad input loses nothing.
     # (--task glue's own directory holds no model: its run_config.json is written now, its tasks' later.)
@@ -150,20 +163,112 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     return out, created[0]
 
 
+_held_locks: list[int] = []
+"""File descriptors of the output dirs' locks this process holds (closed, so released, when main() ends)."""
+
+
+def lock_output_dir(out: Path) -> bool:
+    """Take an exclusive, non-blocking flock on <out>/.lock for the rest of main(); False if another run holds it.
+
+    Two runs into one directory (say two --resume of the same job) would write over each other's checkpoints and
+    logs. The kernel releases a flock when its process dies, so a killed run's lock file blocks nothing."""
+    import fcntl
+
+    from bert_dist.train import LOCK_FILE, PREVIOUS_FILES, list_previous_files
+
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks.append(fd)
+    # What the directory holds now is the previous run's (--overwrite removes it once this run has loaded).
+    PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
+    return True
+
+
 RESUME_FIXED = ("task", "init", "preset", "seed", "data.batch_size", "data.group_by_length", "data.max_length",
                 "data.max_train_samples", "data.data_dir", "data.train_file", "train.grad_accum")
-"""Flags a checkpoint's data position and model depend on: a resume must not change them."""
+"""Flags a checkpoint's data position and model depend on: what is checked for a checkpoint written before
+checkpoints held their run's config (against the run_config.json of its run directory)."""
+
+RESUME_MAY_CHANGE = ("output_dir", "overwrite", "report_to", "train.resume", "train.resume_from",
+                     "train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.log_every",
+                     "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_matmul",
+                     "train.cpu_threads", "data.num_workers", "data.eval_batch_size")
+"""Settings a resume may change: where and how often it logs, evaluates and saves, how long it trains (--max-steps
+or --epochs: not below the checkpoint's step, train() checks; the schedule then decays to the new end from where it
+is), and how fast it runs (kernels, threads, loader workers). Every other setting must be the checkpoint's: the
+model, data and its order, the optimizer and schedule (a new --lr would be overridden by the checkpoint's optimizer
+and scheduler state while run_config.json claimed it)."""
 
 
-def check_same_run(cfg: RunConfig, saved: Path) -> None:
+def check_resume(cfg: RunConfig, out: Path, num_processes: int) -> None:
+    """Refuse, in one line, a resume that cannot continue the checkpoint's run: another number of processes, other
+    settings (but RESUME_MAY_CHANGE), or --resume-from an older checkpoint while newer ones sit in the directory
+    this run saves into (keeping the newest K by step, it would delete its own checkpoints and keep those)."""
+    from bert_dist.train import CHECKPOINT_RE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, list_checkpoints
+
+    t = cfg.train
+    ckpt = Path(t.resume_from) if t.resume_from else (list_checkpoints(out) or [None])[-1]
+    run_dir = Path(t.resume_from).parent.parent if t.resume_from else out
+    if ckpt is None or not (ckpt / TRAIN_STATE_FILE).is_file():  # a fresh start, or load_checkpoint says what's wrong
+        check_same_run(cfg, run_dir / RUN_CONFIG_FILE, RESUME_FIXED)
+        return
+    state = read_json(ckpt / TRAIN_STATE_FILE)
+    # Checkpoints from before num_processes was recorded: each process saved its random states.
+    saved_by = state.get("num_processes") or len(list(ckpt.glob("random_states_*.pkl")))
+    if saved_by and saved_by != num_processes:
+        raise ValueError(f"checkpoint {ckpt} was written by {saved_by} process(es), this run has {num_processes}: "
+                         "resume with the same number of processes (the data position and random states are per "
+                         "process)")
+    if t.resume_from:
+        newer = [p for p in list_checkpoints(out) if int(CHECKPOINT_RE.match(p.name).group(1)) > state.get("step", 0)]
+        if newer:
+            raise ValueError(f"--resume-from {ckpt} (step {state.get('step')}): {out / 'checkpoints'} holds newer "
+                             f"checkpoints ({', '.join(p.name for p in newer)}) that this run would prune its own in "
+                             "favour of; move or delete them first")
+    if (ckpt / RUN_CONFIG_FILE).is_file():
+        check_same_run(cfg, ckpt / RUN_CONFIG_FILE, None)
+    else:  # written before checkpoints held their run's config
+        check_same_run(cfg, run_dir / RUN_CONFIG_FILE, RESUME_FIXED)
+
+
+def check_same_run(cfg: RunConfig, saved: Path, fixed: tuple[str, ...] | None) -> None:
+    """The settings in `fixed` (None: all but RESUME_MAY_CHANGE) are those of the run config `saved`."""
     if not saved.is_file():
         return
-    old, new = _flat(json.loads(saved.read_text())), _flat(cfg.to_dict())
-    for key in RESUME_FIXED:
-        if old.get(key) != new.get(key):
+    old, new = _flat(read_json(saved), keep_none=True), _flat(cfg.to_dict(), keep_none=True)
+    for key in fixed or [k for k in old if k not in RESUME_MAY_CHANGE]:
+        if key not in old:  # a setting newer than the saved run: it ran with the default
+            continue
+        if key == "tokenizer" and old[key] is None:  # a trained tokenizer, passed back with --tokenizer (or not)
+            continue
+        if old[key] != new.get(key):
             flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
-            raise ValueError(f"--resume: {flag} is {new.get(key)} here but {old.get(key)} in the run being resumed "
-                             f"({saved}); resume with that run's flags")
+            raise ValueError(f"--resume: {flag} is {_shown(new.get(key))} here but {_shown(old[key])} in the run being "
+                             f"resumed ({saved}); resume with {flag} {_shown(old[key])}, or start afresh with "
+                             "--overwrite")
+
+
+def _shown(value) -> str:
+    return "unset" if value is None else str(value)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or ValueError naming the file."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]}); restore it, or start afresh "
+                         "with --overwrite (without --resume)") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object of settings; restore it, or start "
+                         "afresh with --overwrite (without --resume)")
+    return d
 
 
 def resume_tokenizer(cfg: RunConfig, out_dir: Path) -> RunConfig:
@@ -219,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     accelerator = out_dir = None
     created = False
+    from bert_dist.train import catch_sigterm
+
+    # SIGTERM is a request to stop, not a kill, until the run's outputs are written (results.json, predictions and the
+    # report come after training): train() saves a checkpoint at a step boundary, or after the last step the run
+    # finishes (README, "Long runs").
+    release_sigterm = catch_sigterm()
     try:
         cfg = config_from_args(argv)
         if cfg.smoke:
@@ -286,13 +397,19 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"{e} (the trained model is saved in {out_dir}; evaluate it with --eval-only --init {out_dir})"
                  if trained and not cfg.train.eval_only else str(e))
         sys.exit(1)
-    except RuntimeError as e:
+    except Exception as e:  # the run's own failures get one line; any other exception is a bug: its traceback
         from bert_dist.train import TrainingDiverged
 
-        if not isinstance(e, TrainingDiverged):
+        if isinstance(e, TrainingDiverged):
+            if is_main:
+                fail(str(e))
+            sys.exit(1)
+        if not disk_full(e):
             raise
-        if is_main:
-            fail(str(e))
+        if reports:
+            where = getattr(e, "filename", None) or out_dir or "the output directory"
+            fail(f"no space left on the device writing {where}: free some space, or choose another --output-dir "
+                 "(and --resume from the last checkpoint, if one was saved)")
         sys.exit(1)
     except KeyboardInterrupt:
         if is_main:
@@ -301,14 +418,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if accelerator is not None:
             accelerator.end_training()  # flush the trackers, also after a failure
+        while _held_locks:
+            os.close(_held_locks.pop())  # releases the output dir (main() may run again in this process: tests)
+        release_sigterm()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def disk_full(e: BaseException) -> bool:
+    """A write failed for lack of space (or quota): as an OSError, or as safetensors' own error, which carries the
+    OS message only as text."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(e).__name__ == "SafetensorError" and "No space left on device" in str(e)
+
+
+def _flat(d: dict, prefix: str = "", keep_none: bool = False) -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif v is not None:
+            out.update(_flat(v, f"{prefix}{k}.", keep_none))
+        elif v is not None or keep_none:
             out[prefix + k] = v
     return out
 
@@ -328,11 +458,33 @@ def exit_process(code: int) -> None:
 
 def launch(argv: list[str] | None = None) -> None:
     """`main`, then `exit_process` with its status (the script's and `bert-dist train`'s entry)."""
+    stop_with_launcher()
     try:
         code = main(argv)
     except SystemExit as e:  # main's own exits (user errors: 1, Ctrl-C: 130)
         code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     exit_process(code)
+
+
+def stop_with_launcher() -> None:
+    """Under `accelerate launch` or torchrun, have the kernel send this process SIGTERM when its launcher dies.
+
+    `kill -TERM <launcher>` (one process: accelerate's simple launcher does not forward it) would otherwise leave
+    the run training on, orphaned; with this it saves a checkpoint and stops, as SIGTERM to the run itself does.
+    Linux only (prctl), and only for a launcher's child: a run started from a shell (or nohup) outlives it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if not any(name in parent for name in ("accelerate", "torchrun", "torch.distributed.run")):
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
 
 
 if __name__ == "__main__":

@@ -151,18 +151,20 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
 
 def train_shared_tokenizer(
     texts: Callable[[], Iterable[str]],
-    out_dir: str | os.PathLike,
     is_main: bool,
-    barrier: Callable[[], None],
+    share: Callable[[str | None], str],
     vocab_size: int = 30522,
     lowercase: bool = True,
 ) -> Tokenizer:
-    """Train on the main process, save to `out_dir`, and have every other process load that file.
+    """Train on the main process and give every other process the very same tokenizer: `share` broadcasts the main
+    process's tokenizer.json text (None elsewhere) and returns it on every process.
 
     WordPiece training is not deterministic across runs (huggingface/tokenizers#1794), so one training
-    per process could give the processes different vocabularies; one file read by all cannot.
-    Saving it at once also lets a killed run resume with the very same vocabulary.
+    per process could give the processes different vocabularies; one copy handed to all cannot. Nothing is
+    written here: the run saves it into its output directory once a previous run there has been discarded
+    (`--overwrite`; before that the previous model would sit beside a tokenizer that is not its own).
     """
+    tok = None
     if is_main:
         log.info("training a WordPiece tokenizer (vocab %d, %s)", vocab_size, "lowercased" if lowercase else "cased")
         tok = train_tokenizer(texts(), vocab_size=vocab_size, lowercase=lowercase)
@@ -172,7 +174,5 @@ def train_shared_tokenizer(
         elif n < vocab_size:
             log.info("the tokenizer has %d tokens, fewer than --vocab-size %d: the corpus has no more to merge",
                      n, vocab_size)
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        save_tokenizer(tok, out_dir)
-    barrier()
-    return tok if is_main else load_tokenizer(Path(out_dir) / "tokenizer.json")
+    shared = share(tok.to_str() if tok is not None else None)
+    return tok if tok is not None else Tokenizer.from_str(shared)

@@ -126,7 +126,8 @@ class Window:
         return {
             "loss": float(loss.item()),
             "micro": float(micro.item()),
-            "mean_loss": float((loss / micro.clamp(min=1)).item()),
+            # No finite micro-batch in the window: nan, not the 0.0 of an empty sum (a perfect-looking loss).
+            "mean_loss": float((loss / micro).item()) if micro.item() > 0 else math.nan,
             "bad_run": int(accelerator.reduce(self.bad_run, "max").item()),
             "bad_max": int(accelerator.reduce(self.bad_max, "max").item()),
         }
@@ -180,6 +181,13 @@ def main_process_first(accelerator: Accelerator):
         accelerator.wait_for_everyone()
 
 
+def share_from_main(obj: Any) -> Any:
+    """The main process's `obj` (picklable), on every process (None elsewhere before the call)."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj])[0]
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a save in progress has a .tmp name and is ignored)."""
     d = out_dir / "checkpoints"
@@ -201,6 +209,12 @@ def remove_incomplete_checkpoints(out_dir: Path) -> None:
 # back with weights_only=False, so a crafted checkpoint would run code on --resume. Checkpoints are data.
 TRAIN_STATE_FILE = "train_state.json"
 SCHEDULER_FILE = "lr_scheduler.pt"  # a state dict of numbers and lists, loaded with weights_only=True
+RUN_CONFIG_FILE = "run_config.json"
+"""Every setting of the run (RunConfig.to_dict()), in the output dir and copied into each checkpoint: a resume is
+checked against the checkpoint's own copy (run.check_resume), also when the checkpoint was moved out of its run."""
+LOCK_FILE = ".lock"
+"""Held (flock) by the main process for the run's duration (run.lock_output_dir); never removed, never counted as
+content of the output dir."""
 
 
 def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: int, state: TrainState,
@@ -214,8 +228,12 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: in
     with _quiet_accelerate():
         accelerator.save_state(str(tmp))
     if accelerator.is_main_process:  # both are the same on every process
-        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state.state_dict()))
+        # The data position (batches_in_epoch) and random states are per process: a resume needs as many.
+        (tmp / TRAIN_STATE_FILE).write_text(json.dumps({**state.state_dict(),
+                                                        "num_processes": accelerator.num_processes}))
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        if (out_dir / RUN_CONFIG_FILE).is_file():
+            shutil.copy(out_dir / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # from another trajectory (--resume-from an older checkpoint)
@@ -248,7 +266,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, sch
             accelerator.load_state(str(path))
         if torch.equal(torch.get_rng_state(), sentinel):  # accelerate only logs (at INFO) a file it could not read
             raise ValueError(f"random_states_{accelerator.process_index}.pkl did not load")
-        state.load_state_dict(json.loads((path / TRAIN_STATE_FILE).read_text()))
+        saved = json.loads((path / TRAIN_STATE_FILE).read_text())
+        saved.pop("num_processes", None)  # checked before anything loaded (run.check_resume)
+        state.load_state_dict(saved)
         scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     except Exception as e:  # torch/safetensors/pickle raise many types; all mean this checkpoint can't be used
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
@@ -274,18 +294,21 @@ def _quiet_accelerate():
             lg.setLevel(level)
 
 
-def _trim_metrics(out_dir: Path, step: int) -> None:
-    """Drop evaluations and log lines written after the checkpoint by the run that was killed: they will be redone."""
+def _trim_metrics(out_dir: Path, step: int, redo_eval: bool = False) -> None:
+    """Drop evaluations and log lines written after the checkpoint by the run that was killed: they will be redone.
+    redo_eval: the evaluation at `step` itself will be redone too (the checkpoint is the last step: the final
+    evaluation runs again), so its line goes as well."""
 
-    def before(line: str) -> bool:
+    def before(line: str, last: int) -> bool:
         try:
-            return json.loads(line).get("step", 0) <= step
+            return json.loads(line).get("step", 0) <= last
         except ValueError:  # a line cut short by the kill
             return False
 
-    for f in (out_dir / "metrics.jsonl", out_dir / TRAIN_LOG):
+    for f, last in ((out_dir / "metrics.jsonl", step - redo_eval), (out_dir / TRAIN_LOG, step)):
         if f.is_file():
-            f.write_text("".join(ln for ln in f.read_text().splitlines(keepends=True) if ln.strip() and before(ln)))
+            f.write_text("".join(ln for ln in f.read_text().splitlines(keepends=True)
+                                 if ln.strip() and before(ln, last)))
 
 
 def _set_epoch(loader: Any, epoch: int, on_set_epoch: Callable[[int], None] | None) -> None:
@@ -311,6 +334,37 @@ def _zero_nonfinite_grads(params: list[torch.nn.Parameter], grad_norm: torch.Ten
         if p.grad is not None:
             p.grad.masked_fill_(~ok, 0.0)
     return ok
+
+
+_sigterm: dict[str, Any] = {"signum": None, "depth": 0, "previous": None}
+
+
+def catch_sigterm() -> Callable[[], None]:
+    """From now on SIGTERM (SLURM's warning before preemption or a time limit) is noted instead of fatal: `train()`
+    stops at a step boundary and saves a checkpoint; after the last step the run goes on to write its outputs.
+    Returns the function that ends it. Calls nest (run.main around the whole run, `train()` inside it): the
+    outermost one installs the handler and restores the previous one."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _sigterm["signum"] = signum
+
+    if _sigterm["depth"] == 0:
+        _sigterm["signum"], _sigterm["previous"] = None, signal.getsignal(signal.SIGTERM)
+        with contextlib.suppress(ValueError):  # not the main thread: no handler, SIGTERM kills as usual
+            signal.signal(signal.SIGTERM, on_sigterm)
+    _sigterm["depth"] += 1
+
+    def release() -> None:
+        _sigterm["depth"] -= 1
+        if _sigterm["depth"] == 0:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, _sigterm["previous"] or signal.SIG_DFL)  # None: set outside Python
+
+    return release
+
+
+def sigterm_received() -> bool:
+    return _sigterm["signum"] is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +412,11 @@ def train(
         remove_incomplete_checkpoints(out_dir)
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from, state, scheduler)
+        if state.step > num_steps:  # the loop would not run, and the results would say `state.step` steps
+            raise ValueError(f"--max-steps/--epochs: this run ends at step {num_steps}, before the step {state.step} "
+                             f"of the checkpoint {resume_from}; resume with --max-steps {state.step} or more")
         if is_main:
-            _trim_metrics(out_dir, state.step)
+            _trim_metrics(out_dir, state.step, redo_eval=state.step == num_steps)
     elif cfg.resume and is_main:
         _trim_metrics(out_dir, 0)  # killed before its first checkpoint: it starts over, its lines would repeat
     win = Window(accelerator.device)
@@ -370,27 +427,23 @@ def train(
     last_eval = last_save = -1
     progress = StepProgress(num_steps, is_main)
     progress.update(state.step)
-    signalled: dict[str, int | None] = {"signum": None}
-    prev_handler = signal.getsignal(signal.SIGTERM)
+    release_sigterm = catch_sigterm()
+    signalled = _sigterm
 
-    def on_sigterm(signum: int, frame: Any) -> None:  # SLURM's warning before preemption or a time limit
-        signalled["signum"] = signum
+    # Several processes must agree to stop (one alone would wait forever for the others at the checkpoint), and
+    # soon: torchrun kills its workers 30 s after it forwards a SIGTERM. So they agree every step, over a CPU (gloo)
+    # group: a one-integer all-reduce with no device sync (NCCL's would make the host wait for the step's kernels).
+    flag_group = None
+    if accelerator.num_processes > 1 and torch.distributed.get_backend() != "gloo":
+        flag_group = torch.distributed.new_group(backend="gloo")
 
-    def set_sigterm(handler: Any) -> None:
-        with contextlib.suppress(ValueError):  # not the main thread: no handler, SIGTERM kills as usual
-            signal.signal(signal.SIGTERM, handler)
-
-    set_sigterm(on_sigterm)
-
-    def stop_requested(sync_point: bool) -> bool:
-        # One process decides alone, every step. Several must agree (or one would wait forever for the
-        # others at the checkpoint), which costs a collective: only at steps that sync anyway.
+    def stop_requested() -> bool:
+        stop = signalled["signum"] is not None
         if accelerator.num_processes == 1:
-            return signalled["signum"] is not None
-        if not sync_point:
-            return False
-        flag = torch.tensor(int(signalled["signum"] is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
+            return stop
+        flag = torch.tensor([int(stop)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=flag_group)
+        return bool(flag.item())
 
     def check_diverged(window: dict[str, float]) -> None:
         if window["bad_max"] >= cfg.max_bad_steps:
@@ -462,14 +515,14 @@ def train(
                         log.warning("step %d: not saving a checkpoint while the loss is not finite", state.step)
                     else:
                         checkpoint()
-                stopping = stop_requested(log_now or save_now)
+                stopping = stop_requested()
                 if state.step >= num_steps or stopping:
                     break
             else:
                 state.epoch += 1
                 state.batches_in_epoch = 0
     except BaseException:
-        set_sigterm(prev_handler)
+        release_sigterm()
         raise
     finally:
         progress.close()
@@ -480,8 +533,9 @@ def train(
             if last_save != state.step:
                 checkpoint()
             return {"interrupted": True, "steps": state.step}
-        # The handler stays through the saving and the final evaluation: a SIGTERM there (the last minutes of a
-        # job) no longer kills the run a step from its end; it finishes, and exits 0.
+        # The handler stays through the saving and the final evaluation (and, under run.main, until the run's
+        # outputs are written): a SIGTERM there (the last minutes of a job) no longer kills the run a step from its
+        # end; it finishes, and exits 0.
         if on_trained is not None:
             on_trained()
         if eval_fn is not None and last_eval != state.step:
@@ -489,7 +543,7 @@ def train(
         if signalled["signum"] is not None:
             log.warning("SIGTERM after the last step: the run was finished (model saved, evaluated) instead")
     finally:
-        set_sigterm(prev_handler)
+        release_sigterm()
     return {
         **metrics,
         "steps": state.step,
@@ -636,25 +690,41 @@ class Prepared:
         )
 
 
-RUN_FILES = ("results.json", "metrics.jsonl", "train_log.jsonl", "model.safetensors")
-"""What a run writes that a later run's files could be mixed up with (and its checkpoints/)."""
-
-
 def write_run_config(out_dir: Path, config: dict[str, Any]) -> None:
     """run_config.json: every setting of the run (RunConfig.to_dict())."""
-    (out_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[str, Any]) -> None:
-    """--overwrite: remove the previous run's results, logs, model and checkpoints (else --resume would pick them
-    up), and write this run's run_config.json (`config`). Called once this run's data and model have loaded: a run
-    that fails on its input loses nothing."""
+    """--overwrite: remove everything the previous run left (results, logs, model, checkpoints, predictions, report,
+    ...: else --resume would pick them up, or they would pass for this run's), and write this run's run_config.json
+    (`config`). Called once this run's data and model have loaded: a run that fails on its input loses nothing.
+
+    The previous run's files are those the directory held when this run took its lock (`PREVIOUS_FILES`, listed by
+    run.lock_output_dir): what this run has written since (its tracker's logs) stays."""
     if accelerator.is_main_process:
-        for stale in RUN_FILES:
-            (out_dir / stale).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        previous = PREVIOUS_FILES.pop(out_dir.resolve(), [])
+        for f in previous:
+            if f.is_symlink() or not f.is_dir():
+                f.unlink(missing_ok=True)
+        for d in sorted((d for d in previous if d.is_dir() and not d.is_symlink()), key=lambda d: len(d.parts),
+                        reverse=True):  # deepest first; one this run has written into stays
+            if not any(d.iterdir()):
+                d.rmdir()
         write_run_config(out_dir, config)
     accelerator.wait_for_everyone()
+
+
+PREVIOUS_FILES: dict[Path, list[Path]] = {}
+"""Output dir (resolved) -> what it held when this run took its lock (files, links, directories; .lock aside): what
+discard_previous_run removes."""
+
+
+def list_previous_files(out_dir: Path) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(out_dir):  # never into a linked directory: its files are not the run's
+        out += [Path(root, n) for n in (*dirs, *files) if n != LOCK_FILE or root != str(out_dir)]
+    return out
 
 
 def prepare_training(

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from bert_dist.checkpoint import save_run_model
 from bert_dist.config import preset
@@ -134,6 +136,8 @@ def test_unknown_task(tmp_path, capsys):
     (["--weight-decay", "-0.1"], ["--weight-decay"]),
     (["--max-grad-norm", "-1"], ["--max-grad-norm", "0 (off)"]),
     (["--warmup-steps", "-1"], ["--warmup-steps", "0 or more"]),
+    (["--seed", "-5"], ["--seed", "-5"]),
+    (["--resume-from", "o/checkpoints/step-00000002.tmp"], ["--resume-from", "incomplete checkpoint"]),
 ])
 def test_contradictory_or_invalid_flags(tmp_path, capsys, data_dir, extra, phrases):
     data = None if "--train-file" in extra and "--validation-file" not in extra else data_dir
@@ -485,6 +489,111 @@ def test_resume_with_other_flags(tmp_path, capsys, data_dir):
           "8 in the run being resumed")
 
 
+@pytest.mark.parametrize("content, phrase", [("{not json", "unreadable"), ("[1, 2]", "JSON list")])
+def test_resume_with_a_corrupt_run_config(tmp_path, capsys, data_dir, content, phrase):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run_config.json").write_text(content)
+    fails(args(out, "--resume", data=data_dir), capsys, str(out / "run_config.json"), phrase)
+
+
+def test_resume_needs_an_output_dir(tmp_path, capsys, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a default runs/<task>-<timestamp> would appear
+    base = args(tmp_path / "unused", "--resume", data=data_dir)
+    i = base.index("--output-dir")
+    fails(base[:i] + base[i + 2:], capsys, "--resume", "--output-dir")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resume_from_a_tmp_checkpoint_keeps_it(tmp_path, capsys, data_dir):
+    tmp = tmp_path / "o" / "checkpoints" / "step-00000002.tmp"
+    tmp.mkdir(parents=True)
+    fails(args(tmp_path / "o", "--resume-from", str(tmp), data=data_dir), capsys, str(tmp), "incomplete")
+    assert tmp.is_dir()
+
+
+def test_a_second_run_into_a_locked_output_dir_is_refused(tmp_path, capsys, data_dir):
+    """Two runs into one directory (two --resume of one job) would write over each other: the main process holds
+    a flock on <output-dir>/.lock for the run. A lock file whose holder died blocks nothing, and it does not make the
+    directory count as non-empty."""
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as a live run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fails(args(out, "--resume", data=data_dir), capsys, str(out), "in use by another bert-dist run")
+    assert [f.name for f in out.iterdir()] == [".lock"]
+    _reset_accelerate()
+    assert main(args(out, data=data_dir)) == 0  # released (as by a killed holder), and the dir counts as empty
+    assert (out / "results.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final model"])
+def test_a_full_disk_is_one_line(tmp_path, capsys, data_dir, monkeypatch, where):
+    """No space left while saving: one line that says where, exit 1 (it was a SafetensorError traceback)."""
+    import errno
+
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+
+    import bert_dist.finetune as F
+
+    out = tmp_path / "o"
+    if where == "checkpoint":
+        def full(self, output_dir=None, **kw):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        monkeypatch.setattr(Accelerator, "save_state", full)
+        extra = ["--save-every", "1"]
+    else:
+        def full(model, out_dir, *a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "model.safetensors"))
+        monkeypatch.setattr(F, "save_run_model", full)
+        extra = []
+    line = fails(args(out, *extra, data=data_dir), capsys, "no space left", "--output-dir")
+    assert str(out) in line
+
+
+def test_overwrite_removes_everything_the_previous_run_left(tmp_path, capsys, data_dir):
+    """Predictions, submission TSVs, report, logs...: nothing of the previous run stays beside the new one's."""
+    out = tmp_path / "o"
+    _reset_accelerate()
+    assert main(args(out, "--save-every", "1", data=data_dir)) == 0
+    (out / "nbest_predictions.json").write_text("{}")  # as a SQuAD run writes
+    (out / "logs" / "bert-dist").mkdir(parents=True)
+    (out / "logs" / "bert-dist" / "events.out").write_text("old")
+    before = {p.relative_to(out) for p in out.rglob("*")}
+    _reset_accelerate()
+    started = time.time()
+    assert main(args(out, "--overwrite", "--max-train-samples", "16", "--max-eval-samples", "4", data=data_dir)) == 0
+    after = {p.relative_to(out) for p in out.rglob("*")}
+    assert not (out / "nbest_predictions.json").exists() and not (out / "logs").exists()
+    assert not (out / "checkpoints").exists()
+    for p in after & before - {Path(".lock")}:  # what both runs write is this run's
+        assert (out / p).is_dir() or (out / p).stat().st_mtime >= started, p
+    assert len((out / "predictions_validation.jsonl").read_text().splitlines()) == 4
+
+
+def test_overwrite_keeps_what_this_run_wrote_before_the_discard(tmp_path):
+    """discard_previous_run removes the files the directory held when the run took its lock, and the directories
+    that leaves empty; what the run wrote since (tracker logs) stays, whatever the files' times say."""
+    from accelerate import Accelerator
+
+    from bert_dist.train import PREVIOUS_FILES, discard_previous_run, list_previous_files
+
+    out = tmp_path / "o"
+    for f in ("results.json", "logs/bert-dist/old.events", "checkpoints/step-1/model.safetensors", ".lock"):
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text("x")
+    PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
+    (out / "logs" / "bert-dist" / "new.events").write_text("this run's")
+    _reset_accelerate()
+    discard_previous_run(Accelerator(cpu=True), out, {"task": "sst2"})
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        ".lock", "logs", "logs/bert-dist", "logs/bert-dist/new.events", "run_config.json"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The real entry point, in a subprocess
 
@@ -580,3 +689,25 @@ def test_an_evaluation_that_fails_after_training_keeps_the_trained_model(tmp_pat
     monkeypatch.setattr(T, "_run_eval", real)
     _reset_accelerate()
     assert main(args(tmp_path / "e", "--eval-only", "--init", str(out), data=data_dir)) == 0  # it evaluates
+
+
+def test_overwrite_that_fails_after_training_its_tokenizer_keeps_the_previous_run_whole(tmp_path, capsys,
+                                                                                       monkeypatch, data_dir):
+    """A scratch run trains its tokenizer before its model is checked: with --overwrite, a failure there must leave
+    the previous run's tokenizer beside its model (the new one is written only once the previous run is gone)."""
+    import bert_dist.finetune
+
+    out = tmp_path / "o"
+    p = run_cli(args(out, data=data_dir))
+    assert p.returncode == 0, p.stderr[-2000:]
+    before = {f: (out / f).read_bytes() for f in ("tokenizer.json", "vocab.txt", "model.safetensors")}
+
+    def fails_late(*a, **k):
+        raise ValueError("the model does not fit")
+
+    monkeypatch.setattr(bert_dist.finetune, "check_max_length", fails_late)
+    _reset_accelerate()
+    with pytest.raises(SystemExit) as e:
+        main(args(out, "--overwrite", "--vocab-size", "120", data=data_dir))
+    assert e.value.code == 1 and "the model does not fit" in capsys.readouterr().err
+    assert {f: (out / f).read_bytes() for f in before} == before

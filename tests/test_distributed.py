@@ -105,7 +105,7 @@ def test_two_processes_with_grad_accum_and_group_by_length_count_each_example_on
 
 
 @pytest.mark.slow
-def test_two_processes_resume_from_a_checkpoint_bitwise(setup):
+def test_two_processes_resume_from_a_checkpoint_bitwise(setup, capsys):
     """2 processes save (train_state.json and lr_scheduler.pt by the main process, accelerate's files by both) and
     resume from the step-4 checkpoint: the same final weights as their uninterrupted run."""
     import shutil
@@ -126,6 +126,40 @@ def test_two_processes_resume_from_a_checkpoint_bitwise(setup):
     a, b = (load_file(d / "model.safetensors") for d in (full, resumed))
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
+    # The same checkpoint with one process: refused (its data position counts each process's micro-batches; it
+    # used to resume silently, training batches twice at half the global batch).
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bert_dist.run import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*flags, "--batch-size", "8", "--output-dir", str(root / "one-from-two"), "--resume-from", str(ckpt)])
+    assert e.value.code == 1 and not (root / "one-from-two").exists()
+    assert "written by 2 process(es), this run has 1" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_is_refused_by_two_processes(setup, capfd):
+    """1 -> 2 processes: one line naming both counts (it was a missing random_states_1.pkl)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bert_dist.run import main
+
+    root, flags = setup
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert main([*flags, "--batch-size", "8", "--max-steps", "2", "--save-every", "2", "--output-dir",
+                 str(root / "one-ckpt")]) == 0
+    ckpt = root / "one-ckpt" / "checkpoints" / "step-00000002"
+    p = run_cli([*flags, "--batch-size", "8", "--output-dir", str(root / "two-from-one"), "--resume-from", str(ckpt)],
+                nproc=2)
+    assert p.returncode != 0
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "written by 1 process(es), this run has 2" in errors[0], p.stderr[-3000:]
+
 
 @pytest.mark.slow
 def test_two_processes_warn_once(setup):
@@ -136,3 +170,46 @@ def test_two_processes_warn_once(setup):
                  str(root / "warn")], nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
     assert " ".join(p.stderr.split()).count("the test predictions cover 5 of its") == 1, p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_to_the_launcher_stops_the_run_at_the_next_step_with_a_checkpoint(setup, tmp_path, nproc):
+    """`kill -TERM` of `accelerate launch` (what a scheduler or a user does). With 2 processes the launcher forwards
+    it and kills the workers 30 s later: they must agree to stop at the next step, not at the next log step (here
+    never). With 1 process the launcher does not forward it and exits: the run hears of it as its launcher's death
+    (prctl's death signal), rather than training on, orphaned. Either way a checkpoint is saved, and no results."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, free_port
+
+    root, flags = setup
+    out = tmp_path / "o"
+    multi = ["--multi_gpu", "--main_process_port", str(free_port())] if nproc > 1 else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(nproc),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "bert_dist" / "run.py"), *flags, "--max-steps", "100000", "--log-every", "100000",
+           "--eval-every", "100000", "--output-dir", str(out)]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        p = subprocess.Popen(cmd, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "parameters," not in log.read_text() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.5)  # the model is built: training starts
+        time.sleep(3)
+        p.send_signal(signal.SIGTERM)
+        while "rerun with --resume" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
+        text = log.read_text()
+        assert "rerun with --resume" in text, text[-3000:]
+        saved = [d for d in (out / "checkpoints").iterdir() if (d / "train_state.json").is_file()]
+        assert len(saved) == 1 and not (out / "results.json").exists()
+        assert json.loads((saved[0] / "train_state.json").read_text())["num_processes"] == nproc
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher's session: its workers too, whatever happened

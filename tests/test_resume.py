@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,7 +36,8 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
     the batch. Faults: {"kill_after_save": N, "forwards": k} SIGKILLs on the k-th micro-batch after the
     step-N checkpoint (mid-step); {"kill_in_save": N} SIGKILLs halfway through writing step N's checkpoint;
     {"sigterm_at_forward": k} sends SIGTERM on the k-th micro-batch; {"sigterm_in_final_eval": True} sends it as
-    the evaluation after the last step starts.
+    the evaluation after the last step starts; {"sigterm_before_results": True} once training has returned, before
+    results.json and the report are written.
     """
     from accelerate import Accelerator
 
@@ -74,6 +76,16 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
         return run_eval(accelerator, eval_fn, state, out_dir)
 
     T._run_eval = signalled_eval
+    import bert_dist.report as R
+
+    describe_hardware = R.describe_hardware
+
+    def signalled_describe(accelerator):
+        if fault.get("sigterm_before_results"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return describe_hardware(accelerator)
+
+    R.describe_hardware = signalled_describe
 
     def killed_save_state(self, output_dir=None, **kw):
         out = save_state(self, output_dir, **kw)
@@ -89,7 +101,7 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
 
     def undo() -> None:
         BertForSequenceClassification.forward, T.save_checkpoint, Accelerator.save_state = forward, save, save_state
-        T._run_eval = run_eval
+        T._run_eval, R.describe_hardware = run_eval, describe_hardware
 
     return undo
 
@@ -233,6 +245,86 @@ def test_sigterm_during_the_final_evaluation_finishes_the_run(setup, uninterrupt
         json.loads((uninterrupted / "results.json").read_text())["accuracy"]
 
 
+def test_sigterm_while_the_outputs_are_written_finishes_the_run(setup, uninterrupted):
+    """SIGTERM once training is over but before results.json, the test predictions and the report are written: the
+    run still writes them and exits 0 (it used to die with 143, with no results.json)."""
+    out = setup[0] / "sigterm_results"
+    p = run(setup, out, fault={"sigterm_before_results": True}, child=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for f in ("results.json", "report.html", "predictions_test.jsonl"):
+        assert (out / f).is_file(), f
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+def copy_unfinished(src: Path, dst: Path) -> Path:
+    """A copy of a finished run without its results and model: a run killed after its last checkpoint."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for f in ("results.json", "model.safetensors"):
+        (dst / f).unlink()
+    return dst
+
+
+def refused(capsys, setup, out: Path, *extra: str) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(setup, out, *extra)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 1 and err[-1].startswith("error:") and "Traceback" not in "".join(err), err[-5:]
+    return " ".join(err[-1].split())
+
+
+def test_a_resume_that_changes_a_setting_is_refused(setup, uninterrupted, tmp_path, capsys):
+    """--lr on a resume would be overridden by the checkpoint's optimizer and scheduler while run_config.json said
+    otherwise; a checkpoint moved out of its run directory is checked against its own copy of the run's config."""
+    out = copy_unfinished(uninterrupted, tmp_path / "changed")
+    err = refused(capsys, setup, out, "--resume", "--lr", "1e-3")
+    assert "--lr is 0.001 here but 0.003" in err and "step-00000012" in err, err
+    err = refused(capsys, setup, out, "--resume", "--max-steps", "10")
+    assert "--max-steps" in err and "before the step 12" in err, err
+    (tmp_path / "moved").mkdir()
+    moved = (out / "checkpoints" / "step-00000012").rename(tmp_path / "moved" / "step-00000012")
+    err = refused(capsys, setup, tmp_path / "elsewhere", "--resume-from", str(moved), "--seed", "8")
+    assert "--seed is 8 here but 7" in err and str(moved / "run_config.json") in err, err
+    assert (moved / "train_state.json").is_file()
+    # What may change: how often it logs, evaluates and saves, and how long it trains.
+    assert run(setup, tmp_path / "elsewhere", "--resume-from", str(moved), "--log-every", "1", "--eval-every", "7",
+               "--max-steps", "15") == 0
+    assert json.loads((tmp_path / "elsewhere" / "results.json").read_text())["steps"] == 15
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(setup, uninterrupted, tmp_path, capsys):
+    """The data position (micro-batches consumed) and the random states are per process. (2 real processes:
+    tests/test_distributed.py.)"""
+    out = copy_unfinished(uninterrupted, tmp_path / "procs")
+    ckpt = out / "checkpoints" / "step-00000012"
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state["num_processes"] == 1
+    (ckpt / "train_state.json").write_text(json.dumps({**state, "num_processes": 2}))
+    err = refused(capsys, setup, out, "--resume")
+    assert "written by 2 process(es), this run has 1" in err and "same number of processes" in err, err
+
+
+def test_resume_from_an_older_checkpoint_while_newer_ones_exist_is_refused(setup, uninterrupted, tmp_path, capsys):
+    """Keeping the newest K checkpoints by step, the run would delete its own new ones and keep the abandoned
+    run's, which a later --resume would then pick up."""
+    out = copy_unfinished(uninterrupted, tmp_path / "older")
+    err = refused(capsys, setup, out, "--resume-from", str(out / "checkpoints" / "step-00000008"))
+    assert "step-00000012" in err and "move or delete them" in err, err
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
+
+
+def test_resume_of_a_run_whose_last_checkpoint_is_its_last_step(setup, tmp_path, capsys):
+    """The final evaluation is redone, and logged once (it was appended a second time to metrics.jsonl)."""
+    out = tmp_path / "last"
+    assert run(setup, out, "--max-steps", "12") == 0
+    evals, logs = lines(out / "metrics.jsonl"), lines(out / "train_log.jsonl")
+    assert run(setup, out, "--max-steps", "12", "--resume") == 0
+    assert [json.loads(ln)["step"] for ln in lines(out / "metrics.jsonl")] == [5, 10, 12]
+    assert lines(out / "metrics.jsonl") == evals and lines(out / "train_log.jsonl") == logs
+
+
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
 def test_a_checkpoint_without_its_random_states_is_refused(setup, uninterrupted, capsys, damage):
     """accelerate only logs (at INFO) random states it could not load, and the resumed run would then draw other
@@ -286,6 +378,8 @@ def test_a_few_nan_steps_leave_the_weights_finite(setup, nan_at, capsys):
     assert "step 4: not saving a checkpoint while the loss is not finite" in logged(capsys)
     assert not (out / "checkpoints" / "step-00000004").exists()
     assert json.loads((out / "results.json").read_text())["nonfinite_steps"] == 2
+    logged_loss = {json.loads(ln)["step"]: json.loads(ln)["loss"] for ln in lines(out / "train_log.jsonl")}
+    assert math.isnan(logged_loss[3]) and math.isnan(logged_loss[4]) and logged_loss[5] > 0  # not a perfect 0.0
     weights = load_file(str(out / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
