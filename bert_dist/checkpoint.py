@@ -9,6 +9,7 @@ under the same keys, plus the config and tokenizer files transformers' Auto clas
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -38,8 +39,20 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 # Tied to the word embeddings (or to cls.predictions.bias): never stored twice.
 TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
-HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer.json",
-             "tokenizer_config.json", *SHARD_INDEXES, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin"]
+HUB_CONFIG_FILES = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"]
+HUB_WEIGHTS = (["model.safetensors"], [SHARD_INDEXES[0], "model-*-of-*.safetensors"], ["pytorch_model.bin"],
+               [SHARD_INDEXES[1], "pytorch_model-*-of-*.bin"])
+"""The forms of a hub model's weights, in the order they are preferred (the order `load_state_dict` reads them)."""
+HUB_FILES = HUB_CONFIG_FILES + [p for form in HUB_WEIGHTS for p in form]
+
+
+def hub_patterns(repo_files: list[str]) -> list[str]:
+    """What to download of a hub repo holding `repo_files`: its config and tokenizer files and ONE form of its
+    weights (bert-base-uncased has model.safetensors and pytorch_model.bin, 440 MB each, plus TF and Flax copies)."""
+    for form in HUB_WEIGHTS:
+        if any(fnmatch.fnmatch(f, p) for f in repo_files for p in form):
+            return HUB_CONFIG_FILES + form
+    return HUB_FILES
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -82,7 +95,9 @@ def resolve_init(init: str) -> Path | None:
                 "(offline, and not in the cache); pass a local model directory"
             ) from None
     try:
-        return Path(snapshot_download(init, allow_patterns=HUB_FILES))
+        from huggingface_hub import HfApi
+
+        return Path(snapshot_download(init, allow_patterns=hub_patterns(HfApi().list_repo_files(init))))
     except Exception as e:
         raise ValueError(f"--init: cannot fetch {init} from the hub: {str(e).splitlines()[0]}") from None
 

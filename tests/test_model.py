@@ -623,3 +623,30 @@ def test_bf16_attention_with_a_row_that_has_no_key_is_finite(grad):
     with torch.set_grad_enabled(grad):
         out = attend(*(t.requires_grad_(grad) for t in (q, k, v)), mask, 0.0)
     assert torch.isfinite(out.float()).all()
+
+
+def test_a_hub_model_downloads_one_form_of_its_weights(monkeypatch, tmp_path):
+    """bert-base-uncased holds model.safetensors and pytorch_model.bin (and TF/Flax copies): only the first is
+    fetched; a sharded repo gets its index and shards; the tokenizer and config always."""
+    import huggingface_hub
+
+    import bert_dist.checkpoint as C
+
+    asked = {}
+
+    def snapshot_download(repo, allow_patterns=None, **kw):
+        asked[repo] = allow_patterns
+        return str(tmp_path)
+
+    repos = {"bert-base-uncased": ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5",
+                                   "vocab.txt", "tokenizer.json", "tokenizer_config.json"],
+             "org/sharded": ["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
+                             "pytorch_model-00002-of-00002.bin", "vocab.txt"]}
+    monkeypatch.setattr(C, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, **kw: repos[repo])
+    for repo in repos:
+        assert C.resolve_init(repo) == tmp_path
+    assert "pytorch_model.bin" not in asked["bert-base-uncased"] and "model.safetensors" in asked["bert-base-uncased"]
+    assert {"pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin", "config.json", "vocab.txt",
+            "tokenizer.json"} <= set(asked["org/sharded"]) and "model.safetensors" not in asked["org/sharded"]
