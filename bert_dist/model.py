@@ -237,13 +237,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """Scaled dot-product attention: q (B, nh, Q, hs), k, v (B, nh, T, hs), mask (B, 1, 1, T) bool (True = attend)
     -> (B, nh, Q, hs). Q = T, except in a last layer that runs on the rows its head reads (`keep`).
 
-    SDPA, except in low precision on the CPU (`_attend_in_chunks`), where SDPA's kernels ran 2x - 2.6x slower than
-    plain matmuls and a softmax over a few rows at a time. In fp32 the two do the same arithmetic and SDPA measured 3%
-    - 4% faster (session 5, "Fast paths"). Under torch.compile, the plain ops in one piece where there is dropout
-    (inductor fuses them; SDPA with dropout leaves its fused CPU kernel for a reference path that upcasts to fp32).
+    SDPA, except on the CPU in low precision or with dropout (`_attend_in_chunks`). In low precision SDPA's kernels
+    ran 2x - 2.6x slower than plain matmuls and a softmax over a few rows at a time. In fp32 without dropout the two
+    do the same arithmetic and SDPA measured 3% - 4% faster (session 5, "Fast paths"); with dropout SDPA takes its
+    reference path and torch's dropout, and the chunks with `dropout` measured 1.10x faster at 32x128, 0.99x at
+    16x384 (session 8). Under torch.compile, the plain ops in one piece where there is dropout (inductor fuses them;
+    SDPA with dropout leaves its fused CPU kernel for a reference path that upcasts to fp32).
     """
     low_precision = q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-    if q.device.type != "cpu" or not low_precision or (dropout_p == 0.0 and torch.compiler.is_compiling()):
+    if (q.device.type != "cpu" or not (low_precision or dropout_p > 0.0)
+            or (dropout_p == 0.0 and torch.compiler.is_compiling())):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if torch.compiler.is_compiling():
         return _attention(q, k, v, mask, dropout_p)

@@ -138,23 +138,24 @@ def test_qa_loss_ignores_padding():
     torch.testing.assert_close(out2["start_logits"][:, :11][real], out["start_logits"][real], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_cpu_dropout_attention_matches_sdpa(amp):
-    """The CPU training path of `attend` (taken when dropout_p > 0 in low precision; fp32 calls SDPA) is SDPA's
-    attention: with a dropout rate too small to drop anything it equals SDPA without dropout, masked keys
-    included, under bf16 autocast and with bf16 inputs."""
+@pytest.mark.parametrize("precision", ["bf16 tensors", "autocast", "fp32"])
+def test_cpu_dropout_attention_matches_sdpa(precision):
+    """The CPU training path of `attend` (taken when dropout_p > 0, in any precision) is SDPA's attention: with a
+    dropout rate too small to drop anything it equals SDPA without dropout, masked keys included, under bf16
+    autocast, with bf16 inputs, and in fp32 (to fp32 precision)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 9, 8, generator=g) for _ in range(3))
     mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
     mask[1, ..., 6:] = False
     mask[2, ..., 2:] = False
-    if not amp:  # bf16 tensors, no autocast
+    if precision == "bf16 tensors":
         q, k, v = (t.bfloat16() for t in (q, k, v))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
         ours = attend(q, k, v, mask, 1e-12)
         ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-    torch.testing.assert_close(ours.float(), ref.float(), atol=2e-2, rtol=2e-2)
-    assert ours.dtype == torch.bfloat16
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
+    assert ours.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
 
 
 def _qkv(B: int = 5, Q: int = 9, T: int = 9, seed: int = 0) -> tuple[torch.Tensor, ...]:
