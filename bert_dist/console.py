@@ -106,7 +106,7 @@ def print_table(title: str, rows: dict[str, dict[str, Any]], is_main: bool = Tru
     console.print(table)
 
 
-def fail(message: str) -> None:
-    """One red line on stderr, from every process (so a lone failing rank is seen), then exit 1."""
+def fail(message: str, code: int = 1) -> None:
+    """One red line on stderr, from every process (so a lone failing rank is seen), then exit `code`."""
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    sys.exit(1)
+    sys.exit(code)

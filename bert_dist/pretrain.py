@@ -41,7 +41,14 @@ from bert_dist.tokenizer import (
     save_tokenizer,
     train_shared_tokenizer,
 )
-from bert_dist.train import evaluate, main_process_first, prepare_training, share_from_main
+from bert_dist.train import (
+    discard_previous_run,
+    evaluate,
+    main_process_first,
+    prepare_training,
+    run_inputs,
+    share_from_main,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +177,8 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
 
     if cfg.task == "tokenizer":
         tok = corpus_tokenizer()
+        if cfg.overwrite:  # a previous run's model must not stay beside a tokenizer that is not its own
+            discard_previous_run(accelerator, out_dir, cfg.to_dict(), run_inputs(cfg))
         if accelerator.is_main_process:
             save_tokenizer(tok, out_dir)
         log.info("wrote %s and vocab.txt (%d tokens) from %s", out_dir / "tokenizer.json", tok.get_vocab_size(), source)

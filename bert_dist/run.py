@@ -139,7 +139,7 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     created = [not out.exists()]
     broadcast_object_list(created)  # decided before the main process makes it
     if resuming:
-        check_resume(cfg, out, accelerator.num_processes)
+        check_resume(cfg, out, accelerator.num_processes, accelerator.mixed_precision)
     accelerator.wait_for_everyone()
     try:  # on every process (exist_ok): each fails alike, none waits for a main process that gave up
         out.mkdir(parents=True, exist_ok=True)
@@ -198,15 +198,18 @@ checkpoints held their run's config (against the run_config.json of its run dire
 RESUME_MAY_CHANGE = ("output_dir", "overwrite", "report_to", "train.resume", "train.resume_from",
                      "train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.log_every",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_matmul",
-                     "train.cpu_threads", "data.num_workers", "data.eval_batch_size")
+                     "train.cpu_threads", "data.num_workers", "data.eval_batch_size", "data.max_eval_samples",
+                     "data.n_best_size", "data.max_answer_length", "data.null_score_diff_threshold",
+                     "mixed_precision")
 """Settings a resume may change: where and how often it logs, evaluates and saves, how long it trains (--max-steps
 or --epochs: not below the checkpoint's step, train() checks; the schedule then decays to the new end from where it
-is), and how fast it runs (kernels, threads, loader workers). Every other setting must be the checkpoint's: the
-model, data and its order, the optimizer and schedule (a new --lr would be overridden by the checkpoint's optimizer
-and scheduler state while run_config.json claimed it)."""
+is), how fast it runs (kernels, threads, loader workers), what only evaluation reads (--max-eval-samples, SQuAD's
+post-processing). Every other setting must be the checkpoint's: the model, data and its order, the optimizer and
+schedule (a new --lr would be overridden by the checkpoint's optimizer and scheduler state while run_config.json
+claimed it). The precision and the tokenizer are compared as what ran (check_resume, _same_tokenizer)."""
 
 
-def check_resume(cfg: RunConfig, out: Path, num_processes: int) -> None:
+def check_resume(cfg: RunConfig, out: Path, num_processes: int, mixed_precision: str) -> None:
     """Refuse, in one line, a resume that cannot continue the checkpoint's run: another number of processes, other
     settings (but RESUME_MAY_CHANGE), or --resume-from an older checkpoint while newer ones sit in the directory
     this run saves into (keeping the newest K by step, it would delete its own checkpoints and keep those)."""
@@ -225,6 +228,10 @@ def check_resume(cfg: RunConfig, out: Path, num_processes: int) -> None:
         raise ValueError(f"checkpoint {ckpt} was written by {saved_by} process(es), this run has {num_processes}: "
                          "resume with the same number of processes (the data position and random states are per "
                          "process)")
+    # The precision that ran (the flag, else the accelerate config), not the flag as given: unset and "no" are alike.
+    if state.get("mixed_precision", mixed_precision) != mixed_precision:
+        raise ValueError(f"checkpoint {ckpt} was trained with mixed precision {state['mixed_precision']}, this run "
+                         f"has {mixed_precision}: resume with --mixed-precision {state['mixed_precision']}")
     if t.resume_from:
         newer = [p for p in list_checkpoints(out) if int(CHECKPOINT_RE.match(p.name).group(1)) > state.get("step", 0)]
         if newer:
@@ -232,26 +239,55 @@ def check_resume(cfg: RunConfig, out: Path, num_processes: int) -> None:
                              f"checkpoints ({', '.join(p.name for p in newer)}) that this run would prune its own in "
                              "favour of; move or delete them first")
     if (ckpt / RUN_CONFIG_FILE).is_file():
-        check_same_run(cfg, ckpt / RUN_CONFIG_FILE, None)
+        check_same_run(cfg, ckpt / RUN_CONFIG_FILE, None, run_dir)
     else:  # written before checkpoints held their run's config
         check_same_run(cfg, run_dir / RUN_CONFIG_FILE, RESUME_FIXED)
 
 
-def check_same_run(cfg: RunConfig, saved: Path, fixed: tuple[str, ...] | None) -> None:
-    """The settings in `fixed` (None: all but RESUME_MAY_CHANGE) are those of the run config `saved`."""
+def check_same_run(cfg: RunConfig, saved: Path, fixed: tuple[str, ...] | None, run_dir: Path | None = None) -> None:
+    """The settings in `fixed` (None: all but RESUME_MAY_CHANGE) are those of the run config `saved`; paths compare
+    as the files they name, and the tokenizer by content (`_same_tokenizer`, with the run's directory `run_dir`)."""
     if not saved.is_file():
         return
     old, new = _flat(read_json(saved), keep_none=True), _flat(cfg.to_dict(), keep_none=True)
     for key in fixed or [k for k in old if k not in RESUME_MAY_CHANGE]:
         if key not in old:  # a setting newer than the saved run: it ran with the default
             continue
-        if key == "tokenizer" and old[key] is None:  # a trained tokenizer, passed back with --tokenizer (or not)
+        if key == "tokenizer":
+            if fixed is None:
+                _same_tokenizer(old, new, run_dir or saved.parent, saved)
             continue
-        if old[key] != new.get(key):
-            flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
-            raise ValueError(f"--resume: {flag} is {_shown(new.get(key))} here but {_shown(old[key])} in the run being "
-                             f"resumed ({saved}); resume with {flag} {_shown(old[key])}, or start afresh with "
-                             "--overwrite")
+        if old[key] == new.get(key) or (key in PATH_SETTINGS and _same_path(old[key], new.get(key))):
+            continue
+        flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+        raise ValueError(f"--resume: {flag} is {_shown(new.get(key))} here but {_shown(old[key])} in the run being "
+                         f"resumed ({saved}); resume with {flag} {_shown(old[key])}, or start afresh with --overwrite")
+
+
+PATH_SETTINGS = ("init", "tokenizer", "data.data_dir", "data.train_file", "data.validation_file")
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    """Two spellings of one file or directory (relative/absolute, a trailing slash)."""
+    try:
+        return a is not None and b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _same_tokenizer(old: dict, new: dict, run_dir: Path, saved: Path) -> None:
+    """The resumed run's tokenizer is the checkpoint's, compared by content: --tokenizer if given, else --init's, else
+    (--init scratch) the one the run trained, `run_dir`/tokenizer.json (run.resume_tokenizer passes it back)."""
+    from bert_dist.tokenizer import find_tokenizer_file
+
+    def effective(d: dict) -> Path | None:
+        source = d.get("tokenizer") or (d.get("init") if d.get("init") != "scratch" else run_dir / "tokenizer.json")
+        return find_tokenizer_file(source) if source and Path(source).exists() else None
+
+    was, now = effective(old), effective(new)
+    if was is not None and now is not None and was.read_bytes() != now.read_bytes():
+        raise ValueError(f"--resume: the tokenizer {now} is not the one of the run being resumed ({was}, per {saved}); "
+                         "its embeddings fit only its own ids: resume without --tokenizer, or with that one")
 
 
 def _shown(value) -> str:
@@ -413,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(1)
     except KeyboardInterrupt:
         if is_main:
-            fail("interrupted")
+            fail("interrupted", 130)  # the shell's status for a job stopped by Ctrl-C
         sys.exit(130)
     finally:
         if accelerator is not None:
@@ -475,16 +511,30 @@ def stop_with_launcher() -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return
-    if not any(name in parent for name in ("accelerate", "torchrun", "torch.distributed.run")):
+    if not launched_by(parent):
         return
     import ctypes
     import signal
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+
+
+def launched_by(argv: list[str]) -> bool:
+    """Whether a parent process with this argv is a launcher: `accelerate launch`, `torchrun`, or python -m
+    accelerate.commands.launch / torch.distributed.run (a script of the same name, run by python, too)."""
+    words = [a for a in argv if a]
+    for i, word in enumerate(words[:3]):  # the program, or python's script or -m module
+        name = os.path.basename(word)
+        if name == "torchrun" or (name == "accelerate" and words[i + 1:i + 2] == ["launch"]):
+            return True
+        if word == "-m" and words[i + 1:i + 2] in (["accelerate.commands.launch"], ["torch.distributed.run"],
+                                                    ["torch.distributed.launch"]):
+            return True
+    return False
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ killed and resumed ends with the weights of an uninterrupted one, bit for bit (t
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -230,7 +231,8 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: in
     if accelerator.is_main_process:  # both are the same on every process
         # The data position (batches_in_epoch) and random states are per process: a resume needs as many.
         (tmp / TRAIN_STATE_FILE).write_text(json.dumps({**state.state_dict(),
-                                                        "num_processes": accelerator.num_processes}))
+                                                        "num_processes": accelerator.num_processes,
+                                                        "mixed_precision": accelerator.mixed_precision}))
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if (out_dir / RUN_CONFIG_FILE).is_file():
             shutil.copy(out_dir / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
@@ -267,7 +269,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, sch
         if torch.equal(torch.get_rng_state(), sentinel):  # accelerate only logs (at INFO) a file it could not read
             raise ValueError(f"random_states_{accelerator.process_index}.pkl did not load")
         saved = json.loads((path / TRAIN_STATE_FILE).read_text())
-        saved.pop("num_processes", None)  # checked before anything loaded (run.check_resume)
+        saved.pop("num_processes", None)  # checked before anything loaded (run.check_resume), as is
+        saved.pop("mixed_precision", None)
         state.load_state_dict(saved)
         scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     except Exception as e:  # torch/safetensors/pickle raise many types; all mean this checkpoint can't be used
@@ -695,17 +698,24 @@ def write_run_config(out_dir: Path, config: dict[str, Any]) -> None:
     (out_dir / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[str, Any]) -> None:
-    """--overwrite: remove everything the previous run left (results, logs, model, checkpoints, predictions, report,
-    ...: else --resume would pick them up, or they would pass for this run's), and write this run's run_config.json
-    (`config`). Called once this run's data and model have loaded: a run that fails on its input loses nothing.
+def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[str, Any],
+                         inputs: tuple[str | None, ...] = ()) -> None:
+    """--overwrite: remove what the previous bert-dist run left (results, logs, model, checkpoints, predictions,
+    report, ...: else --resume would pick them up, or they would pass for this run's), and write this run's
+    run_config.json (`config`). Called once this run's data and model have loaded: a run that fails on its input
+    loses nothing.
 
-    The previous run's files are those the directory held when this run took its lock (`PREVIOUS_FILES`, listed by
-    run.lock_output_dir): what this run has written since (its tracker's logs) stays."""
+    Removed: the run outputs (RUN_OUTPUTS) the directory held when this run took its lock (`PREVIOUS_FILES`, listed
+    by run.lock_output_dir), and only if a bert-dist run was there (its run_config.json). Never removed: anything
+    else (a user's own files), what this run wrote since (its tracker's logs), and this run's `inputs` (paths of
+    --init, --tokenizer, data files: they may sit in the directory)."""
     if accelerator.is_main_process:
         previous = PREVIOUS_FILES.pop(out_dir.resolve(), [])
+        kept = [Path(p).resolve() for p in inputs if p]
         for f in previous:
-            if f.is_symlink() or not f.is_dir():
+            if any(f.resolve() == k or k in f.resolve().parents or f.resolve() in k.parents for k in kept):
+                continue
+            if f.is_symlink() or f.is_file():
                 f.unlink(missing_ok=True)
         for d in sorted((d for d in previous if d.is_dir() and not d.is_symlink()), key=lambda d: len(d.parts),
                         reverse=True):  # deepest first; one this run has written into stays
@@ -715,15 +725,40 @@ def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[s
     accelerator.wait_for_everyone()
 
 
+def run_inputs(cfg: RunConfig) -> tuple[str | None, ...]:
+    """The paths a run reads (they may lie in its output dir: `--init <the dir>`, its own tokenizer.json). Of an
+    --init directory, the model and tokenizer files (it may be the previous run itself: the rest of it goes)."""
+    d = cfg.data
+    init = Path(cfg.init) if cfg.init != "scratch" and Path(cfg.init).is_dir() else None
+    patterns = ("config.json", "model*.safetensors*", "pytorch_model*.bin*", "tokenizer.json", "vocab.txt",
+                "tokenizer_config.json")
+    model_files = [str(p) for pattern in patterns for p in (init.glob(pattern) if init else [])]
+    return (*model_files, cfg.tokenizer, d.data_dir, d.train_file, d.validation_file)
+
+
 PREVIOUS_FILES: dict[Path, list[Path]] = {}
-"""Output dir (resolved) -> what it held when this run took its lock (files, links, directories; .lock aside): what
+"""Output dir (resolved) -> the previous run's outputs it held when this run took its lock: what
 discard_previous_run removes."""
+
+RUN_OUTPUTS = ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "results.json",
+               "metrics.jsonl", TRAIN_LOG, "predictions_*.jsonl", "predictions.json", "nbest_predictions.json",
+               "null_odds.json", "report.html", "README.md", "*.tsv", "glue_results.json", "glue_results.md",
+               "checkpoints", "logs", "submission")
+"""What a bert-dist run writes at the top of its output directory (files, and directories with all inside)."""
 
 
 def list_previous_files(out_dir: Path) -> list[Path]:
+    """The run outputs in `out_dir` (RUN_OUTPUTS; a directory's whole content), if a bert-dist run is there."""
+    if not (out_dir / RUN_CONFIG_FILE).is_file():
+        return []  # no run here: a user's own directory, whose files are not ours to remove
     out = []
-    for root, dirs, files in os.walk(out_dir):  # never into a linked directory: its files are not the run's
-        out += [Path(root, n) for n in (*dirs, *files) if n != LOCK_FILE or root != str(out_dir)]
+    for p in out_dir.iterdir():
+        if not any(fnmatch.fnmatch(p.name, pattern) for pattern in RUN_OUTPUTS):
+            continue
+        out.append(p)
+        if p.is_dir() and not p.is_symlink():
+            for root, dirs, files in os.walk(p):  # never into a linked directory: its files are not the run's
+                out += [Path(root, n) for n in (*dirs, *files)]
     return out
 
 
@@ -739,7 +774,7 @@ def prepare_training(
 
     train_loader None (--eval-only without a train split): the model and eval loaders only, no steps."""
     if cfg.overwrite and not (cfg.train.resume or cfg.train.resume_from):
-        discard_previous_run(accelerator, out_dir, cfg.to_dict())
+        discard_previous_run(accelerator, out_dir, cfg.to_dict(), run_inputs(cfg))
     names = list(eval_loaders)
     if train_loader is None:
         model, *loaders = accelerator.prepare(model, *eval_loaders.values())

@@ -575,23 +575,41 @@ def test_overwrite_removes_everything_the_previous_run_left(tmp_path, capsys, da
     assert len((out / "predictions_validation.jsonl").read_text().splitlines()) == 4
 
 
-def test_overwrite_keeps_what_this_run_wrote_before_the_discard(tmp_path):
-    """discard_previous_run removes the files the directory held when the run took its lock, and the directories
-    that leaves empty; what the run wrote since (tracker logs) stays, whatever the files' times say."""
+def test_overwrite_removes_only_a_previous_runs_outputs(tmp_path):
+    """discard_previous_run removes the run outputs the directory held when the run took its lock, and only where a
+    bert-dist run was (its run_config.json): never a user's own files, a link's target, this run's inputs (its own
+    tokenizer.json passed back with --tokenizer), or what the run wrote since (tracker logs)."""
+    import os
+
     from accelerate import Accelerator
 
     from bert_dist.train import PREVIOUS_FILES, discard_previous_run, list_previous_files
 
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "precious.txt").parent.mkdir(parents=True)
+    (elsewhere / "precious.txt").write_text("x")
     out = tmp_path / "o"
-    for f in ("results.json", "logs/bert-dist/old.events", "checkpoints/step-1/model.safetensors", ".lock"):
+    run = ("run_config.json", "results.json", "logs/bert-dist/old.events", "checkpoints/step-1/model.safetensors",
+           "SST-2.tsv", "tokenizer.json")
+    for f in (*run, "notes.txt", "mydata/keep.csv", ".lock"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text("x")
+    os.symlink(elsewhere, out / "checkpoints" / "linked")
+    _reset_accelerate()
+    accelerator = Accelerator(cpu=True)
     PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
     (out / "logs" / "bert-dist" / "new.events").write_text("this run's")
-    _reset_accelerate()
-    discard_previous_run(Accelerator(cpu=True), out, {"task": "sst2"})
+    discard_previous_run(accelerator, out, {"task": "sst2"}, (str(out / "tokenizer.json"), None))
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
-        ".lock", "logs", "logs/bert-dist", "logs/bert-dist/new.events", "run_config.json"]
+        ".lock", "logs", "logs/bert-dist", "logs/bert-dist/new.events", "mydata", "mydata/keep.csv", "notes.txt",
+        "run_config.json", "tokenizer.json"]
+    assert (elsewhere / "precious.txt").is_file()
+    # A directory that holds no bert-dist run: nothing of it is the previous run's.
+    (out / "run_config.json").unlink()
+    (out / "results.json").write_text("the user's")
+    PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
+    discard_previous_run(accelerator, out, {"task": "sst2"})
+    assert (out / "results.json").read_text() == "the user's" and (out / "notes.txt").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,3 +729,16 @@ def test_overwrite_that_fails_after_training_its_tokenizer_keeps_the_previous_ru
         main(args(out, "--overwrite", "--vocab-size", "120", data=data_dir))
     assert e.value.code == 1 and "the model does not fit" in capsys.readouterr().err
     assert {f: (out / f).read_bytes() for f in before} == before
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, data_dir):
+    import bert_dist.run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bert_dist.run, "run_task", interrupted)
+    _reset_accelerate()
+    with pytest.raises(SystemExit) as e:
+        main(args(tmp_path / "o", data=data_dir))
+    assert e.value.code == 130 and "error: interrupted" in capsys.readouterr().err

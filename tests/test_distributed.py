@@ -213,3 +213,17 @@ def test_sigterm_to_the_launcher_stops_the_run_at_the_next_step_with_a_checkpoin
         assert json.loads((saved[0] / "train_state.json").read_text())["num_processes"] == nproc
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the launcher's session: its workers too, whatever happened
+
+
+def test_only_a_launcher_parent_makes_the_run_stop_with_it():
+    """The parent-death signal is asked for under a launcher only: a run started from a shell, or nohup, outlives
+    the shell, whatever words (an output dir named accelerate_x) its command line holds."""
+    from bert_dist.run import launched_by
+
+    for argv in (["/usr/bin/python3", "/venv/bin/accelerate", "launch", "-q", "run.py"], ["accelerate", "launch"],
+                 ["/venv/bin/torchrun", "--nproc_per_node", "2", "run.py"],
+                 ["python", "-m", "accelerate.commands.launch", "run.py"], ["python3", "-m", "torch.distributed.run"]):
+        assert launched_by(argv), argv
+    for argv in (["bash", "-c", "nohup python run.py --output-dir accelerate_x &"], ["bash", "train_accelerate.sh"],
+                 ["/venv-accelerate/bin/python", "run.py"], ["accelerate", "config"], ["-bash"], []):
+        assert not launched_by(argv), argv

@@ -294,6 +294,25 @@ def test_a_resume_that_changes_a_setting_is_refused(setup, uninterrupted, tmp_pa
     assert json.loads((tmp_path / "elsewhere" / "results.json").read_text())["steps"] == 15
 
 
+def test_a_resume_compares_what_ran_not_how_it_was_spelled(setup, uninterrupted, tmp_path, capsys):
+    """Paths compare as the files they name (a trailing slash), the precision as what ran (unset = no here), the
+    tokenizer by content (a copy is the same tokenizer; another one is refused: the embeddings fit only its ids),
+    and what only evaluation reads may change."""
+    import shutil
+
+    root, _ = setup
+    data = setup[1][setup[1].index("--data-dir") + 1]
+    other = tmp_path / "tok2"
+    other.mkdir()
+    save_tokenizer(train_tokenizer(iter(["a completely different corpus of words"] * 20), vocab_size=60), other)
+    out = copy_unfinished(uninterrupted, tmp_path / "spelled")
+    err = refused(capsys, setup, out, "--resume", "--tokenizer", str(other / "tokenizer.json"))
+    assert "is not the one of the run being resumed" in err, err
+    shutil.copy(root / "tok" / "tokenizer.json", tmp_path / "same.json")
+    assert run(setup, out, "--resume", "--data-dir", data + "/", "--mixed-precision", "no", "--tokenizer",
+               str(tmp_path / "same.json"), "--max-eval-samples", "20") == 0
+
+
 def test_a_resume_with_another_number_of_processes_is_refused(setup, uninterrupted, tmp_path, capsys):
     """The data position (micro-batches consumed) and the random states are per process. (2 real processes:
     tests/test_distributed.py.)"""
