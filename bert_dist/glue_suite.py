@@ -181,6 +181,8 @@ def collect_submission(out_dir: Path, tasks: list[str]) -> dict[str, Any]:
     """Copy the tasks' test-set TSVs into out_dir/submission; returns {"dir", "files", "missing"}."""
     folder = out_dir / "submission"
     folder.mkdir(exist_ok=True)
+    for name in SUBMISSION_FILES:  # rebuilt from this suite's tasks: none of a previous suite's may stay
+        (folder / f"{name}.tsv").unlink(missing_ok=True)
     files = []
     for task in tasks:
         for name in GLUE_TASKS[task].submission_names:

@@ -260,8 +260,11 @@ def check_same_run(cfg: RunConfig, saved: Path, fixed: tuple[str, ...] | None, r
         if old[key] == new.get(key) or (key in PATH_SETTINGS and _same_path(old[key], new.get(key))):
             continue
         flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
-        raise ValueError(f"--resume: {flag} is {_shown(new.get(key))} here but {_shown(old[key])} in the run being "
-                         f"resumed ({saved}); resume with {flag} {_shown(old[key])}, or start afresh with --overwrite")
+        was = old[key]
+        fix = (f"without {flag}" if was is None else f"with {flag}" if was is True
+               else f"with --no-{flag[2:]}" if was is False else f"with {flag} {was}")
+        raise ValueError(f"--resume: {flag} is {_shown(new.get(key))} here but {_shown(was)} in the run being "
+                         f"resumed ({saved}); resume {fix}, or start afresh with --overwrite")
 
 
 PATH_SETTINGS = ("init", "tokenizer", "data.data_dir", "data.train_file", "data.validation_file")
@@ -529,7 +532,7 @@ def launched_by(argv: list[str]) -> bool:
     words = [a for a in argv if a]
     for i, word in enumerate(words[:3]):  # the program, or python's script or -m module
         name = os.path.basename(word)
-        if name == "torchrun" or (name == "accelerate" and words[i + 1:i + 2] == ["launch"]):
+        if name in ("torchrun", "accelerate-launch") or (name == "accelerate" and words[i + 1:i + 2] == ["launch"]):
             return True
         if word == "-m" and words[i + 1:i + 2] in (["accelerate.commands.launch"], ["torch.distributed.run"],
                                                     ["torch.distributed.launch"]):

@@ -34,6 +34,7 @@ from accelerate import Accelerator
 
 from bert_dist.config import RunConfig, TrainConfig
 from bert_dist.console import StepProgress, format_metrics
+from bert_dist.data.glue import GLUE_TASKS
 from bert_dist.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -713,7 +714,11 @@ def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[s
         previous = PREVIOUS_FILES.pop(out_dir.resolve(), [])
         kept = [Path(p).resolve() for p in inputs if p]
         for f in previous:
-            if any(f.resolve() == k or k in f.resolve().parents or f.resolve() in k.parents for k in kept):
+            # An input, or inside an input directory that is not the output dir itself or one holding it (--data-dir
+            # DIR --output-dir DIR/out protects DIR's data files, not the previous run's outputs).
+            r = f.resolve()
+            if any(r == k or r in k.parents or (k in r.parents and k not in out_dir.resolve().parents
+                                                 and k != out_dir.resolve()) for k in kept):
                 continue
             if f.is_symlink() or f.is_file():
                 f.unlink(missing_ok=True)
@@ -727,12 +732,13 @@ def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[s
 
 def run_inputs(cfg: RunConfig) -> tuple[str | None, ...]:
     """The paths a run reads (they may lie in its output dir: `--init <the dir>`, its own tokenizer.json). Of an
-    --init directory, the model and tokenizer files (it may be the previous run itself: the rest of it goes)."""
+    --init or --tokenizer directory, its model and tokenizer files (it may be the previous run itself: the rest of
+    it goes)."""
     d = cfg.data
-    init = Path(cfg.init) if cfg.init != "scratch" and Path(cfg.init).is_dir() else None
     patterns = ("config.json", "model*.safetensors*", "pytorch_model*.bin*", "tokenizer.json", "vocab.txt",
                 "tokenizer_config.json")
-    model_files = [str(p) for pattern in patterns for p in (init.glob(pattern) if init else [])]
+    dirs = [Path(p) for p in (cfg.init if cfg.init != "scratch" else None, cfg.tokenizer) if p and Path(p).is_dir()]
+    model_files = [str(f) for p in dirs for pattern in patterns for f in p.glob(pattern)]
     return (*model_files, cfg.tokenizer, d.data_dir, d.train_file, d.validation_file)
 
 
@@ -741,24 +747,35 @@ PREVIOUS_FILES: dict[Path, list[Path]] = {}
 discard_previous_run removes."""
 
 RUN_OUTPUTS = ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "results.json",
-               "metrics.jsonl", TRAIN_LOG, "predictions_*.jsonl", "predictions.json", "nbest_predictions.json",
-               "null_odds.json", "report.html", "README.md", "*.tsv", "glue_results.json", "glue_results.md",
-               "checkpoints", "logs", "submission")
-"""What a bert-dist run writes at the top of its output directory (files, and directories with all inside)."""
+               "metrics.jsonl", TRAIN_LOG, "predictions.json", "nbest_predictions.json", "null_odds.json",
+               "report.html", "README.md", "glue_results.json", "glue_results.md")
+"""The files a bert-dist run writes at the top of its output directory, besides predictions_<split>.jsonl and the
+GLUE submission TSVs (SUBMISSION_TSVS), and inside it: checkpoints/step-N, logs/bert-dist (the tracker's),
+submission/<name>.tsv (--task glue)."""
+SUBMISSION_TSVS = {f"{n}.tsv" for spec in GLUE_TASKS.values() for n in spec.submission_names} | {"AX.tsv"}
+RUN_SUBDIRS = {"checkpoints": lambda name: bool(re.fullmatch(r"step-\d+(\.tmp|\.old)?", name)),
+               "logs": lambda name: name == "bert-dist", "submission": lambda name: name in SUBMISSION_TSVS}
 
 
 def list_previous_files(out_dir: Path) -> list[Path]:
-    """The run outputs in `out_dir` (RUN_OUTPUTS; a directory's whole content), if a bert-dist run is there."""
+    """The previous run's outputs in `out_dir` (RUN_OUTPUTS, SUBMISSION_TSVS, predictions_*.jsonl, RUN_SUBDIRS'
+    entries with all they hold, then those directories themselves), if a bert-dist run is there (its
+    run_config.json); a user's own files, whatever their names, are not listed."""
     if not (out_dir / RUN_CONFIG_FILE).is_file():
         return []  # no run here: a user's own directory, whose files are not ours to remove
-    out = []
-    for p in out_dir.iterdir():
-        if not any(fnmatch.fnmatch(p.name, pattern) for pattern in RUN_OUTPUTS):
+    out = [p for p in out_dir.iterdir() if (p.is_symlink() or p.is_file()) and (
+        p.name in RUN_OUTPUTS or p.name in SUBMISSION_TSVS or fnmatch.fnmatch(p.name, "predictions_*.jsonl"))]
+    for sub, ours in RUN_SUBDIRS.items():
+        d = out_dir / sub
+        if not d.is_dir() or d.is_symlink():
             continue
-        out.append(p)
-        if p.is_dir() and not p.is_symlink():
-            for root, dirs, files in os.walk(p):  # never into a linked directory: its files are not the run's
-                out += [Path(root, n) for n in (*dirs, *files)]
+        for p in d.iterdir():
+            if ours(p.name):
+                out.append(p)
+                if p.is_dir() and not p.is_symlink():
+                    for root, dirs, files in os.walk(p):  # never into a linked directory: not the run's
+                        out += [Path(root, n) for n in (*dirs, *files)]
+        out.append(d)  # removed if that leaves it empty
     return out
 
 

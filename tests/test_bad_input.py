@@ -589,21 +589,26 @@ def test_overwrite_removes_only_a_previous_runs_outputs(tmp_path):
     (elsewhere / "precious.txt").parent.mkdir(parents=True)
     (elsewhere / "precious.txt").write_text("x")
     out = tmp_path / "o"
-    run = ("run_config.json", "results.json", "logs/bert-dist/old.events", "checkpoints/step-1/model.safetensors",
-           "SST-2.tsv", "tokenizer.json")
-    for f in (*run, "notes.txt", "mydata/keep.csv", ".lock"):
+    run = ("run_config.json", "results.json", "logs/bert-dist/old.events",
+           "checkpoints/step-00000001/model.safetensors", "SST-2.tsv", "predictions_validation.jsonl",
+           "submission/RTE.tsv", "tokenizer.json")
+    users = ("notes.txt", "mydata/keep.csv", "data.tsv", "logs/app.log", "checkpoints/mine.txt", ".git/HEAD")
+    for f in (*run, *users, ".lock"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text("x")
-    os.symlink(elsewhere, out / "checkpoints" / "linked")
+    os.symlink(elsewhere, out / "checkpoints" / "step-00000002")
     _reset_accelerate()
     accelerator = Accelerator(cpu=True)
     PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
     (out / "logs" / "bert-dist" / "new.events").write_text("this run's")
-    discard_previous_run(accelerator, out, {"task": "sst2"}, (str(out / "tokenizer.json"), None))
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
-        ".lock", "logs", "logs/bert-dist", "logs/bert-dist/new.events", "mydata", "mydata/keep.csv", "notes.txt",
-        "run_config.json", "tokenizer.json"]
-    assert (elsewhere / "precious.txt").is_file()
+    # Inputs: the run's own tokenizer passed back, and a data dir holding the output dir (it protects its own
+    # files, not the previous run's outputs inside it).
+    discard_previous_run(accelerator, out, {"task": "sst2"}, (str(out / "tokenizer.json"), str(tmp_path)))
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not str(p.relative_to(out)).startswith(".git"))
+    assert left == [".lock", "checkpoints", "checkpoints/mine.txt", "data.tsv", "logs", "logs/app.log",
+                    "logs/bert-dist", "logs/bert-dist/new.events", "mydata", "mydata/keep.csv", "notes.txt",
+                    "run_config.json", "tokenizer.json"]
+    assert (elsewhere / "precious.txt").is_file() and (out / ".git" / "HEAD").is_file()
     # A directory that holds no bert-dist run: nothing of it is the previous run's.
     (out / "run_config.json").unlink()
     (out / "results.json").write_text("the user's")

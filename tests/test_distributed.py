@@ -222,7 +222,8 @@ def test_only_a_launcher_parent_makes_the_run_stop_with_it():
 
     for argv in (["/usr/bin/python3", "/venv/bin/accelerate", "launch", "-q", "run.py"], ["accelerate", "launch"],
                  ["/venv/bin/torchrun", "--nproc_per_node", "2", "run.py"],
-                 ["python", "-m", "accelerate.commands.launch", "run.py"], ["python3", "-m", "torch.distributed.run"]):
+                 ["python", "-m", "accelerate.commands.launch", "run.py"], ["python3", "-m", "torch.distributed.run"],
+                 ["/venv/bin/python", "/venv/bin/accelerate-launch", "run.py"]):
         assert launched_by(argv), argv
     for argv in (["bash", "-c", "nohup python run.py --output-dir accelerate_x &"], ["bash", "train_accelerate.sh"],
                  ["/venv-accelerate/bin/python", "run.py"], ["accelerate", "config"], ["-bash"], []):

@@ -128,3 +128,15 @@ def test_a_failing_task_is_scored_around_and_exits_1(tmp_path):
     summary = json.loads((out / "glue_results.json").read_text())
     assert summary["tasks"]["cola"]["status"] == "failed" and summary["averaged_over"] == ["stsb"]
     assert "no text column 'sentence'" in summary["tasks"]["cola"]["reason"]
+
+
+def test_submission_folder_holds_this_suites_tasks_only(tmp_path):
+    """A previous suite's RTE.tsv (say, before --overwrite --tasks wnli) does not stay beside this suite's files."""
+    from bert_dist.glue_suite import collect_submission
+
+    (tmp_path / "submission").mkdir()
+    (tmp_path / "submission" / "RTE.tsv").write_text("old")
+    (tmp_path / "wnli").mkdir()
+    (tmp_path / "wnli" / "WNLI.tsv").write_text("index\tprediction\n")
+    got = collect_submission(tmp_path, ["wnli"])
+    assert got["files"] == ["WNLI.tsv"] and sorted(p.name for p in (tmp_path / "submission").iterdir()) == ["WNLI.tsv"]
