@@ -6,14 +6,17 @@ After a run:
     bert-dist predict --model RUN_DIR [--text T [--text-pair P]] [--file F.jsonl|.csv|.tsv]   (or stdin)
     bert-dist export --model RUN_DIR --format hf --out DIR
     bert-dist report RUN_DIR
+    bert-dist score-squad PREDICTIONS_JSON DEV_JSON [--na-prob-file F] [--na-prob-thresh T]
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
 from bert_dist.config import MIN_MAX_LENGTH, ArgumentParser
+from bert_dist.console import emit, fail, setup_logging
 
 SUBCOMMANDS = {"train": None, "pretrain": "pretrain", "tokenizer": "tokenizer"}
 """First word -> the --task it implies (None: the flags say)."""
@@ -60,7 +63,7 @@ def export(argv: list[str]) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--out {out} is not empty; give a new directory, or --overwrite to replace its model files")
     try:
-        print(export_hf(args.model, out))
+        emit(str(export_hf(args.model, out)))
     except OSError as e:  # not writable, a file in the way, ...: the user's path, not our bug
         raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     return 0
@@ -72,15 +75,29 @@ def report(argv: list[str]) -> int:
     return report_main(argv)
 
 
-TOOLS = {"predict": predict, "export": export, "report": report}
+def score_squad(argv: list[str]) -> int:
+    p = ArgumentParser(prog="bert-dist score-squad", description="Score official-format SQuAD v1.1/v2.0 predictions "
+                                "({id: answer text}) against an official dev JSON: metrics as JSON on stdout.")
+    p.add_argument("predictions_json", help="official-format predictions file: {question_id: answer}")
+    p.add_argument("dev_json", help="official SQuAD dev file, e.g. dev-v1.1.json or dev-v2.0.json")
+    p.add_argument("--na-prob-file", help="SQuAD v2: JSON {question_id: no-answer probability}")
+    p.add_argument("--na-prob-thresh", type=float, default=1.0,
+                   help="SQuAD v2: predict no answer when the no-answer probability exceeds this (default: 1.0)")
+    args = p.parse_args(argv)
+    from bert_dist.metrics.score_squad import score_files
+
+    emit(json.dumps(score_files(args.predictions_json, args.dev_json, args.na_prob_file, args.na_prob_thresh),
+                    indent=2))
+    return 0
+
+
+TOOLS = {"predict": predict, "export": export, "report": report, "score-squad": score_squad}
 """Commands that work on a finished run rather than train one."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in TOOLS:
-        from bert_dist.console import fail, setup_logging
-
         setup_logging(True, logging.WARNING)  # stdout is the output: only problems go to stderr
         try:
             return TOOLS[argv[0]](argv[1:])

@@ -106,6 +106,13 @@ def print_table(title: str, rows: dict[str, dict[str, Any]], is_main: bool = Tru
     console.print(table)
 
 
+def emit(text: str, is_main: bool = True) -> None:
+    """A command's result on stdout, as plain text (no markup, no wrapping: scripts read it), from the main process
+    only; everything else goes to stderr."""
+    if is_main:
+        Console(markup=False, highlight=False, emoji=False, soft_wrap=True).print(text)
+
+
 def fail(message: str, code: int = 1) -> None:
     """One red line on stderr, from every process (so a lone failing rank is seen), then exit `code`."""
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bert_dist.config import ArgumentParser
+from bert_dist.console import emit
 
 log = logging.getLogger(__name__)
 
@@ -493,5 +494,5 @@ def main(argv: list[str] | None = None) -> int:
     dirs = [Path(t["output_dir"]) for t in suite.get("tasks", {}).values() if "output_dir" in t] or [d]
     for run_dir in dirs:
         for path in write_report(run_dir).values():
-            print(path)
+            emit(str(path))
     return 0

@@ -146,7 +146,7 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     except OSError as e:
         raise ValueError(f"--output-dir {out}: cannot create it ({e.strerror or e}); "
                          "choose another --output-dir") from None
-    locked = [lock_output_dir(out) if accelerator.is_main_process else True]
+    locked = [lock_output_dir(out, listing=cfg.overwrite and not resuming) if accelerator.is_main_process else True]
     broadcast_object_list(locked)  # every process refuses alike
     if not locked[0]:
         raise ValueError(f"--output-dir {out} is in use by another bert-dist run (it holds {out / '.lock'}); wait for "
@@ -167,8 +167,9 @@ _held_locks: list[int] = []
 """File descriptors of the output dirs' locks this process holds (closed, so released, when main() ends)."""
 
 
-def lock_output_dir(out: Path) -> bool:
+def lock_output_dir(out: Path, listing: bool = False) -> bool:
     """Take an exclusive, non-blocking flock on <out>/.lock for the rest of main(); False if another run holds it.
+    listing (--overwrite): then list the previous run's outputs, which train.discard_previous_run removes.
 
     Two runs into one directory (say two --resume of the same job) would write over each other's checkpoints and
     logs. The kernel releases a flock when its process dies, so a killed run's lock file blocks nothing."""
@@ -185,8 +186,8 @@ def lock_output_dir(out: Path) -> bool:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held_locks.append(fd)
-    # What the directory holds now is the previous run's (--overwrite removes it once this run has loaded).
-    PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
+    if listing:  # what the directory holds now is the previous run's (removed once this run has loaded)
+        PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
     return True
 
 

@@ -432,7 +432,6 @@ def train(
     progress = StepProgress(num_steps, is_main)
     progress.update(state.step)
     release_sigterm = catch_sigterm()
-    signalled = _sigterm
 
     # Several processes must agree to stop (one alone would wait forever for the others at the checkpoint), and
     # soon: torchrun kills its workers 30 s after it forwards a SIGTERM. So they agree every step, over a CPU (gloo)
@@ -442,7 +441,7 @@ def train(
         flag_group = torch.distributed.new_group(backend="gloo")
 
     def stop_requested() -> bool:
-        stop = signalled["signum"] is not None
+        stop = sigterm_received()
         if accelerator.num_processes == 1:
             return stop
         flag = torch.tensor([int(stop)])
@@ -544,7 +543,7 @@ def train(
             on_trained()
         if eval_fn is not None and last_eval != state.step:
             metrics = _run_eval(accelerator, eval_fn, state, out_dir)
-        if signalled["signum"] is not None:
+        if sigterm_received():
             log.warning("SIGTERM after the last step: the run was finished (model saved, evaluated) instead")
     finally:
         release_sigterm()

@@ -15,7 +15,6 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 import bert_dist.metrics
 from bert_dist.metrics import AVAILABLE_METRICS, load_metric
 from bert_dist.metrics.score_squad import SquadScoringError, score_predictions
-from bert_dist.metrics.score_squad import main as score_squad_main
 
 REPO_ROOT = Path(bert_dist.metrics.__file__).resolve().parents[2]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
@@ -384,6 +383,16 @@ def test_score_predictions_rejects_bad_inputs(dev_v1, dev_v2, tmp_path):
         score_predictions({}, not_squad)
 
 
+def score_squad_main(argv: list[str]) -> int:
+    """`bert-dist score-squad` in this process: its status (fail() exits)."""
+    from bert_dist.cli import main
+
+    try:
+        return main(["score-squad", *argv])
+    except SystemExit as e:
+        return e.code
+
+
 def test_score_squad_main_prints_json(dev_v2, tmp_path, capsys):
     preds = tmp_path / "predictions.json"
     preds.write_text(json.dumps({"a1": "Denver Broncos", "a2": "Paris", "n1": "", "n2": "Lyon"}))
@@ -406,7 +415,7 @@ def test_score_squad_main_bad_predictions_file(bad, dev_v1, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1
-    assert captured.err.startswith("score_squad: error: ")
+    assert captured.err.startswith("error: ")
 
 
 def test_score_squad_main_arguments_swapped(dev_v1, tmp_path, capsys):
@@ -430,7 +439,7 @@ def test_score_squad_command(dev_v1, tmp_path):
     preds = tmp_path / "predictions.json"
     preds.write_text(json.dumps({"q1": "Denver Broncos", "q2": "Paris, France", "q3": "1990"}))
     env = _subprocess_env(tmp_path / "hf_home")
-    command = [sys.executable, "-m", "bert_dist.metrics.score_squad"]
+    command = [sys.executable, "-m", "bert_dist.cli", "score-squad"]
     ok = subprocess.run(
         [*command, str(preds), str(dev_v1)], check=False, env=env, capture_output=True, text=True
     )
@@ -446,5 +455,5 @@ def test_score_squad_command(dev_v1, tmp_path):
     )
     assert bad.returncode != 0
     assert bad.stdout == ""
-    expected = f"score_squad: error: predictions file not found: {tmp_path / 'nope.json'}"
+    expected = f"error: predictions file not found: {tmp_path / 'nope.json'}"
     assert bad.stderr.strip().splitlines() == [expected]

@@ -1,18 +1,12 @@
 """Scores an official-format SQuAD predictions file against an official dev JSON.
 
-Usage::
-
-    python -m bert_dist.metrics.score_squad PREDICTIONS_JSON DEV_JSON [--na-prob-file F] [--na-prob-thresh T]
-
-``PREDICTIONS_JSON`` maps question id to answer text (``""`` predicts "no answer" for SQuAD v2). The SQuAD
-version is detected from the dev file. Metrics are printed as JSON on stdout; on a missing or invalid
-input the command prints a single error line on stderr and exits with status 1.
+The command is ``bert-dist score-squad PREDICTIONS_JSON DEV_JSON [--na-prob-file F] [--na-prob-thresh T]``
+(bert_dist/cli.py; this module only scores). ``PREDICTIONS_JSON`` maps question id to answer text (``""``
+predicts "no answer" for SQuAD v2). The SQuAD version is detected from the dev file.
 """
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from bert_dist.metrics import load_metric
@@ -163,40 +157,10 @@ def score_predictions(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the command line interface.
-
-    Args:
-        argv: Arguments without the program name; ``sys.argv[1:]`` when None.
-
-    Returns:
-        The process exit status: 0 on success, 1 on a missing or invalid input.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m bert_dist.metrics.score_squad",
-        description="Score SQuAD v1.1/v2.0 predictions ({id: answer_text}) against an official dev JSON.",
-    )
-    parser.add_argument("predictions_json", help="official-format predictions file: {question_id: answer}")
-    parser.add_argument("dev_json", help="official SQuAD dev file, e.g. dev-v1.1.json or dev-v2.0.json")
-    parser.add_argument("--na-prob-file", help="SQuAD v2: JSON {question_id: no-answer probability}")
-    parser.add_argument(
-        "--na-prob-thresh",
-        type=float,
-        default=1.0,
-        help="SQuAD v2: predict no answer when the no-answer probability exceeds this (default: 1.0)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        predictions = _read_json(args.predictions_json, "predictions")
-        na_probs = _read_json(args.na_prob_file, "no-answer probability") if args.na_prob_file else None
-        result = score_predictions(predictions, args.dev_json, na_probs, args.na_prob_thresh)
-    except SquadScoringError as e:
-        print(f"score_squad: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def score_files(predictions_json: str | Path, dev_json: str | Path, na_prob_file: str | Path | None = None,
+                na_prob_thresh: float = 1.0) -> dict:
+    """`score_predictions` on files: an official-format predictions JSON, a dev JSON, and for v2 optionally a
+    no-answer probability JSON. SquadScoringError names what is wrong."""
+    predictions = _read_json(predictions_json, "predictions")
+    na_probs = _read_json(na_prob_file, "no-answer probability") if na_prob_file else None
+    return score_predictions(predictions, dev_json, na_probs, na_prob_thresh)
