@@ -173,7 +173,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         out_dir,
     )
     if src.tokenizer is None and accelerator.is_main_process:  # trained here: now that a previous run is gone,
-        save_tokenizer(tokenizer, out_dir)  # saved at once (a resume of --init scratch reads it; run.resume_tokenizer)
+        save_tokenizer(tokenizer, out_dir)  # saved at once (a resume of --init scratch reads it; rundir.resume_tokenizer)
     eval_splits = [s for s in spec.eval_splits if s in splits]
     latest: dict[str, tuple[int, dict[str, Any]]] = {}  # split -> (step, predictions) of the last evaluation
 

@@ -35,20 +35,14 @@ from bert_dist.data.collate import MLMCollator, pad_multiple
 from bert_dist.data.pretraining import TEXT_SUFFIXES, corpus_documents, hold_out_documents, make_pairs, read_corpus_file
 from bert_dist.model import BertForPreTraining, count_params
 from bert_dist.perf import mfu
+from bert_dist.rundir import discard_previous_run, run_inputs
 from bert_dist.tokenizer import (
     SPECIAL_TOKENS,
     check_special_tokens,
     save_tokenizer,
     train_shared_tokenizer,
 )
-from bert_dist.train import (
-    discard_previous_run,
-    evaluate,
-    main_process_first,
-    prepare_training,
-    run_inputs,
-    share_from_main,
-)
+from bert_dist.train import evaluate, main_process_first, prepare_training, share_from_main
 
 log = logging.getLogger(__name__)
 

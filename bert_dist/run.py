@@ -19,8 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from bert_dist.config import RunConfig, config_from_args, config_from_overrides, preset
+from bert_dist.config import RunConfig, config_from_args, preset
 from bert_dist.console import fail, print_table, setup_logging
+from bert_dist.rundir import (
+    check_output_dir,
+    flat_settings,
+    prepare_output_dir,
+    release_locks,
+    resume_tokenizer,
+)
 
 log = logging.getLogger("bert_dist")
 
@@ -55,34 +62,7 @@ def preflight(cfg: RunConfig) -> None:
         check_windows(max_length, cfg.data.doc_stride, cfg.data.max_query_length)
     set_cpu_matmul(cfg.train.cpu_matmul)  # a forced onednn that this torch lacks fails here, before anything starts
     check_trackers(cfg.report_to)
-    from bert_dist.train import LOCK_FILE, list_checkpoints
-
-    if cfg.train.resume and not cfg.output_dir:  # else it would start a new runs/<task>-<timestamp> and call it resumed
-        raise ValueError("--resume continues the run in --output-dir: give --output-dir DIR (or --resume-from a "
-                         "checkpoint)")
-    if cfg.train.resume_from and Path(cfg.train.resume_from).name.endswith((".tmp", ".old")):
-        # The loop removes these (left by a kill during a save): resuming from one would delete it, then fail.
-        raise ValueError(f"--resume-from {cfg.train.resume_from}: an incomplete checkpoint (left by a run killed while "
-                         "saving); resume from a complete step-N directory beside it")
-    if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
-        raise ValueError(f"--resume-from {cfg.train.resume_from}: no such checkpoint directory")
-    out = Path(cfg.output_dir) if cfg.output_dir else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} is a file")
-    if out is not None:  # where it will be made: an existing directory there must be writable
-        parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-        if not parent.is_dir():
-            raise ValueError(f"--output-dir {out}: {parent} is a file, not a directory; choose another --output-dir")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ValueError(f"--output-dir {out}: {parent} is not writable; choose another --output-dir")
-    resuming = cfg.train.resume or cfg.train.resume_from
-    content = [p for p in out.iterdir() if p.name != LOCK_FILE] if out is not None and out.is_dir() else []
-    if content and not (cfg.overwrite or resuming):
-        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or --resume to continue it")
-    if (cfg.train.resume and out is not None and (out / "results.json").is_file()
-            and not list_checkpoints(out)):
-        raise ValueError(f"--resume: {out} holds a finished run and no checkpoint to continue from; pass --overwrite "
-                         "(without --resume) to train it again, or choose another --output-dir")
+    check_output_dir(cfg)
 
 
 def check_trackers(report_to: str | None) -> None:
@@ -126,208 +106,6 @@ def set_cpu_threads(threads: int | None, accelerator) -> None:
         log.info("using %d CPU threads per process (accelerate launch set OMP_NUM_THREADS=1; --cpu-threads to choose)",
                  threads)
     torch.set_num_threads(threads)
-
-
-def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
-    """runs/<task>-<timestamp> by default (one name for all processes); returns (dir, whether this run made it)."""
-    from accelerate.utils import broadcast_object_list
-
-    name = [cfg.output_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    broadcast_object_list(name)
-    out = Path(name[0])
-    resuming = cfg.train.resume or cfg.train.resume_from
-    created = [not out.exists()]
-    broadcast_object_list(created)  # decided before the main process makes it
-    if resuming:
-        check_resume(cfg, out, accelerator.num_processes, accelerator.mixed_precision)
-    accelerator.wait_for_everyone()
-    try:  # on every process (exist_ok): each fails alike, none waits for a main process that gave up
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--output-dir {out}: cannot create it ({e.strerror or e}); "
-                         "choose another --output-dir") from None
-    locked = [lock_output_dir(out, listing=cfg.overwrite and not resuming) if accelerator.is_main_process else True]
-    broadcast_object_list(locked)  # every process refuses alike
-    if not locked[0]:
-        raise ValueError(f"--output-dir {out} is in use by another bert-dist run (it holds {out / '.lock'}); wait for "
-                         "it to end, or choose another --output-dir")
-    # --overwrite of a run: its files, run_config.json included, are replaced once this run's data and model have
-    # loaded (train.discard_previous_run), so a run that fails on bad input loses nothing.
-    # (--task glue's own directory holds no model: its run_config.json is written now, its tasks' later.)
-    from bert_dist.train import write_run_config
-
-    replacing = cfg.overwrite and not resuming and cfg.task != "glue" and (out / "run_config.json").is_file()
-    if accelerator.is_main_process and not replacing:
-        write_run_config(out, cfg.to_dict())
-    accelerator.wait_for_everyone()
-    return out, created[0]
-
-
-_held_locks: list[int] = []
-"""File descriptors of the output dirs' locks this process holds (closed, so released, when main() ends)."""
-
-
-def lock_output_dir(out: Path, listing: bool = False) -> bool:
-    """Take an exclusive, non-blocking flock on <out>/.lock for the rest of main(); False if another run holds it.
-    listing (--overwrite): then list the previous run's outputs, which train.discard_previous_run removes.
-
-    Two runs into one directory (say two --resume of the same job) would write over each other's checkpoints and
-    logs. The kernel releases a flock when its process dies, so a killed run's lock file blocks nothing."""
-    import fcntl
-
-    from bert_dist.train import LOCK_FILE, PREVIOUS_FILES, list_previous_files
-
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _held_locks.append(fd)
-    if listing:  # what the directory holds now is the previous run's (removed once this run has loaded)
-        PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
-    return True
-
-
-RESUME_FIXED = ("task", "init", "preset", "seed", "data.batch_size", "data.group_by_length", "data.max_length",
-                "data.max_train_samples", "data.data_dir", "data.train_file", "train.grad_accum")
-"""Flags a checkpoint's data position and model depend on: what is checked for a checkpoint written before
-checkpoints held their run's config (against the run_config.json of its run directory)."""
-
-RESUME_MAY_CHANGE = ("output_dir", "overwrite", "report_to", "train.resume", "train.resume_from",
-                     "train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.log_every",
-                     "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_matmul",
-                     "train.cpu_threads", "data.num_workers", "data.eval_batch_size", "data.max_eval_samples",
-                     "data.n_best_size", "data.max_answer_length", "data.null_score_diff_threshold",
-                     "mixed_precision")
-"""Settings a resume may change: where and how often it logs, evaluates and saves, how long it trains (--max-steps
-or --epochs: not below the checkpoint's step, train() checks; the schedule then decays to the new end from where it
-is), how fast it runs (kernels, threads, loader workers), what only evaluation reads (--max-eval-samples, SQuAD's
-post-processing). Every other setting must be the checkpoint's: the model, data and its order, the optimizer and
-schedule (a new --lr would be overridden by the checkpoint's optimizer and scheduler state while run_config.json
-claimed it). The precision and the tokenizer are compared as what ran (check_resume, _same_tokenizer)."""
-
-
-def check_resume(cfg: RunConfig, out: Path, num_processes: int, mixed_precision: str) -> None:
-    """Refuse, in one line, a resume that cannot continue the checkpoint's run: another number of processes, other
-    settings (but RESUME_MAY_CHANGE), or --resume-from an older checkpoint while newer ones sit in the directory
-    this run saves into (keeping the newest K by step, it would delete its own checkpoints and keep those)."""
-    from bert_dist.train import CHECKPOINT_RE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, list_checkpoints
-
-    t = cfg.train
-    ckpt = Path(t.resume_from) if t.resume_from else (list_checkpoints(out) or [None])[-1]
-    run_dir = Path(t.resume_from).parent.parent if t.resume_from else out
-    if ckpt is None or not (ckpt / TRAIN_STATE_FILE).is_file():  # a fresh start, or load_checkpoint says what's wrong
-        check_same_run(cfg, run_dir / RUN_CONFIG_FILE, RESUME_FIXED)
-        return
-    state = read_json(ckpt / TRAIN_STATE_FILE)
-    # Checkpoints from before num_processes was recorded: each process saved its random states.
-    saved_by = state.get("num_processes") or len(list(ckpt.glob("random_states_*.pkl")))
-    if saved_by and saved_by != num_processes:
-        raise ValueError(f"checkpoint {ckpt} was written by {saved_by} process(es), this run has {num_processes}: "
-                         "resume with the same number of processes (the data position and random states are per "
-                         "process)")
-    # The precision that ran (the flag, else the accelerate config), not the flag as given: unset and "no" are alike.
-    if state.get("mixed_precision", mixed_precision) != mixed_precision:
-        raise ValueError(f"checkpoint {ckpt} was trained with mixed precision {state['mixed_precision']}, this run "
-                         f"has {mixed_precision}: resume with --mixed-precision {state['mixed_precision']}")
-    if t.resume_from:
-        newer = [p for p in list_checkpoints(out) if int(CHECKPOINT_RE.match(p.name).group(1)) > state.get("step", 0)]
-        if newer:
-            raise ValueError(f"--resume-from {ckpt} (step {state.get('step')}): {out / 'checkpoints'} holds newer "
-                             f"checkpoints ({', '.join(p.name for p in newer)}) that this run would prune its own in "
-                             "favour of; move or delete them first")
-    if (ckpt / RUN_CONFIG_FILE).is_file():
-        check_same_run(cfg, ckpt / RUN_CONFIG_FILE, None, run_dir)
-    else:  # written before checkpoints held their run's config
-        check_same_run(cfg, run_dir / RUN_CONFIG_FILE, RESUME_FIXED)
-
-
-def check_same_run(cfg: RunConfig, saved: Path, fixed: tuple[str, ...] | None, run_dir: Path | None = None) -> None:
-    """The settings in `fixed` (None: all but RESUME_MAY_CHANGE) are those of the run config `saved`; paths compare
-    as the files they name, and the tokenizer by content (`_same_tokenizer`, with the run's directory `run_dir`)."""
-    if not saved.is_file():
-        return
-    old, new = _flat(read_json(saved), keep_none=True), _flat(cfg.to_dict(), keep_none=True)
-    for key in fixed or [k for k in old if k not in RESUME_MAY_CHANGE]:
-        if key not in old:  # a setting newer than the saved run: it ran with the default
-            continue
-        if key == "tokenizer":
-            if fixed is None:
-                _same_tokenizer(old, new, run_dir or saved.parent, saved)
-            continue
-        if old[key] == new.get(key) or (key in PATH_SETTINGS and _same_path(old[key], new.get(key))):
-            continue
-        flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
-        was = old[key]
-        fix = (f"without {flag}" if was is None else f"with {flag}" if was is True
-               else f"with --no-{flag[2:]}" if was is False else f"with {flag} {was}")
-        raise ValueError(f"--resume: {flag} is {_shown(new.get(key))} here but {_shown(was)} in the run being "
-                         f"resumed ({saved}); resume {fix}, or start afresh with --overwrite")
-
-
-PATH_SETTINGS = ("init", "tokenizer", "data.data_dir", "data.train_file", "data.validation_file")
-
-
-def _same_path(a: str | None, b: str | None) -> bool:
-    """Two spellings of one file or directory (relative/absolute, a trailing slash)."""
-    try:
-        return a is not None and b is not None and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _same_tokenizer(old: dict, new: dict, run_dir: Path, saved: Path) -> None:
-    """The resumed run's tokenizer is the checkpoint's, compared by content: --tokenizer if given, else --init's, else
-    (--init scratch) the one the run trained, `run_dir`/tokenizer.json (run.resume_tokenizer passes it back)."""
-    from bert_dist.tokenizer import find_tokenizer_file
-
-    def effective(d: dict) -> Path | None:
-        source = d.get("tokenizer") or (d.get("init") if d.get("init") != "scratch" else run_dir / "tokenizer.json")
-        return find_tokenizer_file(source) if source and Path(source).exists() else None
-
-    was, now = effective(old), effective(new)
-    if was is not None and now is not None and was.read_bytes() != now.read_bytes():
-        raise ValueError(f"--resume: the tokenizer {now} is not the one of the run being resumed ({was}, per {saved}); "
-                         "its embeddings fit only its own ids: resume without --tokenizer, or with that one")
-
-
-def _shown(value) -> str:
-    return "unset" if value is None else str(value)
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or ValueError naming the file."""
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]}); restore it, or start afresh "
-                         "with --overwrite (without --resume)") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object of settings; restore it, or start "
-                         "afresh with --overwrite (without --resume)")
-    return d
-
-
-def resume_tokenizer(cfg: RunConfig, out_dir: Path) -> RunConfig:
-    """A resumed --init scratch run must reuse the tokenizer it trained: WordPiece training is not
-    deterministic (huggingface/tokenizers#1794), and the checkpoint's embeddings fit only its own ids."""
-    from bert_dist.train import list_checkpoints
-
-    t = cfg.train
-    if cfg.init != "scratch" or cfg.tokenizer or not (t.resume or t.resume_from):
-        return cfg
-    run_dir = Path(t.resume_from).parent.parent if t.resume_from else out_dir
-    if t.resume and not list_checkpoints(out_dir):
-        return cfg  # nothing to resume: a fresh start trains its tokenizer
-    saved = run_dir / "tokenizer.json"
-    if not saved.is_file():
-        raise ValueError(f"--resume: {saved} is missing, and a tokenizer trained again would not match the "
-                         "checkpoint's embeddings; pass the run's tokenizer with --tokenizer")
-    log.info("resuming with the run's own tokenizer %s", saved)
-    return config_from_overrides({"tokenizer": str(saved)}, base=cfg)
 
 
 def run_task(cfg: RunConfig, accelerator, out_dir: Path) -> dict:
@@ -405,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.report_to:
             # TensorBoard writes to <output_dir>/logs/bert-dist/; the same run name goes to every tracker.
             accelerator.project_configuration.logging_dir = str(out_dir / "logs")
-            accelerator.init_trackers("bert-dist", config=_flat(cfg.to_dict()),
+            accelerator.init_trackers("bert-dist", config=flat_settings(cfg.to_dict()),
                                       init_kwargs={"wandb": {"name": out_dir.name}})
         if cfg.task == "glue":
             from bert_dist.glue_suite import run_glue
@@ -458,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if accelerator is not None:
             accelerator.end_training()  # flush the trackers, also after a failure
-        while _held_locks:
-            os.close(_held_locks.pop())  # releases the output dir (main() may run again in this process: tests)
+        release_locks()
         release_sigterm()
 
 
@@ -471,16 +248,6 @@ def disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     return type(e).__name__ == "SafetensorError" and "No space left on device" in str(e)
-
-
-def _flat(d: dict, prefix: str = "", keep_none: bool = False) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}.", keep_none))
-        elif v is not None or keep_none:
-            out[prefix + k] = v
-    return out
 
 
 def exit_process(code: int) -> None:

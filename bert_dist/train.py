@@ -14,12 +14,10 @@ killed and resumed ends with the weights of an uninterrupted one, bit for bit (t
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -34,13 +32,19 @@ from accelerate import Accelerator
 
 from bert_dist.config import RunConfig, TrainConfig
 from bert_dist.console import StepProgress, format_metrics
-from bert_dist.data.glue import GLUE_TASKS
 from bert_dist.optim import build_optimizer, build_scheduler
+from bert_dist.rundir import (
+    RUN_CONFIG_FILE,
+    TRAIN_LOG,
+    TRAIN_STATE_FILE,
+    discard_previous_run,
+    list_checkpoints,
+    remove_incomplete_checkpoints,
+    resume_checkpoint,
+    run_inputs,
+)
 
 log = logging.getLogger(__name__)
-CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-TRAIN_LOG = "train_log.jsonl"
-"""One JSON line per log step (loss, lr, throughput, grad norm): what the run report plots."""
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -190,33 +194,10 @@ def share_from_main(obj: Any) -> Any:
     return broadcast_object_list([obj])[0]
 
 
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a save in progress has a .tmp name and is ignored)."""
-    d = out_dir / "checkpoints"
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def remove_incomplete_checkpoints(out_dir: Path) -> None:
-    """Delete what a kill during a save left behind (step-N.tmp, step-N.old); complete ones stay."""
-    d = out_dir / "checkpoints"
-    for p in sorted(d.glob("step-*.tmp")) + sorted(d.glob("step-*.old")) if d.is_dir() else []:
-        log.warning("removing %s, left by a run killed while saving it", p)
-        shutil.rmtree(p, ignore_errors=True)
-
-
-# Ours, beside accelerate's files. Not accelerate's register_for_checkpointing: it pickles the objects and loads them
-# back with weights_only=False, so a crafted checkpoint would run code on --resume. Checkpoints are data.
-TRAIN_STATE_FILE = "train_state.json"
+# Ours, beside accelerate's files (with rundir.TRAIN_STATE_FILE and RUN_CONFIG_FILE). Not accelerate's
+# register_for_checkpointing: it pickles the objects and loads them back with weights_only=False, so a crafted
+# checkpoint would run code on --resume. Checkpoints are data.
 SCHEDULER_FILE = "lr_scheduler.pt"  # a state dict of numbers and lists, loaded with weights_only=True
-RUN_CONFIG_FILE = "run_config.json"
-"""Every setting of the run (RunConfig.to_dict()), in the output dir and copied into each checkpoint: a resume is
-checked against the checkpoint's own copy (run.check_resume), also when the checkpoint was moved out of its run."""
-LOCK_FILE = ".lock"
-"""Held (flock) by the main process for the run's duration (run.lock_output_dir); never removed, never counted as
-content of the output dir."""
 
 
 def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: int, state: TrainState,
@@ -270,7 +251,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, sch
         if torch.equal(torch.get_rng_state(), sentinel):  # accelerate only logs (at INFO) a file it could not read
             raise ValueError(f"random_states_{accelerator.process_index}.pkl did not load")
         saved = json.loads((path / TRAIN_STATE_FILE).read_text())
-        saved.pop("num_processes", None)  # checked before anything loaded (run.check_resume), as is
+        saved.pop("num_processes", None)  # checked before anything loaded (rundir.check_resume), as is
         saved.pop("mixed_precision", None)
         state.load_state_dict(saved)
         scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
@@ -693,91 +674,6 @@ class Prepared:
         )
 
 
-def write_run_config(out_dir: Path, config: dict[str, Any]) -> None:
-    """run_config.json: every setting of the run (RunConfig.to_dict())."""
-    (out_dir / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def discard_previous_run(accelerator: Accelerator, out_dir: Path, config: dict[str, Any],
-                         inputs: tuple[str | None, ...] = ()) -> None:
-    """--overwrite: remove what the previous bert-dist run left (results, logs, model, checkpoints, predictions,
-    report, ...: else --resume would pick them up, or they would pass for this run's), and write this run's
-    run_config.json (`config`). Called once this run's data and model have loaded: a run that fails on its input
-    loses nothing.
-
-    Removed: the run outputs (RUN_OUTPUTS) the directory held when this run took its lock (`PREVIOUS_FILES`, listed
-    by run.lock_output_dir), and only if a bert-dist run was there (its run_config.json). Never removed: anything
-    else (a user's own files), what this run wrote since (its tracker's logs), and this run's `inputs` (paths of
-    --init, --tokenizer, data files: they may sit in the directory)."""
-    if accelerator.is_main_process:
-        previous = PREVIOUS_FILES.pop(out_dir.resolve(), [])
-        kept = [Path(p).resolve() for p in inputs if p]
-        for f in previous:
-            # An input, or inside an input directory that is not the output dir itself or one holding it (--data-dir
-            # DIR --output-dir DIR/out protects DIR's data files, not the previous run's outputs).
-            r = f.resolve()
-            if any(r == k or r in k.parents or (k in r.parents and k not in out_dir.resolve().parents
-                                                 and k != out_dir.resolve()) for k in kept):
-                continue
-            if f.is_symlink() or f.is_file():
-                f.unlink(missing_ok=True)
-        for d in sorted((d for d in previous if d.is_dir() and not d.is_symlink()), key=lambda d: len(d.parts),
-                        reverse=True):  # deepest first; one this run has written into stays
-            if not any(d.iterdir()):
-                d.rmdir()
-        write_run_config(out_dir, config)
-    accelerator.wait_for_everyone()
-
-
-def run_inputs(cfg: RunConfig) -> tuple[str | None, ...]:
-    """The paths a run reads (they may lie in its output dir: `--init <the dir>`, its own tokenizer.json). Of an
-    --init or --tokenizer directory, its model and tokenizer files (it may be the previous run itself: the rest of
-    it goes)."""
-    d = cfg.data
-    patterns = ("config.json", "model*.safetensors*", "pytorch_model*.bin*", "tokenizer.json", "vocab.txt",
-                "tokenizer_config.json")
-    dirs = [Path(p) for p in (cfg.init if cfg.init != "scratch" else None, cfg.tokenizer) if p and Path(p).is_dir()]
-    model_files = [str(f) for p in dirs for pattern in patterns for f in p.glob(pattern)]
-    return (*model_files, cfg.tokenizer, d.data_dir, d.train_file, d.validation_file)
-
-
-PREVIOUS_FILES: dict[Path, list[Path]] = {}
-"""Output dir (resolved) -> the previous run's outputs it held when this run took its lock: what
-discard_previous_run removes."""
-
-RUN_OUTPUTS = ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "results.json",
-               "metrics.jsonl", TRAIN_LOG, "predictions.json", "nbest_predictions.json", "null_odds.json",
-               "report.html", "README.md", "glue_results.json", "glue_results.md")
-"""The files a bert-dist run writes at the top of its output directory, besides predictions_<split>.jsonl and the
-GLUE submission TSVs (SUBMISSION_TSVS), and inside it: checkpoints/step-N, logs/bert-dist (the tracker's),
-submission/<name>.tsv (--task glue)."""
-SUBMISSION_TSVS = {f"{n}.tsv" for spec in GLUE_TASKS.values() for n in spec.submission_names} | {"AX.tsv"}
-RUN_SUBDIRS = {"checkpoints": lambda name: bool(re.fullmatch(r"step-\d+(\.tmp|\.old)?", name)),
-               "logs": lambda name: name == "bert-dist", "submission": lambda name: name in SUBMISSION_TSVS}
-
-
-def list_previous_files(out_dir: Path) -> list[Path]:
-    """The previous run's outputs in `out_dir` (RUN_OUTPUTS, SUBMISSION_TSVS, predictions_*.jsonl, RUN_SUBDIRS'
-    entries with all they hold, then those directories themselves), if a bert-dist run is there (its
-    run_config.json); a user's own files, whatever their names, are not listed."""
-    if not (out_dir / RUN_CONFIG_FILE).is_file():
-        return []  # no run here: a user's own directory, whose files are not ours to remove
-    out = [p for p in out_dir.iterdir() if (p.is_symlink() or p.is_file()) and (
-        p.name in RUN_OUTPUTS or p.name in SUBMISSION_TSVS or fnmatch.fnmatch(p.name, "predictions_*.jsonl"))]
-    for sub, ours in RUN_SUBDIRS.items():
-        d = out_dir / sub
-        if not d.is_dir() or d.is_symlink():
-            continue
-        for p in d.iterdir():
-            if ours(p.name):
-                out.append(p)
-                if p.is_dir() and not p.is_symlink():
-                    for root, dirs, files in os.walk(p):  # never into a linked directory: not the run's
-                        out += [Path(root, n) for n in (*dirs, *files)]
-        out.append(d)  # removed if that leaves it empty
-    return out
-
-
 def prepare_training(
     cfg: RunConfig,
     accelerator: Accelerator,
@@ -818,15 +714,3 @@ def prepare_training(
     )
 
 
-def resume_checkpoint(cfg: TrainConfig, out_dir: Path) -> Path | None:
-    if cfg.resume_from:
-        p = Path(cfg.resume_from)
-        if not p.is_dir():
-            raise ValueError(f"--resume-from: {p} is not a checkpoint directory")
-        return p
-    if cfg.resume:
-        found = list_checkpoints(out_dir)
-        if found:
-            return found[-1]
-        log.warning("--resume: no checkpoint in %s yet; starting from the beginning", out_dir / "checkpoints")
-    return None

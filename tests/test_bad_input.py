@@ -583,7 +583,7 @@ def test_overwrite_removes_only_a_previous_runs_outputs(tmp_path):
 
     from accelerate import Accelerator
 
-    from bert_dist.train import PREVIOUS_FILES, discard_previous_run, list_previous_files
+    from bert_dist.rundir import PREVIOUS_FILES, discard_previous_run, list_previous_files
 
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "precious.txt").parent.mkdir(parents=True)
