@@ -245,17 +245,20 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
     return {"new": missing, "unused": list(unexpected)}
 
 
-def save_model(model: nn.Module, out_dir: Path, config: BertConfig, meta: dict[str, Any]) -> None:
-    """model.safetensors (tied tensors once) and config.json (BertConfig fields + `bert_dist` metadata)."""
+def save_model(model: nn.Module | dict[str, torch.Tensor], out_dir: Path, config: BertConfig,
+               meta: dict[str, Any]) -> None:
+    """model.safetensors (tied tensors once) and config.json (BertConfig fields + `bert_dist` metadata). `model`: the
+    module, or its whole state dict (what train.gather_state_dict gives under FSDP, where the module holds shards)."""
     _save_weights(model, out_dir)
     cfg = {"model_type": "bert", **config.to_dict(), "bert_dist": meta}
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _save_weights(model: nn.Module, out_dir: Path) -> None:
+def _save_weights(model: nn.Module | dict[str, torch.Tensor], out_dir: Path) -> None:
     # The tied decoder is left out, as transformers' own save_pretrained does: its loaders tie it again.
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
+    sd = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in TIED_KEYS}
     tmp = out_dir / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / "model.safetensors")  # never a half-written model under the real name
@@ -292,7 +295,7 @@ def load_init(init: str, tokenizer_path: str | None = None) -> InitSource:
     return src
 
 
-def save_run_model(model: nn.Module, out_dir: Path, config: BertConfig, meta: dict[str, Any],
+def save_run_model(model: nn.Module | dict[str, torch.Tensor], out_dir: Path, config: BertConfig, meta: dict[str, Any],
                    tokenizer: Tokenizer) -> None:
     """A reloadable model directory: weights, config (+ metadata) and tokenizer, for `--init out_dir`."""
     save_model(model, out_dir, config, meta)

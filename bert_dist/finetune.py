@@ -46,7 +46,7 @@ from bert_dist.metrics import load_metric
 from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, count_params
 from bert_dist.perf import mfu
 from bert_dist.tokenizer import save_tokenizer, train_shared_tokenizer
-from bert_dist.train import evaluate, main_process_first, prepare_training, share_from_main
+from bert_dist.train import evaluate, gather_state_dict, main_process_first, prepare_training, share_from_main
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,11 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         if cfg.train.eval_only and any(not k.startswith("bert.") for k in loaded["new"]):
             log.warning("--eval-only: %s has no trained %s head; these scores are those of a random head "
                         "(--init a run fine-tuned on %s)", src.name, spec.name, spec.name)
+    num_params = count_params(model)  # before prepare: under FSDP the module then holds this rank's shards
     log.info(
         "%s: %s parameters, %d train / %s features, max length %d",
         spec.name,
-        f"{count_params(model):,}",
+        f"{num_params:,}",
         len(feats[spec.train_split]) if spec.train_split in feats else 0,
         " / ".join(f"{len(feats[s])} {s}" for s in spec.eval_splits if s in feats),
         max_length,
@@ -173,7 +174,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         out_dir,
     )
     if src.tokenizer is None and accelerator.is_main_process:  # trained here: now that a previous run is gone,
-        save_tokenizer(tokenizer, out_dir)  # saved at once (a resume of --init scratch reads it; rundir.resume_tokenizer)
+        save_tokenizer(tokenizer, out_dir)  # at once: a resume of --init scratch reads it (rundir.resume_tokenizer)
     eval_splits = [s for s in spec.eval_splits if s in splits]
     latest: dict[str, tuple[int, dict[str, Any]]] = {}  # split -> (step, predictions) of the last evaluation
 
@@ -192,15 +193,14 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
 
     meta = {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels, "label_names": list(spec.label_names)}
 
-    def save() -> None:
+    def save() -> None:  # on every process (FSDP gathers the weights)
+        weights = gather_state_dict(accelerator, run.model)
         if accelerator.is_main_process:
-            model = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # no _orig_mod. keys
-            save_run_model(model, out_dir, bert, meta, tokenizer)
+            save_run_model(weights, out_dir, bert, meta, tokenizer)
 
     results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch if sampler else None, save)
     if results.get("interrupted"):
         return results
-    model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
 
     # train() ends with an evaluation of the final weights: reuse its predictions rather than predict twice.
     for split in splits:
@@ -212,7 +212,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     results.update(
         task=spec.name,
         init=cfg.init,
-        num_params=count_params(model),
+        num_params=num_params,
         max_length=max_length,
         main_metric=spec.main_metric,
         mfu=mfu(results.get("tokens_per_second", 0.0), bert, max_length, accelerator.device, accelerator.num_processes),

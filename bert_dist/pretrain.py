@@ -42,7 +42,7 @@ from bert_dist.tokenizer import (
     save_tokenizer,
     train_shared_tokenizer,
 )
-from bert_dist.train import evaluate, main_process_first, prepare_training, share_from_main
+from bert_dist.train import evaluate, gather_state_dict, main_process_first, prepare_training, share_from_main
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,10 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     if src.state_dict is not None:
         load_weights(model, src.state_dict, src.name)  # an HF BertForPreTraining dir brings its cls.* heads
     n_tokens = sum(D.column(train_ds, "length"))
+    num_params = count_params(model)  # before prepare: under FSDP the module then holds this rank's shards
     log.info(
         "pretrain: %s parameters, %d documents -> %d pairs (%s tokens) / %d held-out pairs, max length %d, from %s",
-        f"{count_params(model):,}",
+        f"{num_params:,}",
         len(docs),
         len(train_ds),
         f"{n_tokens:,}",
@@ -253,21 +254,20 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         sampler.set_epoch(epoch)
         collator.set_epoch(epoch)
 
-    def save() -> None:
+    def save() -> None:  # on every process (FSDP gathers the weights)
+        weights = gather_state_dict(accelerator, run.model)
         if accelerator.is_main_process:
             meta = {"task": "pretrain", "kind": "pretrain", "max_length": max_length,
                     "mlm_probability": cfg.data.mlm_probability}
-            model = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # no _orig_mod. keys
-            save_run_model(model, out_dir, bert, meta, tok)
+            save_run_model(weights, out_dir, bert, meta, tok)
 
     results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch, save)
     if results.get("interrupted"):
         return results
-    model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
     results.update(
         task="pretrain",
         init=cfg.init,
-        num_params=count_params(model),
+        num_params=num_params,
         max_length=max_length,
         main_metric="mlm_accuracy",
         mfu=mfu(results.get("tokens_per_second", 0.0), bert, max_length, accelerator.device, accelerator.num_processes),

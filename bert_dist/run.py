@@ -158,14 +158,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg = smoke_config(cfg)
         preflight(cfg)
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-        accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.train.grad_accum,
-            log_with=cfg.report_to,
-            project_config=ProjectConfiguration(logging_dir="."),  # set below, once the output dir is settled
-        )
+        try:
+            accelerator = Accelerator(
+                mixed_precision=cfg.mixed_precision,
+                gradient_accumulation_steps=cfg.train.grad_accum,
+                log_with=cfg.report_to,
+                project_config=ProjectConfiguration(logging_dir="."),  # set below, once the output dir is settled
+                dataloader_config=DataLoaderConfiguration(non_blocking=True),  # pinned batches on CUDA
+            )
+        except RuntimeError as e:  # accelerate refusing the setup it was launched with (say FSDP on a CPU machine)
+            raise ValueError(f"accelerate cannot set up this run: {str(e).strip().splitlines()[0]} (check the "
+                             "accelerate config or launch flags)") from None
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and accelerator.num_processes == 1:
             raise ValueError(

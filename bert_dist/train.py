@@ -64,7 +64,8 @@ class TrainState:
     tokens: int = 0
     train_seconds: float = 0.0
     skipped_steps: int = 0
-    """fp16: optimizer steps the gradient scaler skipped (inf/NaN gradients while it calibrates its scale)."""
+    """fp16: optimizer steps the gradient scaler skipped (inf/NaN gradients while it calibrates its scale). The
+    learning-rate schedule counts them as steps: deciding otherwise would read the device every step."""
     nonfinite_steps: int = 0
     """Optimizer steps with a non-finite loss or gradient norm (their update was zeroed)."""
     window: dict[str, float] = field(default_factory=dict)
@@ -91,6 +92,7 @@ class Window:
         self.tokens = zero(torch.long)
         self.step_bad = zero(torch.bool)  # the optimizer step under way saw a non-finite loss or gradient norm
         self.bad_run, self.bad_max, self.bad_steps = zero(torch.long), zero(torch.long), zero(torch.long)
+        self.skipped = zero(torch.long)  # fp16: optimizer steps the gradient scaler skipped (scaler_skipped)
         self.grad_norm: torch.Tensor | None = None
         self.examples = 0
         self.t0 = time.perf_counter()
@@ -122,7 +124,8 @@ class Window:
             state.train_seconds + dt,
         )
         state.nonfinite_steps += int(accelerator.reduce(self.bad_steps, "max").item())
-        self.tokens.zero_(), self.bad_steps.zero_()
+        state.skipped_steps += int(self.skipped.item())  # the scaler's decision is the same on every process
+        self.tokens.zero_(), self.bad_steps.zero_(), self.skipped.zero_()
         self.examples, self.t0 = 0, now
         return n_ex, n_tok, dt
 
@@ -185,6 +188,20 @@ def main_process_first(accelerator: Accelerator):
         yield
     finally:
         accelerator.wait_for_everyone()
+
+
+def gather_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The prepared `model`'s whole state dict (no `_orig_mod.` keys of torch.compile) on the main process, None on
+    the others. Call it on every process: under FSDP the layers' shards are gathered by collectives that every rank
+    must join (a main process gathering alone would hang, or meet the others' next evaluation), and the module
+    itself holds only this rank's shards."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        weights = {k.removeprefix("_orig_mod."): v for k, v in accelerator.get_state_dict(model).items()}
+    elif accelerator.is_main_process:
+        weights = accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
+    return weights if accelerator.is_main_process else None
 
 
 def share_from_main(obj: Any) -> Any:
@@ -305,6 +322,15 @@ def _set_epoch(loader: Any, epoch: int, on_set_epoch: Callable[[int], None] | No
         on_set_epoch(epoch)
 
 
+def scaler_skipped(scaler: torch.amp.GradScaler, scale_before: torch.Tensor) -> torch.Tensor:
+    """fp16: whether the optimizer step just taken was skipped for inf/NaN gradients, on the device (0-dim bool).
+
+    The scaler halves its scale on such a step (and only then lowers it). Not accelerate's
+    `optimizer_step_was_skipped`: with a fused optimizer the scaler always calls `step()` and the kernel skips the
+    update on the device (its found_inf), so that flag is always False; and reading it unfused costs a host sync."""
+    return scaler._scale < scale_before
+
+
 def _zero_nonfinite_grads(params: list[torch.nn.Parameter], grad_norm: torch.Tensor) -> torch.Tensor:
     """Zero every gradient when the (global) gradient norm is inf/NaN; on the device, no host sync.
 
@@ -381,15 +407,15 @@ def train(
     after a SIGTERM, once a checkpoint is saved.
 
     SIGTERM (SLURM's notice before preemption or the time limit) stops the run at the end of the
-    optimizer step under way, or with several processes at the next log or checkpoint step (where
-    they agree on it without an extra sync), and saves a checkpoint there.
+    optimizer step under way, and saves a checkpoint there; several processes agree on that step every
+    step (one small all-reduce over a CPU group, so no device sync).
 
     Non-finite steps: the gradient norm is computed every step (clipping to --max-grad-norm, or to
     inf when clipping is off); when it is not finite the gradients are zeroed on the device, so NaN
     never reaches the weights. Such steps, and non-finite losses, are counted on the device and read
     at log and checkpoint steps: --max-bad-steps in a row stop the run there with TrainingDiverged,
     and no checkpoint is written while the latest step is bad, so the newest one is a good one.
-    Under fp16 the gradient scaler skips inf/NaN steps itself (counted as skipped_steps).
+    Under fp16 the gradient scaler skips inf/NaN steps itself (counted on the device as skipped_steps).
     """
     state = TrainState()
     is_main = accelerator.is_main_process
@@ -459,7 +485,7 @@ def train(
                 loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
             for batch in loader:
                 state.batches_in_epoch += 1
-                grad_ok = None
+                grad_ok = scale = None
                 with accelerator.accumulate(model):
                     loss = model(**batch)["loss"]
                     accelerator.backward(loss)
@@ -469,16 +495,17 @@ def train(
                             win.grad_norm = norm.detach()
                             if not fp16:
                                 grad_ok = _zero_nonfinite_grads(params, norm)
+                        if fp16 and accelerator.scaler._scale is not None:
+                            scale = accelerator.scaler._scale.clone()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 win.add_micro_batch(loss.detach(), batch)
                 if not accelerator.sync_gradients:
                     continue
                 win.end_step(grad_ok)
-                if fp16 and accelerator.optimizer_step_was_skipped:
-                    state.skipped_steps += 1  # the scaler found inf/nan: no update, and no schedule step
-                else:
-                    scheduler.step()
+                if scale is not None:
+                    win.skipped += scaler_skipped(accelerator.scaler, scale)
+                scheduler.step()
                 state.step += 1
                 log_now = state.step % cfg.log_every == 0 or state.step == num_steps
                 save_now = bool(cfg.save_every) and state.step % cfg.save_every == 0

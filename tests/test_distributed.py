@@ -228,3 +228,64 @@ def test_only_a_launcher_parent_makes_the_run_stop_with_it():
     for argv in (["bash", "-c", "nohup python run.py --output-dir accelerate_x &"], ["bash", "train_accelerate.sh"],
                  ["/venv-accelerate/bin/python", "run.py"], ["accelerate", "config"], ["-bash"], []):
         assert not launched_by(argv), argv
+
+
+FSDP_WORKER = '''
+import functools, json, sys, types
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from bert_dist.config import preset
+from bert_dist.model import BertForSequenceClassification, BertLayer
+from bert_dist.train import gather_state_dict
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = BertForSequenceClassification(preset("tiny"), num_labels=2)
+full = {k: v.clone() for k, v in model.state_dict().items()}
+policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={BertLayer})  # as fsdp.yaml
+wrapped = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+# What accelerate's get_state_dict reads of an Accelerator prepared for FSDP (its FSDP plugin refuses the CPU, so
+# the Accelerator itself cannot be built here): the real method, on those attributes.
+acc = types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False, is_main_process=rank == 0)
+acc.get_state_dict = functools.partial(Accelerator.get_state_dict, acc)
+# accelerate asks FSDP to offload the gathered weights to the CPU; from CPU tensors that crashes torch 2.13's FSDP1
+# (SIGSEGV): off here, where they are on the CPU already.
+import torch.distributed.fsdp as fsdp_module
+cpu_config = fsdp_module.FullStateDictConfig
+fsdp_module.FullStateDictConfig = lambda offload_to_cpu, rank0_only: cpu_config(False, rank0_only)
+weights = gather_state_dict(acc, wrapped)  # every rank, as the recipes' save() calls it
+ids = torch.randint(5, 100, (2, 8))
+with torch.no_grad():  # the next collective every rank meets: the final evaluation
+    wrapped(input_ids=ids, attention_mask=torch.ones_like(ids))
+if rank == 0:
+    same = sorted(weights) == sorted(full) and all(torch.equal(weights[k], full[k]) for k in full)
+    print(json.dumps({"same": same, "keys": len(weights)}))
+else:
+    print(json.dumps({"none": weights is None}))
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp_model_save_gathers_every_shard_on_every_process(tmp_path):
+    """Under FSDP the saved model is the whole one (not rank 0's shards), and saving it leaves no rank waiting in a
+    collective the others skipped (the main process alone calling state_dict() hung, or aborted with gloo's
+    "collective mismatch", when the other rank went on to the final evaluation)."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    worker = tmp_path / "fsdp_worker.py"
+    worker.write_text(FSDP_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(worker)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert {"none": True} in lines
+    assert any(d.get("same") is True and d["keys"] > 20 for d in lines), proc.stdout

@@ -406,7 +406,9 @@ def cpu_count() -> int:
 def train_loader(ds: Dataset, cfg: DataConfig, collator: Any, seed: int) -> tuple[Any, Any]:
     """A shuffled loader whose order depends only on (seed, epoch); returns (loader, sampler).
 
-    Call `sampler.set_epoch(e)` before each epoch (accelerate shards the batches across processes).
+    Call `sampler.set_epoch(e)` before each epoch (accelerate shards the batches across processes). Batches are
+    pinned where CUDA is: the Accelerator copies them to the GPU with non_blocking (run.main), so the copy does not
+    wait for the GPU to finish the step before it (an unpinned copy synchronises the host with the device).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -419,7 +421,7 @@ def train_loader(ds: Dataset, cfg: DataConfig, collator: Any, seed: int) -> tupl
     # A generator of its own: otherwise each pass over the loader draws its workers' base seed from the
     # global RNG, which dropout also draws from, and a resumed run would draw it at another point.
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available())
     return loader, sampler
 
 
@@ -431,4 +433,5 @@ def eval_loader(ds: Dataset, cfg: DataConfig, collator: Any) -> Any:
     # Its own generator, as for training: evaluating never moves the global RNG (so --eval-every does not
     # change the training run's dropout).
     return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator,
-                      num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(0))
+                      num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(0),
+                      pin_memory=torch.cuda.is_available())
