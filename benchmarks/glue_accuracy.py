@@ -140,7 +140,9 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict, seed: int) 
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate)
     steps = recipe.get("max_steps") or int(recipe["epochs"] * len(sampler) + 0.999)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(WARMUP * steps + 0.999), steps)
-    amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where ours runs too
+    model.to(device)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
     step, examples, t_train = 0, 0, 0.0
     model.train()
     epoch = 0
@@ -148,6 +150,7 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict, seed: int) 
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(**amp):
                 loss = model(**batch).loss
             loss.backward()
@@ -170,7 +173,7 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict, seed: int) 
     with torch.no_grad(), torch.autocast(**amp):
         for batch in torch.utils.data.DataLoader(ev, batch_size=128, collate_fn=collate):
             labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             preds += (logits.squeeze(-1) if regression else logits.argmax(-1)).tolist()
             refs += labels.tolist()
     scores = metric.compute(predictions=preds, references=refs)

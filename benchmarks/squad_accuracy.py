@@ -129,13 +129,16 @@ def run_reference(task: str, data_dir: Path, args: argparse.Namespace) -> dict:
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(sampler)))
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(ocfg, steps), steps)
-    amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where ours runs too
+    model.to(device)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
     step, examples, t_train, epoch = 0, 0, 0.0, 0
     model.train()
     while step < steps:
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(**amp):
                 out = model(**batch)
             out.loss.backward()
@@ -161,9 +164,9 @@ def run_reference(task: str, data_dir: Path, args: argparse.Namespace) -> dict:
     inputs = ev.select_columns(["input_ids", "token_type_ids"])
     with torch.no_grad(), torch.autocast(**amp):
         for batch in torch.utils.data.DataLoader(inputs, batch_size=EVAL_BATCH, collate_fn=collate):
-            out = model(**batch)
-            starts.append(out.start_logits.float().numpy())
-            ends.append(out.end_logits.float().numpy())
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            starts.append(out.start_logits.float().cpu().numpy())
+            ends.append(out.end_logits.float().cpu().numpy())
     width = max(x.shape[1] for x in starts)
     start, end = (np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1e4) for x in xs])
                   for xs in (starts, ends))

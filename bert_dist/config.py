@@ -156,7 +156,8 @@ class TrainConfig:
 
     epochs: float = _f(3.0, "passes over the training data")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides --epochs)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    grad_accum: int = _f(
+        1, "micro-batches per optimizer step (a group cut short at an epoch's end weighs by its examples)")
     log_every: int = _f(50, "optimizer steps between log lines (the only host syncs of the loss)")
     eval_every: int | None = _f(None, "optimizer steps between evaluations (default: end only)")
     save_every: int | None = _f(None, "optimizer steps between resumable checkpoints (SIGTERM also saves one)")
@@ -223,8 +224,10 @@ class RunConfig:
             raise ValueError(f"--cpu-matmul must be auto, onednn or torch, not {t.cpu_matmul!r}")
         if o.scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"--scheduler must be linear, cosine or constant, not {o.scheduler!r}")
-        if t.max_steps is None and t.epochs <= 0:
-            raise ValueError(f"--epochs must be positive, got {t.epochs}")
+        if not 0 < t.epochs < math.inf:  # also refuses nan (with --max-steps too: a resume may drop it)
+            raise ValueError(f"--epochs must be a positive finite number, got {t.epochs}")
+        if not math.isfinite(d.null_score_diff_threshold):
+            raise ValueError(f"--null-score-diff-threshold must be a finite number, got {d.null_score_diff_threshold}")
         if t.max_steps is not None and t.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {t.max_steps}")
         for flag, value in (("--save-every", t.save_every), ("--eval-every", t.eval_every)):

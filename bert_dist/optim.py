@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,6 +10,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from bert_dist.config import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -45,6 +48,9 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
     """Linear warmup to the peak lr, then linear (or cosine) decay to 0 at `total_steps`, or constant."""
     warmup = warmup_steps(cfg, total_steps)
+    if warmup > total_steps:
+        log.warning("--warmup-steps %d is more than the run's %d optimizer steps: the learning rate never reaches "
+                    "--lr (at most %.3g)", warmup, total_steps, cfg.lr * (total_steps - 1) / warmup)
 
     def factor(step: int) -> float:
         if step < warmup:

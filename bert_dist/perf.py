@@ -15,13 +15,22 @@ from bert_dist.model import flops_per_token
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in FLOP/s, from NVIDIA's datasheets. Matched in order
 # against torch.cuda.get_device_name(): more specific names first ("H100 PCIe" before "H100").
+# The datasheets print the 2:4-sparse figure: dense is half of it.
 PEAK_BF16_DENSE: tuple[tuple[str, float], ...] = (
+    ("GH200", 989e12),
     ("H200 NVL", 835e12),
     ("H200", 989e12),
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM5
+    ("H800 PCIe", 756e12),  # the export H100: same compute
+    ("H800", 989e12),
+    ("B200", 2250e12),
     ("A100", 312e12),  # SXM4 and PCIe alike
+    ("A800", 312e12),  # the export A100
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
 )
 
 

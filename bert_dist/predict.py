@@ -235,9 +235,16 @@ def read_rows(texts: list[str] | None, pairs: list[str] | None, file: str | None
         raise ValueError("--text-pair goes with --text")
     if file:
         path = Path(file)
-        if not path.is_file():
+        if not path.exists():
             raise ValueError(f"--file {path}: no such file")
+        if path.is_dir():
+            raise ValueError(f"--file {path} is a directory; give a file")
         suffix = path.suffix.lower()
+        if suffix not in (".jsonl", ".json", ".csv", ".tsv", ".txt") and not path.is_file():
+            # A pipe (bash's <(...)) or a device has no type to go by: its lines are read as stdin's are.
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                yield from _text_lines(fh, f"--file {path}", pair_task)
+            return
         if suffix not in (".jsonl", ".json", ".csv", ".tsv", ".txt"):
             raise ValueError(f"--file {path}: unsupported type {suffix!r}; use .jsonl, .csv, .tsv or .txt")
         with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: a byte-order mark is not text

@@ -244,7 +244,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     run = prepare_training(
         cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg, eval_collator)}, out_dir
     )
-    if src.tokenizer is None and accelerator.is_main_process:  # trained here: saved once a previous run is gone
+    if accelerator.is_main_process:  # saved once a previous run is gone; checkpoints keep a copy to check against
         save_tokenizer(tok, out_dir)
 
     def eval_fn(step: int) -> dict[str, float]:

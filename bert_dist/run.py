@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         if results.get("interrupted"):
             log.warning("stopped by SIGTERM at step %d with a checkpoint in %s; rerun with --resume to finish",
                         results["steps"], out_dir)
+        from bert_dist.train import sigterm_received
+
+        if cfg.train.eval_only and sigterm_received():  # nothing to checkpoint: the evaluation ran to its end
+            log.warning("SIGTERM during --eval-only: the evaluation was finished and its outputs written")
         failed = [t for t, r in results.get("tasks", {}).items() if r.get("status") == "failed"]
         if failed:  # --task glue: the others ran and are scored, but a CI job must notice
             if is_main:

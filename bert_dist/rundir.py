@@ -50,6 +50,9 @@ TRAIN_STATE_FILE = "train_state.json"
 RUN_CONFIG_FILE = "run_config.json"
 """Every setting of the run (RunConfig.to_dict()), in the output dir and copied into each checkpoint: a resume is
 checked against the checkpoint's own copy (check_resume), also when the checkpoint was moved out of its run."""
+TOKENIZER_FILE = "tokenizer.json"
+"""The run's tokenizer, in the output dir (written before training) and copied into each checkpoint: a resume's
+tokenizer is compared with the checkpoint's copy (_same_tokenizer)."""
 LOCK_FILE = ".lock"
 """Held (flock) by the main process for the run's duration (lock_output_dir); never removed, never counted as
 content of the output dir."""
@@ -238,17 +241,26 @@ def _same_path(a: str | None, b: str | None) -> bool:
 
 def _same_tokenizer(old: dict, new: dict, run_dir: Path, saved: Path) -> None:
     """The resumed run's tokenizer is the checkpoint's, compared by content: --tokenizer if given, else --init's, else
-    (--init scratch) the one the run trained, `run_dir`/tokenizer.json (resume_tokenizer passes it back)."""
-    from bert_dist.tokenizer import find_tokenizer_file
+    (--init scratch) the one the run trained, `run_dir`/tokenizer.json (resume_tokenizer passes it back). The
+    checkpoint's side is the copy the checkpoint holds (`saved`'s directory: TOKENIZER_FILE), so a tokenizer file
+    edited or replaced since is caught; for a checkpoint without one, the file its run config names, as it is now."""
+    from bert_dist.tokenizer import find_tokenizer_file, load_tokenizer
 
     def effective(d: dict) -> Path | None:
         source = d.get("tokenizer") or (d.get("init") if d.get("init") != "scratch" else run_dir / "tokenizer.json")
         return find_tokenizer_file(source) if source and Path(source).exists() else None
 
-    was, now = effective(old), effective(new)
-    if was is not None and now is not None and was.read_bytes() != now.read_bytes():
-        raise ValueError(f"--resume: the tokenizer {now} is not the one of the run being resumed ({was}, per {saved}); "
-                         "its embeddings fit only its own ids: resume without --tokenizer, or with that one")
+    kept = saved.parent / TOKENIZER_FILE
+    was, now = kept if kept.is_file() else effective(old), effective(new)
+    if was is None or now is None or was.read_bytes() == now.read_bytes():
+        return
+    try:  # one tokenizer in two forms (vocab.txt and the tokenizer.json the run saved of it) is the same one
+        if load_tokenizer(was).to_str() == load_tokenizer(now).to_str():
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"--resume: the tokenizer {now} is not the one of the run being resumed ({was}, per {saved}); "
+                     "its embeddings fit only its own ids: resume without --tokenizer, or with that one")
 
 
 def _shown(value) -> str:

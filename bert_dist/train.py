@@ -35,6 +35,7 @@ from bert_dist.console import StepProgress, format_metrics
 from bert_dist.optim import build_optimizer, build_scheduler
 from bert_dist.rundir import (
     RUN_CONFIG_FILE,
+    TOKENIZER_FILE,
     TRAIN_LOG,
     TRAIN_STATE_FILE,
     discard_previous_run,
@@ -115,8 +116,8 @@ class Window:
 
     def flush_throughput(self, accelerator: Accelerator, state: TrainState) -> tuple[int, int, float]:
         """Move examples, tokens and seconds into `state`; returns this window's (examples, tokens, seconds)."""
+        n_tok = int(accelerator.reduce(self.tokens, "sum").item())  # waits for the queued steps (CUDA): then the clock
         now = time.perf_counter()
-        n_tok = int(accelerator.reduce(self.tokens, "sum").item())
         n_ex, dt = self.examples * accelerator.num_processes, now - self.t0
         state.examples, state.tokens, state.train_seconds = (
             state.examples + n_ex,
@@ -172,6 +173,11 @@ def check_precision(accelerator: Accelerator) -> None:
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
         raise ValueError("--mixed-precision fp16 does nothing on the CPU (accelerate runs it in fp32); use bf16 there, "
                          "or no")
+    if (accelerator.device.type == "cuda" and accelerator.mixed_precision == "bf16"
+            and torch.cuda.get_device_capability(accelerator.device)[0] < 8):
+        # torch emulates bf16 before Ampere (V100, T4) and accepts it: the run works, several times slower.
+        log.warning("--mixed-precision bf16 on %s, which has no bf16 tensor cores: fp16 is much faster there",
+                    torch.cuda.get_device_name(accelerator.device))
 
 
 @contextlib.contextmanager
@@ -233,8 +239,9 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: in
                                                         "num_processes": accelerator.num_processes,
                                                         "mixed_precision": accelerator.mixed_precision}))
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        if (out_dir / RUN_CONFIG_FILE).is_file():
-            shutil.copy(out_dir / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
+        for name in (RUN_CONFIG_FILE, TOKENIZER_FILE):  # what a resume is checked against (rundir.check_resume)
+            if (out_dir / name).is_file():
+                shutil.copy(out_dir / name, tmp / name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # from another trajectory (--resume-from an older checkpoint)
@@ -395,6 +402,7 @@ def train(
     on_set_epoch: Callable[[int], None] | None = None,
     max_grad_norm: float = 1.0,
     on_trained: Callable[[], None] | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Train for `num_steps` optimizer steps; evaluate every `cfg.eval_every` steps and at the end.
 
@@ -434,6 +442,7 @@ def train(
     win.load(state.window, is_main)
     fp16 = accelerator.mixed_precision == "fp16"
     params = [p for p in model.parameters() if p.requires_grad]
+    accum, group_examples = accelerator.gradient_accumulation_steps, 0
     metrics: dict[str, float] = {}
     last_eval = last_save = -1
     progress = StepProgress(num_steps, is_main)
@@ -488,8 +497,18 @@ def train(
                 grad_ok = scale = None
                 with accelerator.accumulate(model):
                     loss = model(**batch)["loss"]
-                    accelerator.backward(loss)
+                    n = batch["input_ids"].shape[0]
+                    group_examples += n
+                    # --grad-accum: each micro-batch's mean loss weighs by its examples, so that a group cut short
+                    # (the epoch's last micro-batch, or last group) is the mean over its examples, as one batch of
+                    # them would be, not k/N of it (accelerate divides every micro-batch's loss by N).
+                    weigh = accum > 1 and batch_size is not None
+                    accelerator.backward(loss * (n / batch_size) if weigh and n != batch_size else loss)
                     if accelerator.sync_gradients:
+                        if weigh and group_examples != accum * batch_size:
+                            torch._foreach_mul_([p.grad for p in params if p.grad is not None],
+                                                accum * batch_size / group_examples)
+                        group_examples = 0
                         norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
                         if norm is not None:
                             win.grad_norm = norm.detach()
@@ -505,12 +524,13 @@ def train(
                 win.end_step(grad_ok)
                 if scale is not None:
                     win.skipped += scaler_skipped(accelerator.scaler, scale)
+                lr = scheduler.get_last_lr()[0]  # this step's rate (the log shows it, not the next step's)
                 scheduler.step()
                 state.step += 1
                 log_now = state.step % cfg.log_every == 0 or state.step == num_steps
                 save_now = bool(cfg.save_every) and state.step % cfg.save_every == 0
                 if log_now:
-                    check_diverged(_log_step(accelerator, state, win, scheduler, progress, fp16, out_dir))
+                    check_diverged(_log_step(accelerator, state, win, lr, progress, fp16, out_dir))
                     win.reset_loss()
                 else:
                     progress.update(state.step)
@@ -571,20 +591,20 @@ def _log_step(
     accelerator: Accelerator,
     state: TrainState,
     win: Window,
-    scheduler: Any,
+    lr: float,
     progress: StepProgress,
     fp16: bool,
     out_dir: Path,
 ) -> dict[str, float]:
     """One log line, a train_log.jsonl line, a progress-bar update and tracker scalars: the loop's regular host
-    sync. Returns the window."""
+    sync. `lr`: the rate the step just taken ran at. Returns the window."""
     n_ex, n_tok, dt = win.flush_throughput(accelerator, state)
     window = win.read(accelerator)
     stats: dict[str, Any] = {
         "step": state.step,
         "epoch": state.epoch,
         "loss": window["mean_loss"],
-        "lr": scheduler.get_last_lr()[0],
+        "lr": lr,
         "examples/s": n_ex / max(dt, 1e-9),
         "tokens/s": n_tok / max(dt, 1e-9),
     }
@@ -681,7 +701,7 @@ class Prepared:
         """`train()` with this run's objects, or only `eval_fn` under --eval-only (both recipes end so). `save` writes
         the run's model: after training and before the final evaluation, or after the evaluation under --eval-only."""
         if cfg.train.eval_only:
-            results = {**eval_fn(0), "steps": 0}
+            results = {**_run_eval(accelerator, eval_fn, TrainState(), out_dir), "steps": 0}  # metrics.jsonl too
             save()
             return results
         return train(
@@ -698,6 +718,7 @@ class Prepared:
             on_set_epoch,
             cfg.optim.max_grad_norm,
             save,
+            cfg.data.batch_size,
         )
 
 

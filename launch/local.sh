@@ -49,7 +49,10 @@ case "$DEVICE" in
     cpu) GPUS=0 ;;
     auto | gpu)
         if [[ -z "${GPUS:-}" ]]; then
-            if command -v nvidia-smi >/dev/null 2>&1; then
+            if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+                # nvidia-smi lists every GPU of the machine, not the visible ones: count what is visible.
+                GPUS=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c '[^[:space:]]' || true)
+            elif command -v nvidia-smi >/dev/null 2>&1; then
                 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
             else
                 GPUS=0

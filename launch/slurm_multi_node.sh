@@ -27,6 +27,8 @@
 #   RDZV_BACKEND=c10d      torchrun rendezvous backend (c10d or static)
 #   HEAD_NODE              rendezvous host (default: first host of $SLURM_JOB_NODELIST via scontrol)
 #   NODE_RANK              this node's rank in the node stage (default: $SLURM_NODEID, else $SLURM_PROCID)
+#   NCCL_SOCKET_IFNAME     network interface for NCCL (e.g. ib0); GLOO_SOCKET_IFNAME defaults to it (the
+#                          run's SIGTERM agreement uses a gloo group)
 #   SRUN_ARGS=""           extra srun flags, word-split (e.g. "--gpus-per-node=8 --cpu-bind=none")
 #   SCRIPT=bert_dist/run.py  training entry point
 #   PYTHON                 interpreter for python -m accelerate.commands.launch (default: `accelerate` on PATH)
@@ -147,6 +149,11 @@ srun_cmd+=("${srun_extra[@]}" bash "$SELF" "$@")
 # Hand the resolved values to every node (srun exports the environment by default)
 # so all nodes agree on the head node, sizes and port.
 export BERT_DIST_NODE_STAGE=1 HEAD_NODE NNODES GPUS_PER_NODE PORT REPO_DIR
+# The run's per-step stop agreement (SIGTERM) goes over a small gloo group beside NCCL: gloo must bind the same
+# routable interface NCCL uses (where a node's hostname resolves to 127.0.0.1 it would take loopback and hang).
+if [[ -n "${NCCL_SOCKET_IFNAME:-}" && -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
+    export GLOO_SOCKET_IFNAME="$NCCL_SOCKET_IFNAME"
+fi
 
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "# head node $HEAD_NODE:$PORT, $NNODES node(s) x $GPUS_PER_NODE GPU(s) = $NUM_PROCESSES processes, rdzv $RDZV_BACKEND"

@@ -130,6 +130,9 @@ def test_unknown_task(tmp_path, capsys):
     (["--mixed-precision", "fp16"], ["--mixed-precision fp16", "CPU", "bf16"]),
     (["--lr", "inf"], ["--lr", "positive finite"]),
     (["--lr", "nan"], ["--lr", "positive finite"]),
+    (["--epochs", "inf"], ["--epochs", "positive finite"]),  # was a traceback, after --overwrite had discarded
+    (["--epochs", "nan"], ["--epochs", "positive finite"]),
+    (["--null-score-diff-threshold", "nan"], ["--null-score-diff-threshold", "finite"]),
     (["--adam-beta1", "1.5"], ["--adam-beta1", "[0, 1)"]),
     (["--adam-beta2", "1"], ["--adam-beta2", "[0, 1)"]),
     (["--adam-eps", "-1"], ["--adam-eps", "positive"]),
@@ -648,6 +651,8 @@ def test_eval_only_needs_no_train_split(tmp_path, capsys, data_dir, model_dir):
     _reset_accelerate()
     assert main(args(tmp_path / "a", "--eval-only", "--init", str(model_dir), data=only_eval.parent)) == 0
     assert json.loads((tmp_path / "a" / "results.json").read_text())["steps"] == 0
+    evals = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(evals) == 1 and evals[0]["step"] == 0 and "accuracy" in evals[0]  # as every run writes it
     assert "random head" not in capsys.readouterr().err  # the run's own head
     from safetensors.torch import load_file, save_file
 

@@ -289,3 +289,31 @@ def test_fsdp_model_save_gathers_every_shard_on_every_process(tmp_path):
     lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert {"none": True} in lines
     assert any(d.get("same") is True and d["keys"] > 20 for d in lines), proc.stdout
+
+
+@pytest.mark.parametrize("n_train", [37, 45])  # last group one short micro-batch / two micro-batches, one short
+def test_grad_accum_equals_one_batch_of_the_group_when_the_epoch_ends_short(setup, n_train):
+    """--batch-size 8 --grad-accum 2 is --batch-size 16, also at each epoch's end: the last group, cut short, is the
+    mean over its examples (its gradient was k/N of that, and a short micro-batch outweighed its examples)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bert_dist.run import main
+
+    root, flags = setup
+    flags = [*flags[:flags.index("--max-steps")], *flags[flags.index("--max-steps") + 2:]]
+    common = [*flags, "--max-train-samples", str(n_train), "--epochs", "2", "--max-grad-norm", "0", "--log-every", "1"]
+    outs = []
+    for extra in (["--batch-size", "16"], ["--batch-size", "8", "--grad-accum", "2"]):
+        out = root / f"accum-{n_train}-{len(extra)}"
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        assert main([*common, *extra, "--output-dir", str(out)]) == 0
+        outs.append(out)
+    logs = [[json.loads(ln) for ln in (o / "train_log.jsonl").read_text().splitlines()] for o in outs]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == list(range(1, 7))
+    # The logged lr is the one the step ran at (no warmup, linear decay over 6 steps), not the next step's.
+    assert [r["lr"] for r in logs[0]] == pytest.approx([2e-3 * (6 - s) / 6 for s in range(6)])
+    np.testing.assert_allclose([r["grad_norm"] for r in logs[1]], [r["grad_norm"] for r in logs[0]], rtol=1e-4)
+    w1, w2 = (load_file(str(o / "model.safetensors")) for o in outs)
+    for k in w1:
+        np.testing.assert_allclose(w2[k].numpy(), w1[k].numpy(), rtol=1e-4, atol=1e-6, err_msg=k)

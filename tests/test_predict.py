@@ -66,7 +66,10 @@ def test_predict_texts_stdin_and_batching_agree(sst2):
     txt = run.parent / "lines.txt"
     txt.write_text(lines)
     q = _predict_cli("--model", str(run), "--file", str(txt))
-    for out in (p, q):
+    # A pipe (bash's --file <(...)) has no suffix to go by: its lines are read as stdin's are.
+    r = subprocess.run(["bash", "-c", f'"{sys.executable}" -m bert_dist.cli predict --model "{run}" '
+                                      f'--file <(cat "{txt}")'], capture_output=True, text=True, timeout=300)
+    for out in (p, q, r):
         assert out.returncode == 0, out.stderr[-3000:]
         got = [json.loads(line)["label"] for line in out.stdout.splitlines()]
         assert len(got) == 3 and got[0] == want[0]["label"] and got[2] == want[1]["label"]

@@ -313,6 +313,25 @@ def test_a_resume_compares_what_ran_not_how_it_was_spelled(setup, uninterrupted,
                str(tmp_path / "same.json"), "--max-eval-samples", "20") == 0
 
 
+def test_a_tokenizer_file_edited_since_the_checkpoint_is_refused(setup, uninterrupted, tmp_path, capsys):
+    """A checkpoint holds a copy of its run's tokenizer: a resume is compared with that copy, not with the file its
+    run config names as that file is now (edited in place, both sides would read the new content and agree)."""
+    import shutil
+
+    root, _ = setup
+    out = copy_unfinished(uninterrupted, tmp_path / "edited")
+    ckpt = out / "checkpoints" / "step-00000012"
+    assert (ckpt / "tokenizer.json").read_bytes() == (root / "tok" / "tokenizer.json").read_bytes()
+    mine = tmp_path / "mine.json"  # the run's tokenizer, at a path of this test's own (the fixture's is shared)
+    shutil.copy(root / "tok" / "tokenizer.json", mine)
+    for config in (out / "run_config.json", ckpt / "run_config.json"):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer": str(mine)}))
+    save_tokenizer(train_tokenizer(iter(["a completely different corpus of words"] * 20), vocab_size=60), tmp_path)
+    shutil.copy(tmp_path / "tokenizer.json", mine)  # edited in place since the checkpoint
+    err = refused(capsys, setup, out, "--resume", "--tokenizer", str(mine))
+    assert "is not the one of the run being resumed" in err, err
+
+
 def test_a_resume_with_another_number_of_processes_is_refused(setup, uninterrupted, tmp_path, capsys):
     """The data position (micro-batches consumed) and the random states are per process. (2 real processes:
     tests/test_distributed.py.)"""
