@@ -252,6 +252,8 @@ class RunConfig:
             raise ValueError(f"--tasks picks the tasks of --task glue, not of --task {self.task}: drop one of them")
         if d.train_file and d.data_dir:
             raise ValueError("--train-file/--validation-file and --data-dir both say where the data is: give one")
+        if not 1 <= d.vocab_size <= 2**24:  # the tokenizers library allocates for it: 5e9 aborted the process
+            raise ValueError(f"--vocab-size must be in [1, {2**24:,}], got {d.vocab_size}")
         if not 0 < d.mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")
         for flag, value in (("--doc-stride", d.doc_stride), ("--max-query-length", d.max_query_length),
@@ -368,6 +370,16 @@ class TaskSpec:
     max_length: int = 128
     data_name: str | None = None
     """Folder name under --data-dir (default: the task name)."""
+    other_splits: tuple[tuple[str, str, str], ...] = ()
+    """Test splits kept in another hub config: (split name here, that config, its split there), read from
+    --data-dir's folder of that name. MNLI's `ax`: GLUE's diagnostic set (AX.tsv), predicted by the MNLI model."""
+
+    def split_location(self, split: str) -> tuple[str, str]:
+        """(--data-dir folder, file stem) of `split`: <task>/<split>, or another config's folder and split."""
+        for name, config, theirs in self.other_splits:
+            if name == split:
+                return config, theirs
+        return self.data_name or self.name, split
 
     @property
     def num_labels(self) -> int:

@@ -173,8 +173,10 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         {s: D.eval_loader(feats[s].select_columns(INPUT_COLUMNS), cfg.data, collator) for s in splits},
         out_dir,
     )
-    if accelerator.is_main_process:  # now that a previous run is gone: a resume of --init scratch reads it
-        save_tokenizer(tokenizer, out_dir)  # (rundir.resume_tokenizer), and checkpoints keep a copy to check against
+    # Written once a previous run is gone: a resume of --init scratch reads it (rundir.resume_tokenizer), and
+    # checkpoints keep a copy to check a resume against. A resume leaves the run's own (checked equal) as it is.
+    if accelerator.is_main_process and (src.tokenizer is None or not (cfg.train.resume or cfg.train.resume_from)):
+        save_tokenizer(tokenizer, out_dir)
     eval_splits = [s for s in spec.eval_splits if s in splits]
     latest: dict[str, tuple[int, dict[str, Any]]] = {}  # split -> (step, predictions) of the last evaluation
 

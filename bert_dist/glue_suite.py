@@ -57,7 +57,7 @@ METRIC_NAMES = {"matthews_correlation": "MCC", "accuracy": "acc", "f1": "F1", "p
 DISPLAY = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
            "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
 SUBMISSION_FILES = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI-m", "MNLI-mm", "QNLI", "RTE", "WNLI", "AX")
-"""What gluebenchmark.com expects in the zip (AX, the diagnostic set, is not a task here: no data for it)."""
+"""What gluebenchmark.com expects in the zip (AX: GLUE's diagnostic set, predicted by the MNLI model)."""
 
 
 def suite_tasks(cfg: RunConfig) -> list[str]:

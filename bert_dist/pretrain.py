@@ -23,16 +23,23 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import Dataset
 
 from bert_dist import data as D
 from bert_dist.checkpoint import load_init, load_weights, save_run_model
 from bert_dist.config import RunConfig, TaskSpec, check_model_fits, preset
 from bert_dist.data.collate import MLMCollator, pad_multiple
-from bert_dist.data.pretraining import TEXT_SUFFIXES, corpus_documents, hold_out_documents, make_pairs, read_corpus_file
+from bert_dist.data.pretraining import (
+    TEXT_SUFFIXES,
+    CorpusFile,
+    corpus_documents,
+    hold_out_documents,
+    make_pairs,
+    read_corpus_file,
+)
 from bert_dist.model import BertForPreTraining, count_params
 from bert_dist.perf import mfu
 from bert_dist.rundir import discard_previous_run, run_inputs
@@ -70,8 +77,8 @@ def _find_split(data_dir: Path, spec: TaskSpec, split: str) -> Path | None:
     return found
 
 
-def load_corpus(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Dataset], list[Dataset] | None, str]:
-    """(training files, held-out files or None, a description), each file a Dataset with one `text` column.
+def load_corpus(cfg: RunConfig, spec: TaskSpec) -> tuple[list[CorpusFile], list[CorpusFile] | None, str]:
+    """(training files, held-out files or None, a description), each file's rows with one `text` column.
 
     Files stay separate because each gets its own document rule (see `bert_dist.data.pretraining`).
     """
@@ -97,18 +104,18 @@ def load_corpus(cfg: RunConfig, spec: TaskSpec) -> tuple[list[Dataset], list[Dat
         val_path = _find_split(data_dir, spec, spec.eval_splits[0])
         held = [read_corpus_file(val_path, "validation", flag="--data-dir")] if val_path else None
         return [read_corpus_file(train_path, "train", flag="--data-dir")], held, f"--data-dir {data_dir}"
-    raw = D.load_raw(spec, d)  # the hub's wikitext: a `text` column, train/validation/test
+    raw = D.load_raw(spec, d)  # the hub's wikitext: a `text` column of lines, train/validation/test
     return (
-        [raw[spec.train_split].select_columns(["text"])],
-        [raw[spec.eval_splits[0]].select_columns(["text"])],
+        [CorpusFile(raw[spec.train_split].select_columns(["text"]))],
+        [CorpusFile(raw[spec.eval_splits[0]].select_columns(["text"]))],
         spec.hub_path,
     )
 
 
-def corpus_texts(files: list[Dataset]):
+def corpus_texts(files: list[CorpusFile]):
     """Every non-empty row of `files` (for training a tokenizer)."""
-    for ds in files:
-        for t in D.column(ds, "text"):
+    for f in files:
+        for t in D.column(f.rows, "text"):
             if t and t.strip():
                 yield t
 
@@ -225,6 +232,18 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         max_length,
         source,
     )
+    # NSP's chance level: a corpus of one-sentence documents (a sentence per row of a .jsonl) gets only random Bs,
+    # and short sequences many; its NSP accuracy then says little (a constant guess scores the majority share).
+    random_share = float(np.mean(D.column(train_ds, "next_sentence_label")))
+    nsp_baseline = max(random_share, 1 - random_share)
+    held_share = float(np.mean(D.column(eval_ds, "next_sentence_label"))) if len(eval_ds) else 0.5
+    log.info("NSP pairs: %.0f%% with a random B (a constant guess scores %.0f%%)", 100 * random_share,
+             100 * nsp_baseline)
+    if nsp_baseline > 0.7:
+        log.warning("%.0f%% of the NSP pairs have a %s B: most documents are too short to split in two (one "
+                    "sentence, or one row each); separate documents with blank lines in a text file, or read "
+                    "nsp_accuracy against nsp_baseline", 100 * nsp_baseline,
+                    "random" if random_share > 0.5 else "following")
 
     specials = [i for t in SPECIAL_TOKENS if (i := tok.token_to_id(t)) is not None]
     collator_args = dict(
@@ -244,7 +263,9 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     run = prepare_training(
         cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg, eval_collator)}, out_dir
     )
-    if accelerator.is_main_process:  # saved once a previous run is gone; checkpoints keep a copy to check against
+    # Written once a previous run is gone; checkpoints keep a copy to check a resume against (a resume leaves the
+    # run's own, checked equal, as it is).
+    if accelerator.is_main_process and (src.tokenizer is None or not (cfg.train.resume or cfg.train.resume_from)):
         save_tokenizer(tok, out_dir)
 
     def eval_fn(step: int) -> dict[str, float]:
@@ -270,6 +291,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         num_params=num_params,
         max_length=max_length,
         main_metric="mlm_accuracy",
+        nsp_baseline=round(max(held_share, 1 - held_share), 4),  # nsp_accuracy's chance level (held-out pairs)
         mfu=mfu(results.get("tokens_per_second", 0.0), bert, max_length, accelerator.device, accelerator.num_processes),
         train_pairs=len(train_ds),
         eval_pairs=len(eval_ds),

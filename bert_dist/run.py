@@ -41,6 +41,9 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.task not in (*D.TASKS, "glue", "tokenizer"):
         raise ValueError(f"--task: unknown task {cfg.task!r}; choose from {', '.join(D.TASKS)}, glue (every GLUE "
                          "task in turn), tokenizer (train a WordPiece vocabulary only)")
+    if cfg.task == "tokenizer" and (cfg.tokenizer or cfg.init != "scratch"):
+        raise ValueError("--task tokenizer trains a new WordPiece vocabulary from the corpus: --init and --tokenizer "
+                         "do not apply; drop them")
     if cfg.task == "glue":  # each task's data is checked by the suite, which skips a task whose data is missing
         from bert_dist.glue_suite import suite_tasks
 
@@ -60,6 +63,11 @@ def preflight(cfg: RunConfig) -> None:
         from bert_dist.data.squad import check_windows
 
         check_windows(max_length, cfg.data.doc_stride, cfg.data.max_query_length)
+    given = cfg.tokenizer or cfg.init != "scratch"
+    defaults = RunConfig().data
+    if given and (cfg.data.vocab_size, cfg.data.lowercase) != (defaults.vocab_size, defaults.lowercase):
+        log.warning("--vocab-size and --lowercase train a tokenizer; this run uses the one of %s, so they are ignored",
+                    "--tokenizer" if cfg.tokenizer else "--init")
     set_cpu_matmul(cfg.train.cpu_matmul)  # a forced onednn that this torch lacks fails here, before anything starts
     check_trackers(cfg.report_to)
     check_output_dir(cfg)
@@ -215,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BERT_DIST_DEBUG"):
             raise
         model_file = None if out_dir is None else out_dir / "model.safetensors"  # saved before the final eval
-        kept = model_file is not None and (model_file.exists() or (out_dir / "checkpoints").exists())
-        if is_main and created and not kept:
-            shutil.rmtree(out_dir, ignore_errors=True)  # nothing to keep: don't leave a run that looks started
+        if is_main and created:
+            remove_unstarted(out_dir)
         # This run's model, not a previous run's (--overwrite removes that only once the data has loaded).
         trained = model_file is not None and model_file.exists() and model_file.stat().st_mtime >= started
         if reports:
@@ -232,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 fail(str(e))
             sys.exit(1)
         if not disk_full(e):
+            if is_main and created:  # a bug's traceback follows; a rerun into the same --output-dir is not refused
+                remove_unstarted(out_dir)
             raise
         if reports:
             where = getattr(e, "filename", None) or out_dir or "the output directory"
@@ -247,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.end_training()  # flush the trackers, also after a failure
         release_locks()
         release_sigterm()
+
+
+def remove_unstarted(out_dir: Path) -> None:
+    """Remove the output dir this run created, if it holds no model or checkpoint yet: a run that failed before
+    training must not leave a directory that looks started (and that a rerun would be refused as not empty)."""
+    if not ((out_dir / "model.safetensors").exists() or (out_dir / "checkpoints").exists()):
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def disk_full(e: BaseException) -> bool:

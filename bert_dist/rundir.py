@@ -218,6 +218,8 @@ def check_same_run(cfg: RunConfig, saved: Path, fixed: tuple[str, ...] | None, r
             if fixed is None:
                 _same_tokenizer(old, new, run_dir or saved.parent, saved)
             continue
+        if key in TOKENIZER_TRAINING and (old.get("tokenizer") or old.get("init") != "scratch"):
+            continue  # they train a tokenizer, and the run was given one: they had no effect
         if old[key] == new.get(key) or (key in PATH_SETTINGS and _same_path(old[key], new.get(key))):
             continue
         flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
@@ -228,6 +230,8 @@ def check_same_run(cfg: RunConfig, saved: Path, fixed: tuple[str, ...] | None, r
                          f"resumed ({saved}); resume {fix}, or start afresh with --overwrite")
 
 
+TOKENIZER_TRAINING = ("data.vocab_size", "data.lowercase")
+"""Settings that only train a tokenizer (--init scratch without --tokenizer, --task tokenizer)."""
 PATH_SETTINGS = ("init", "tokenizer", "data.data_dir", "data.train_file", "data.validation_file")
 
 
@@ -366,7 +370,7 @@ RUN_OUTPUTS = ("run_config.json", "config.json", "model.safetensors", "tokenizer
 """The files a bert-dist run writes at the top of its output directory, besides predictions_<split>.jsonl and the
 GLUE submission TSVs (SUBMISSION_TSVS), and inside it: checkpoints/step-N, logs/bert-dist (the tracker's),
 submission/<name>.tsv (--task glue)."""
-SUBMISSION_TSVS = {f"{n}.tsv" for spec in GLUE_TASKS.values() for n in spec.submission_names} | {"AX.tsv"}
+SUBMISSION_TSVS = {f"{n}.tsv" for spec in GLUE_TASKS.values() for n in spec.submission_names}
 RUN_SUBDIRS = {"checkpoints": lambda name: bool(re.fullmatch(r"step-\d+(\.tmp|\.old)?", name)),
                "logs": lambda name: name == "bert-dist", "submission": lambda name: name in SUBMISSION_TSVS}
 

@@ -752,3 +752,18 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, data_d
     with pytest.raises(SystemExit) as e:
         main(args(tmp_path / "o", data=data_dir))
     assert e.value.code == 130 and "error: interrupted" in capsys.readouterr().err
+
+
+def test_a_crash_before_training_leaves_no_output_dir_behind(tmp_path, monkeypatch, data_dir):
+    """A bug's traceback (not a user error) before anything was trained: the directory this run made goes too, so
+    the rerun into the same --output-dir is not refused as not empty (it held only run_config.json and .lock)."""
+    import bert_dist.finetune as F
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(F, "run_finetune", broken)
+    _reset_accelerate()
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(args(tmp_path / "o", data=data_dir))
+    assert not (tmp_path / "o").exists()

@@ -140,3 +140,18 @@ def test_submission_folder_holds_this_suites_tasks_only(tmp_path):
     (tmp_path / "wnli" / "WNLI.tsv").write_text("index\tprediction\n")
     got = collect_submission(tmp_path, ["wnli"])
     assert got["files"] == ["WNLI.tsv"] and sorted(p.name for p in (tmp_path / "submission").iterdir()) == ["WNLI.tsv"]
+
+
+def test_mnli_also_predicts_glues_diagnostic_set_ax(tmp_path):
+    """AX (the hub's `ax` config: a test split with MNLI's columns, --data-dir's ax/test.jsonl) is predicted by the
+    MNLI model into AX.tsv, the eleventh file of a GLUE submission; a suite with MNLI then has them all for it."""
+    data = write_task_data(get_task("mnli"), tmp_path / "data", n_train=64, n_eval=20, n_test=9)
+    assert (data / "ax" / "test.jsonl").is_file()
+    out = tmp_path / "glue"
+    p = run_cli(["--task", "glue", "--tasks", "mnli", "--data-dir", str(data), "--output-dir", str(out), *TINY])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = (out / "submission" / "AX.tsv").read_text().splitlines()
+    assert rows[0] == "index\tprediction" and len(rows) == 10
+    assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(9)]
+    assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "neutral", "contradiction"}
+    assert "AX.tsv" not in json.loads((out / "glue_results.json").read_text())["submission"]["missing"]

@@ -24,6 +24,7 @@ from bert_dist.data.collate import MLMCollator, PadCollator  # noqa: E402
 from bert_dist.data.pretraining import (  # noqa: E402
     IS_NEXT,
     IS_RANDOM,
+    CorpusFile,
     corpus_documents,
     hold_out_documents,
     make_pairs,
@@ -170,6 +171,37 @@ def test_document_rules_and_sentences():
     assert not set(map(str, train["segments"])) & set(map(str, held["segments"]))
 
 
+def test_document_rules_are_not_switched_by_one_stray_row():
+    """An empty row of a .jsonl (a row a document) is a missing document, not a separator that merges the others;
+    a `= x + y =` line inside a paragraph of a text file is text, not a WikiText title."""
+    articles = [" ".join(f"Sentence {j} of article {i} is here." for j in range(3)) for i in range(12)]
+    articles[5] = ""
+    tok = train_tokenizer(articles, vocab_size=120)
+    docs = corpus_documents([CorpusFile(Dataset.from_dict({"text": articles}), lines=False)], tok)
+    assert len(docs) == 11 and all(len(d) == 3 for d in docs["segments"])
+    text = []
+    for d in range(6):
+        text += [f"First line of doc {d} .", f"Second line of doc {d} ."] + (["= x + y ="] if d == 3 else []) + [""]
+    docs = corpus_documents([Dataset.from_dict({"text": text})], tok)  # a text file's lines
+    assert len(docs) == 6
+
+
+def test_long_unsplit_text_keeps_its_tokens_and_real_next_sentences():
+    """Lower-case or CJK text has no sentence ends the splitter knows (CJK: 。！？ are): a row longer than half a
+    sequence is cut into pieces, not truncated to one chunk with a random B (most tokens lost, NSP all random)."""
+    assert split_sentences("我们去学校。他们来了！好吗？ 是的") == ["我们去学校。", "他们来了！", "好吗？", "是的"]
+    rows = []
+    for d in range(8):
+        rows += [" ".join(f"this is lower case text number {j} of doc {d} and it goes on" for j in range(10)), ""]
+    tok = train_tokenizer(rows, vocab_size=150)
+    docs = corpus_documents([Dataset.from_dict({"text": rows})], tok)
+    total = sum(len(s) for d in docs["segments"] for s in d)
+    pairs = make_pairs(docs, tok, max_length=32, seed=0, dupe_factor=1, short_seq_prob=0.0)
+    kept = sum(n - 3 for n in pairs["length"])
+    assert kept > 0.6 * total  # was about a third: each row a chunk of one sentence, truncated
+    assert IS_NEXT in pairs["next_sentence_label"]
+
+
 def test_pairs_from_real_text():
     texts = ["", " = Alpha = \n", ""] + [" ".join(f"Word{i} goes here and there ." for i in range(j, j + 6)) + "\n"
                                          for j in range(0, 60, 6)]
@@ -241,6 +273,20 @@ def test_parity_with_transformers_bert_for_pretraining():
 
 # ---------------------------------------------------------------------------------------------
 # End to end, through the real entry point
+
+
+def test_tokenizer_training_flags_refused_or_reported_where_they_do_not_apply(tmp_path, capsys):
+    from bert_dist.run import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some words here .\n" * 20)
+    for extra, phrase in ((["--vocab-size", "-5"], "--vocab-size must be in"),
+                          (["--vocab-size", "5000000000"], "--vocab-size must be in"),
+                          (["--tokenizer", str(corpus)], "--init and --tokenizer do not apply")):
+        with pytest.raises(SystemExit):
+            main(["--task", "tokenizer", "--train-file", str(corpus), "--output-dir", str(tmp_path / "t"), *extra])
+        assert phrase in " ".join(capsys.readouterr().err.split())
+        assert not (tmp_path / "t").exists()  # nothing left behind to refuse the corrected rerun
 
 
 def test_tokenizer_task_writes_tokenizer_files(tmp_path):

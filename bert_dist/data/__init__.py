@@ -54,6 +54,8 @@ def get_task(name: str) -> TaskSpec:
 def check_file(path: Path, flag: str, any_suffix: bool = False) -> None:
     """A data file of a known type (any type with `any_suffix`) that exists and is not empty, or ValueError
     naming `flag` (no parsing)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give the data file(s) in it")
     if not any_suffix and path.suffix.lower() not in DATA_SUFFIXES:
         raise ValueError(f"{flag} {path}: unsupported file type {path.suffix!r}; use .jsonl, .csv, .tsv or .parquet")
     if not path.is_file():
@@ -112,11 +114,12 @@ def _first_invalid_utf8(ds: Dataset) -> tuple[str, int] | None:
 
 
 def _find_split_file(data_dir: Path, spec: TaskSpec, split: str) -> Path | None:
-    folder = spec.data_name or spec.name
-    for d in (data_dir / folder, data_dir / "glue" / folder, data_dir):
+    folder, stem = spec.split_location(split)
+    own = folder == (spec.data_name or spec.name)  # another config's split (MNLI's ax) is never DIR/test.jsonl
+    for d in (data_dir / folder, data_dir / "glue" / folder, *([data_dir] if own else [])):
         for suffix in DATA_SUFFIXES:
-            if (d / f"{split}{suffix}").is_file():
-                return d / f"{split}{suffix}"
+            if (d / f"{stem}{suffix}").is_file():
+                return d / f"{stem}{suffix}"
     return None
 
 
@@ -158,6 +161,11 @@ def load_raw(spec: TaskSpec, cfg: DataConfig, need_train: bool = True) -> Datase
         missing = [s for s in wanted if s not in raw]
         if missing:
             raise ValueError(f"{spec.hub_path} has no split {missing[0]}; available: {', '.join(raw)}")
+        for split, config, theirs in spec.other_splits:  # optional, as every test split: skipped if unreachable
+            try:
+                raw[split] = datasets.load_dataset(spec.hub_path, config, split=theirs)
+            except Exception as e:
+                log.info("no %s split (%s %s): %s", split, spec.hub_path, config, str(e).splitlines()[0][:150])
     out = DatasetDict({k: raw[k] for k in [*wanted, *spec.test_splits] if k in raw})
     # Which file each split came from, so check_raw's messages can name it.
     out.source_files = {split: f"{flag} {f}" for split, (flag, f) in (files or {}).items()}

@@ -9,12 +9,18 @@ Three cached `datasets.map` passes, each deterministic from its arguments:
 
 Document rule, decided per corpus file (a file's rule never leaks into another's):
 
-- WikiText (the file holds ` = Title = ` heading rows): a document starts at each level-1 heading;
-  heading rows of every level (` = = Section = = `) are dropped, as the BERT paper drops headers.
-- Otherwise, if the file has blank rows (text files in Google's one-sentence-per-line format): blank
-  rows separate documents.
-- Otherwise every row is one document (JSON Lines of articles, or one sentence per row as in SST-2:
-  a one-sentence document always gets a random B, as in Google's code, so such corpora skew NSP).
+- WikiText (the file holds ` = Title = ` heading rows, each between blank rows as WikiText writes them): a
+  document starts at each level-1 heading; heading rows of every level (` = = Section = = `) are dropped, as
+  the BERT paper drops headers. A lone `= x + y =` line inside a paragraph is text, not a title.
+- Otherwise, in a text file (or the hub's WikiText rows: a row is a line, `CorpusFile.lines`): blank lines
+  separate documents (Google's one-sentence-per-line format).
+- Otherwise (a .jsonl/.csv/.parquet file: a row is a document) every non-empty row is one document, and an
+  empty row is only a missing one. One sentence per row (as SST-2) makes one-sentence documents, which always
+  get a random B, as in Google's code: the pretraining run reports the share of random B (NSP's chance level).
+
+Sentences: a row is split at line breaks, at [.!?] before an upper-case start, and after 。！？. A sentence longer
+than half a sequence (lower-case or unpunctuated text) is cut into pieces of that length when pairs are made,
+rather than filling a chunk alone and being truncated (most of its tokens lost, its B always random).
 
 Pairs follow google-research/bert create_pretraining_data.py: a per-document target length
 (`max_length - 3`, or with `short_seq_prob` a random shorter one), sentences gathered into a chunk
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +52,11 @@ _TITLE = re.compile(r"^= [^=].*[^=] =$|^= [^=] =$")  # ` = Title = ` once stripp
 _HEADING = re.compile(r"^(= )+.*( =)+$")
 # A sentence ends at . ! or ? (optionally followed by closing quotes/brackets) before whitespace and
 # an upper-case letter, a digit or an opening quote/bracket. Simple and fast; "Mr. Smith" splits too.
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])|(?<=[。！？])\s*")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`: line breaks always end one; so does [.!?] before an upper-case start."""
+    """Sentences of `text`: line breaks always end one; so does [.!?] before an upper-case start, and 。！？."""
     out = []
     for line in text.splitlines():
         out += [s.strip() for s in _SENTENCE_END.split(line) if s.strip()]
@@ -80,20 +87,33 @@ def text_column(ds: Dataset, preferred: str = "text") -> str:
     raise ValueError(f"no text column in {', '.join(ds.column_names)}: pretraining needs one column of text")
 
 
-def read_corpus_file(path: str | Path, split: str = "train", column: str = "text", flag: str = "") -> Dataset:
-    """A text file (one row per line) or a .jsonl/.csv/.tsv/.parquet file -> a Dataset with one `text` column.
+@dataclass
+class CorpusFile:
+    """One corpus file's rows (a Dataset with a `text` column), and whether a row is a line of running text (a text
+    file, the hub's WikiText: blank lines separate documents) or a document of its own (.jsonl/.csv/.parquet)."""
+
+    rows: Dataset
+    lines: bool = True
+
+
+def read_corpus_file(path: str | Path, split: str = "train", column: str = "text", flag: str = "") -> CorpusFile:
+    """A text file (one row per line) or a .jsonl/.csv/.tsv/.parquet file (one row per document) -> its rows, with
+    one `text` column.
 
     Problems are one ValueError naming `flag` and the file."""
-    from bert_dist.data import _read_file
+    from bert_dist.data import DATA_SUFFIXES, _read_file
 
     p = Path(path)
+    if not p.is_dir() and p.suffix.lower() not in (*TEXT_SUFFIXES, *DATA_SUFFIXES):
+        raise ValueError(f"{flag} {p}: unsupported file type {p.suffix!r}; use .txt (a line a row), .jsonl, .csv, "
+                         ".tsv or .parquet".strip())
     ds = _read_file(p, split, flag, kind="text" if p.suffix.lower() in TEXT_SUFFIXES else None)
     try:
         col = text_column(ds, column)
     except ValueError as e:
         raise ValueError(f"{flag} {p}: {e}".strip()) from None
     ds = ds.select_columns([col])
-    return ds.rename_column(col, "text") if col != "text" else ds
+    return CorpusFile(ds.rename_column(col, "text") if col != "text" else ds, p.suffix.lower() in TEXT_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,12 +150,15 @@ def tokenize_rows(ds: Dataset, tokenizer: Tokenizer, num_proc: int | None = None
 # 2. rows -> documents
 
 
-def _group_documents(batch: dict[str, list]) -> dict[str, list]:
+def _group_documents(batch: dict[str, list], lines: bool) -> dict[str, list]:
     # Called once with the whole file (batch_size=None): documents cross any batch boundary.
     titles, blanks, rows = batch["title"], batch["blank"], batch["segments"]
+    n = len(rows)
+    # WikiText writes a title between blank rows: a `= x + y =` line within a paragraph is no title.
+    titles = [t and (i == 0 or blanks[i - 1]) and (i == n - 1 or blanks[i + 1]) for i, t in enumerate(titles)]
     if any(titles):
         starts = titles
-    elif any(blanks):
+    elif lines and any(blanks):
         starts = [False] + [b and not prev for prev, b in zip(blanks, blanks[1:])]  # first blank after text
     else:
         starts = [True] * len(rows)
@@ -151,15 +174,18 @@ def _group_documents(batch: dict[str, list]) -> dict[str, list]:
     return {"segments": docs}
 
 
-def group_documents(rows: Dataset) -> Dataset:
-    """Tokenized rows of ONE corpus file -> one row per non-empty document, {"segments": [[ids], ...]}."""
-    return rows.map(_group_documents, batched=True, batch_size=None, remove_columns=rows.column_names,
-                    desc="grouping documents")
+def group_documents(rows: Dataset, lines: bool = True) -> Dataset:
+    """Tokenized rows of ONE corpus file -> one row per non-empty document, {"segments": [[ids], ...]}. `lines`: a
+    row is a line of running text (blank ones separate documents), else a document (CorpusFile.lines)."""
+    return rows.map(_group_documents, batched=True, batch_size=None, fn_kwargs={"lines": lines},
+                    remove_columns=rows.column_names, desc="grouping documents")
 
 
-def corpus_documents(files: list[Dataset], tokenizer: Tokenizer, num_proc: int | None = None) -> Dataset:
-    """Each file's rows -> documents (its own document rule), then all documents in file order."""
-    docs = [group_documents(tokenize_rows(ds, tokenizer, num_proc)) for ds in files]
+def corpus_documents(files: list[CorpusFile | Dataset], tokenizer: Tokenizer, num_proc: int | None = None) -> Dataset:
+    """Each file's rows -> documents (its own document rule), then all documents in file order. A bare Dataset is
+    read as lines of running text."""
+    files = [f if isinstance(f, CorpusFile) else CorpusFile(f) for f in files]
+    docs = [group_documents(tokenize_rows(f.rows, tokenizer, num_proc), f.lines) for f in files]
     return docs[0] if len(docs) == 1 else datasets.concatenate_datasets(docs)
 
 
@@ -234,8 +260,10 @@ def document_pairs(documents: list[list[list[int]]], doc_index: int, max_length:
 
 def _make_pairs(batch: dict[str, list], max_length: int, short_seq_prob: float,
                 dupe_factor: int, seed: int, cls_id: int, sep_id: int) -> dict[str, list]:
-    # Called once with every document (batch_size=None): B is drawn from any of them.
-    documents = [doc for doc in batch["segments"] if doc]
+    # Called once with every document (batch_size=None): B is drawn from any of them. A sentence longer than half a
+    # sequence is cut into pieces of that length: alone in a chunk it would be truncated and always get a random B.
+    piece = max(1, (max_length - 3) // 2)
+    documents = [[s[i : i + piece] for s in doc for i in range(0, len(s), piece)] for doc in batch["segments"] if doc]
     if len(documents) < 2:
         raise ValueError(f"next sentence prediction needs at least 2 documents; this split has {len(documents)} "
                          "(documents are separated by blank lines)")

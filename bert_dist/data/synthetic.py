@@ -87,13 +87,15 @@ def make_rows(spec: TaskSpec, n: int, seed: int, with_labels: bool = True) -> li
 
 def write_task_data(spec: TaskSpec, out_dir: Path, n_train: int = 512, n_eval: int = 97, n_test: int = 50,
                     seed: int = 0) -> Path:
-    """Write <out_dir>/<task>/{train, eval splits, test splits}.jsonl; returns out_dir (a --data-dir)."""
-    folder = Path(out_dir) / (spec.data_name or spec.name)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write <out_dir>/<task>/{train, eval splits, test splits}.jsonl (a split of another config in its own folder:
+    MNLI's ax as ax/test.jsonl); returns out_dir (a --data-dir)."""
     splits = [(spec.train_split, n_train, True), *[(s, n_eval, True) for s in spec.eval_splits],
               *[(s, n_test, False) for s in spec.test_splits]]
     for k, (split, n, labelled) in enumerate(splits):
-        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+        folder, stem = spec.split_location(split)
+        path = Path(out_dir) / folder / f"{stem}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
             for row in make_rows(spec, n, seed + k, with_labels=labelled):
                 fh.write(json.dumps(row) + "\n")
     return Path(out_dir)
