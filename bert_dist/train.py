@@ -69,6 +69,9 @@ class TrainState:
     learning-rate schedule counts them as steps: deciding otherwise would read the device every step."""
     nonfinite_steps: int = 0
     """Optimizer steps with a non-finite loss or gradient norm (their update was zeroed)."""
+    batches_per_epoch: int = 0
+    """Micro-batches per epoch (per process) of the run that saved it: other data since would make its position (and
+    the epoch) point elsewhere (0: a checkpoint from before it was recorded)."""
     window: dict[str, float] = field(default_factory=dict)
     """The log window's running sums at the checkpoint, so the first log line after a resume is unchanged."""
 
@@ -431,6 +434,10 @@ def train(
         remove_incomplete_checkpoints(out_dir)
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from, state, scheduler)
+        if state.batches_per_epoch and state.batches_per_epoch != len(train_loader):
+            raise ValueError(f"the training data changed since the checkpoint {resume_from}: {len(train_loader)} "
+                             f"batches per epoch now, {state.batches_per_epoch} then (a data file edited or replaced "
+                             "under the same path?); resume with the run's own data, or start afresh with --overwrite")
         if state.step > num_steps:  # the loop would not run, and the results would say `state.step` steps
             raise ValueError(f"--max-steps/--epochs: this run ends at step {num_steps}, before the step {state.step} "
                              f"of the checkpoint {resume_from}; resume with --max-steps {state.step} or more")
@@ -438,6 +445,7 @@ def train(
             _trim_metrics(out_dir, state.step, redo_eval=state.step == num_steps)
     elif cfg.resume and is_main:
         _trim_metrics(out_dir, 0)  # killed before its first checkpoint: it starts over, its lines would repeat
+    state.batches_per_epoch = len(train_loader)
     win = Window(accelerator.device)
     win.load(state.window, is_main)
     fp16 = accelerator.mixed_precision == "fp16"

@@ -332,6 +332,18 @@ def test_a_tokenizer_file_edited_since_the_checkpoint_is_refused(setup, uninterr
     assert "is not the one of the run being resumed" in err, err
 
 
+def test_a_resume_onto_other_training_data_is_refused(setup, uninterrupted, tmp_path, capsys):
+    """A data file edited under the same path (settings all equal) moves what the checkpoint's data position points
+    at: a checkpoint records its batches per epoch, and a resume that has other data is refused."""
+    out = copy_unfinished(uninterrupted, tmp_path / "data-changed")
+    ckpt = out / "checkpoints" / "step-00000012"
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state["batches_per_epoch"] > 0
+    (ckpt / "train_state.json").write_text(json.dumps({**state, "batches_per_epoch": state["batches_per_epoch"] + 3}))
+    err = refused(capsys, setup, out, "--resume")
+    assert "the training data changed since the checkpoint" in err, err
+
+
 def test_a_resume_with_another_number_of_processes_is_refused(setup, uninterrupted, tmp_path, capsys):
     """The data position (micro-batches consumed) and the random states are per process. (2 real processes:
     tests/test_distributed.py.)"""
