@@ -173,10 +173,8 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         {s: D.eval_loader(feats[s].select_columns(INPUT_COLUMNS), cfg.data, collator) for s in splits},
         out_dir,
     )
-    # Written once a previous run is gone: a resume of --init scratch reads it (rundir.resume_tokenizer), and
-    # checkpoints keep a copy to check a resume against. A resume leaves the run's own (checked equal) as it is.
-    if accelerator.is_main_process and (src.tokenizer is None or not (cfg.train.resume or cfg.train.resume_from)):
-        save_tokenizer(tokenizer, out_dir)
+    if src.tokenizer is None and accelerator.is_main_process:  # trained here: now that a previous run is gone,
+        save_tokenizer(tokenizer, out_dir)  # at once (a resume of --init scratch may read it: rundir.resume_tokenizer)
     eval_splits = [s for s in spec.eval_splits if s in splits]
     latest: dict[str, tuple[int, dict[str, Any]]] = {}  # split -> (step, predictions) of the last evaluation
 
@@ -200,7 +198,8 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         if accelerator.is_main_process:
             save_run_model(weights, out_dir, bert, meta, tokenizer)
 
-    results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch if sampler else None, save)
+    results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch if sampler else None, save,
+                      tokenizer)
     if results.get("interrupted"):
         return results
 

@@ -48,8 +48,8 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
     """Linear warmup to the peak lr, then linear (or cosine) decay to 0 at `total_steps`, or constant."""
     warmup = warmup_steps(cfg, total_steps)
-    if warmup > total_steps:
-        log.warning("--warmup-steps %d is more than the run's %d optimizer steps: the learning rate never reaches "
+    if warmup >= total_steps and warmup > 0:
+        log.warning("--warmup-steps %d is not below the run's %d optimizer steps: the learning rate never reaches "
                     "--lr (at most %.3g)", warmup, total_steps, cfg.lr * (total_steps - 1) / warmup)
 
     def factor(step: int) -> float:

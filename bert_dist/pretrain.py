@@ -263,9 +263,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     run = prepare_training(
         cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg, eval_collator)}, out_dir
     )
-    # Written once a previous run is gone; checkpoints keep a copy to check a resume against (a resume leaves the
-    # run's own, checked equal, as it is).
-    if accelerator.is_main_process and (src.tokenizer is None or not (cfg.train.resume or cfg.train.resume_from)):
+    if src.tokenizer is None and accelerator.is_main_process:  # trained here: saved once a previous run is gone
         save_tokenizer(tok, out_dir)
 
     def eval_fn(step: int) -> dict[str, float]:
@@ -282,7 +280,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
                     "mlm_probability": cfg.data.mlm_probability}
             save_run_model(weights, out_dir, bert, meta, tok)
 
-    results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch, save)
+    results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch, save, tok)
     if results.get("interrupted"):
         return results
     results.update(

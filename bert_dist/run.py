@@ -259,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def remove_unstarted(out_dir: Path) -> None:
-    """Remove the output dir this run created, if it holds no model or checkpoint yet: a run that failed before
+    """Remove the output dir this run created, if it holds no model, checkpoint or log yet: a run that failed before
     training must not leave a directory that looks started (and that a rerun would be refused as not empty)."""
-    if not ((out_dir / "model.safetensors").exists() or (out_dir / "checkpoints").exists()):
-        shutil.rmtree(out_dir, ignore_errors=True)
+    started = ("model.safetensors", "checkpoints", "train_log.jsonl", "metrics.jsonl")
+    if not any((out_dir / f).exists() for f in started):
+        shutil.rmtree(out_dir, ignore_errors=True)  # else its logs say how far it got
 
 
 def disk_full(e: BaseException) -> bool:

@@ -51,8 +51,8 @@ RUN_CONFIG_FILE = "run_config.json"
 """Every setting of the run (RunConfig.to_dict()), in the output dir and copied into each checkpoint: a resume is
 checked against the checkpoint's own copy (check_resume), also when the checkpoint was moved out of its run."""
 TOKENIZER_FILE = "tokenizer.json"
-"""The run's tokenizer, in the output dir (written before training) and copied into each checkpoint: a resume's
-tokenizer is compared with the checkpoint's copy (_same_tokenizer)."""
+"""The run's tokenizer, written into each checkpoint (train.save_checkpoint): a resume's tokenizer is compared with
+the checkpoint's copy (_same_tokenizer), and a moved --init scratch checkpoint resumes with it (resume_tokenizer)."""
 LOCK_FILE = ".lock"
 """Held (flock) by the main process for the run's duration (lock_output_dir); never removed, never counted as
 content of the output dir."""
@@ -293,7 +293,9 @@ def resume_tokenizer(cfg: RunConfig, out_dir: Path) -> RunConfig:
     run_dir = Path(t.resume_from).parent.parent if t.resume_from else out_dir
     if t.resume and not list_checkpoints(out_dir):
         return cfg  # nothing to resume: a fresh start trains its tokenizer
-    saved = run_dir / "tokenizer.json"
+    ckpt = Path(t.resume_from) if t.resume_from else list_checkpoints(out_dir)[-1]
+    # The checkpoint's own copy first: a checkpoint moved out of its run still has it.
+    saved = ckpt / TOKENIZER_FILE if (ckpt / TOKENIZER_FILE).is_file() else run_dir / TOKENIZER_FILE
     if not saved.is_file():
         raise ValueError(f"--resume: {saved} is missing, and a tokenizer trained again would not match the "
                          "checkpoint's embeddings; pass the run's tokenizer with --tokenizer")

@@ -92,7 +92,7 @@ class Window:
 
     def __init__(self, device: torch.device):
         zero = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)
-        self.loss, self.micro = zero(), zero()  # sum and count of the finite micro-batch losses
+        self.loss, self.micro = zero(), zero()  # the finite micro-batches' loss x examples, and their examples
         self.tokens = zero(torch.long)
         self.step_bad = zero(torch.bool)  # the optimizer step under way saw a non-finite loss or gradient norm
         self.bad_run, self.bad_max, self.bad_steps = zero(torch.long), zero(torch.long), zero(torch.long)
@@ -102,12 +102,13 @@ class Window:
         self.t0 = time.perf_counter()
 
     def add_micro_batch(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        finite = torch.isfinite(loss)
-        self.loss += torch.where(finite, loss, 0.0)
-        self.micro += finite
+        """The micro-batch's mean `loss` weighs by its examples, as its gradient does (a short last batch)."""
+        finite, n = torch.isfinite(loss), batch["input_ids"].shape[0]
+        self.loss += torch.where(finite, loss * n, 0.0)
+        self.micro += finite * n
         self.step_bad |= ~finite
         self.tokens += batch["attention_mask"].sum()
-        self.examples += batch["input_ids"].shape[0]
+        self.examples += n
 
     def end_step(self, grad_ok: torch.Tensor | None) -> None:
         if grad_ok is not None:
@@ -227,8 +228,9 @@ SCHEDULER_FILE = "lr_scheduler.pt"  # a state dict of numbers and lists, loaded 
 
 
 def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: int, state: TrainState,
-                    scheduler: Any) -> Path:
-    """Write step-N.tmp, then rename it to step-N: a kill at any point leaves the previous one newest."""
+                    scheduler: Any, files: dict[str, str] | None = None) -> Path:
+    """Write step-N.tmp, then rename it to step-N: a kill at any point leaves the previous one newest. `files`:
+    {name: text} written into it too (the run's tokenizer.json, which a resume is checked against)."""
     final = out_dir / "checkpoints" / f"step-{step:08d}"
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     if accelerator.is_main_process and tmp.exists():
@@ -242,9 +244,10 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: in
                                                         "num_processes": accelerator.num_processes,
                                                         "mixed_precision": accelerator.mixed_precision}))
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        for name in (RUN_CONFIG_FILE, TOKENIZER_FILE):  # what a resume is checked against (rundir.check_resume)
-            if (out_dir / name).is_file():
-                shutil.copy(out_dir / name, tmp / name)
+        if (out_dir / RUN_CONFIG_FILE).is_file():  # what a resume is checked against (rundir.check_resume)
+            shutil.copy(out_dir / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # from another trajectory (--resume-from an older checkpoint)
@@ -406,6 +409,7 @@ def train(
     max_grad_norm: float = 1.0,
     on_trained: Callable[[], None] | None = None,
     batch_size: int | None = None,
+    checkpoint_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train for `num_steps` optimizer steps; evaluate every `cfg.eval_every` steps and at the end.
 
@@ -486,7 +490,7 @@ def train(
         nonlocal last_save
         win.flush_throughput(accelerator, state)
         state.window = {k: v for k, v in win.read(accelerator).items() if k != "mean_loss"}
-        save_checkpoint(accelerator, out_dir, state.step, cfg.keep_checkpoints, state, scheduler)
+        save_checkpoint(accelerator, out_dir, state.step, cfg.keep_checkpoints, state, scheduler, checkpoint_files)
         last_save = state.step
         win.t0 = time.perf_counter()  # saving time is not training time
 
@@ -510,12 +514,21 @@ def train(
                     # --grad-accum: each micro-batch's mean loss weighs by its examples, so that a group cut short
                     # (the epoch's last micro-batch, or last group) is the mean over its examples, as one batch of
                     # them would be, not k/N of it (accelerate divides every micro-batch's loss by N).
-                    weigh = accum > 1 and batch_size is not None
+                    # With several processes likewise: DDP averages the processes' gradients with equal weights,
+                    # and a short batch (--group-by-length puts it mid-epoch) sits on one process only.
+                    weigh = (accum > 1 or accelerator.num_processes > 1) and batch_size is not None
                     accelerator.backward(loss * (n / batch_size) if weigh and n != batch_size else loss)
                     if accelerator.sync_gradients:
-                        if weigh and group_examples != accum * batch_size:
-                            torch._foreach_mul_([p.grad for p in params if p.grad is not None],
-                                                accum * batch_size / group_examples)
+                        if weigh:
+                            full = accum * batch_size  # examples in a full group, per process
+                            grads = [p.grad for p in params if p.grad is not None]
+                            if accelerator.num_processes > 1:  # every process alike: on the device, no sync
+                                # torch.full: a fill kernel (a host tensor copied to CUDA would sync the stream)
+                                count = torch.full((), float(group_examples), device=loss.device)
+                                total = accelerator.reduce(count, "sum")
+                                torch._foreach_mul_(grads, full * accelerator.num_processes / total)  # 1.0 when full
+                            elif group_examples != full:
+                                torch._foreach_mul_(grads, full / group_examples)
                         group_examples = 0
                         norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
                         if norm is not None:
@@ -705,6 +718,7 @@ class Prepared:
         eval_fn: Callable[[int], dict[str, float]],
         on_set_epoch: Callable[[int], None] | None,
         save: Callable[[], None],
+        tokenizer: Any = None,
     ) -> dict[str, Any]:
         """`train()` with this run's objects, or only `eval_fn` under --eval-only (both recipes end so). `save` writes
         the run's model: after training and before the final evaluation, or after the evaluation under --eval-only."""
@@ -727,6 +741,7 @@ class Prepared:
             cfg.optim.max_grad_norm,
             save,
             cfg.data.batch_size,
+            {TOKENIZER_FILE: tokenizer.to_str()} if tokenizer is not None else None,
         )
 
 

@@ -641,6 +641,22 @@ def test_subprocess_shows_one_line_and_no_traceback(tmp_path, data_dir, model_di
     assert not out.exists()
 
 
+def test_resume_from_a_moved_checkpoint_of_a_scratch_run_uses_its_tokenizer_copy(tmp_path, data_dir):
+    """A checkpoint holds its run's tokenizer: moved out of its run (no run dir's tokenizer.json beside it), an
+    --init scratch checkpoint still resumes, into a new directory whose own checkpoints then carry the copy."""
+    import shutil
+
+    _reset_accelerate()
+    assert main(args(tmp_path / "a", "--save-every", "2", "--max-steps", "4", data=data_dir)) == 0
+    moved = tmp_path / "moved" / "x" / "step-00000002"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", moved)
+    _reset_accelerate()
+    assert main(args(tmp_path / "b", "--resume-from", str(moved), "--save-every", "3", "--max-steps", "4",
+                     data=data_dir)) == 0
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003" / "tokenizer.json").is_file()
+
+
 def test_eval_only_needs_no_train_split(tmp_path, capsys, data_dir, model_dir):
     """--eval-only reads no train split: a --data-dir with validation (and test) only, or --validation-file alone.
     A head --init does not have is warned about (its scores are a random head's)."""
@@ -767,3 +783,13 @@ def test_a_crash_before_training_leaves_no_output_dir_behind(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="a bug"):
         main(args(tmp_path / "o", data=data_dir))
     assert not (tmp_path / "o").exists()
+
+    def broken_later(cfg, accelerator, out_dir):  # a crash mid-training: its logs say how far it got, and stay
+        (out_dir / "train_log.jsonl").write_text('{"step": 1}\n')
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(F, "run_finetune", broken_later)
+    _reset_accelerate()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(args(tmp_path / "p", data=data_dir))
+    assert (tmp_path / "p" / "train_log.jsonl").is_file()

@@ -317,3 +317,28 @@ def test_grad_accum_equals_one_batch_of_the_group_when_the_epoch_ends_short(setu
     w1, w2 = (load_file(str(o / "model.safetensors")) for o in outs)
     for k in w1:
         np.testing.assert_allclose(w2[k].numpy(), w1[k].numpy(), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_two_processes_keep_one_model_when_a_short_batch_falls_mid_epoch(setup, tmp_path):
+    """--group-by-length puts the epoch's short batch anywhere, on one process only: each process weighed its own
+    examples, so the processes' copies of the model drifted apart (only the main one's is saved; the others scored
+    their shards of the evaluation). Now: the model the run saved gives the run's own predictions."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bert_dist.run import main
+
+    root, flags = setup
+    flags = [*flags[:flags.index("--max-steps")], *flags[flags.index("--max-steps") + 2:]]
+    flags = [*flags[:flags.index("--lr")], *flags[flags.index("--lr") + 2:]]
+    out = tmp_path / "two"
+    p = run_cli([*flags, "--max-train-samples", "45", "--batch-size", "4", "--grad-accum", "2", "--group-by-length",
+                 "--epochs", "5", "--lr", "5e-3", "--output-dir", str(out)], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    data = flags[flags.index("--data-dir") + 1]
+    assert main(["--task", "sst2", "--data-dir", data, "--init", str(out), "--eval-only", "--eval-batch-size", "8",
+                 "--output-dir", str(tmp_path / "again")]) == 0
+    mine, again = predictions(out), predictions(tmp_path / "again")
+    np.testing.assert_allclose([r["probabilities"] for r in mine], [r["probabilities"] for r in again], atol=2e-6)

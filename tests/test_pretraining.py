@@ -190,6 +190,8 @@ def test_long_unsplit_text_keeps_its_tokens_and_real_next_sentences():
     """Lower-case or CJK text has no sentence ends the splitter knows (CJK: 。！？ are): a row longer than half a
     sequence is cut into pieces, not truncated to one chunk with a random B (most tokens lost, NSP all random)."""
     assert split_sentences("我们去学校。他们来了！好吗？ 是的") == ["我们去学校。", "他们来了！", "好吗？", "是的"]
+    assert split_sentences("你好？！我很好。他说：「走吧。」然后走了") == \
+        ["你好？！", "我很好。", "他说：「走吧。」", "然后走了"]
     rows = []
     for d in range(8):
         rows += [" ".join(f"this is lower case text number {j} of doc {d} and it goes on" for j in range(10)), ""]

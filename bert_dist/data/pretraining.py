@@ -52,7 +52,9 @@ _TITLE = re.compile(r"^= [^=].*[^=] =$|^= [^=] =$")  # ` = Title = ` once stripp
 _HEADING = re.compile(r"^(= )+.*( =)+$")
 # A sentence ends at . ! or ? (optionally followed by closing quotes/brackets) before whitespace and
 # an upper-case letter, a digit or an opening quote/bracket. Simple and fast; "Mr. Smith" splits too.
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])|(?<=[。！？])\s*")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])"
+                           r"|(?:(?<=[。！？])|(?<=[。！？][」』）〕】”’]))(?![。！？」』）〕】”’])\s*")
+# ... and after 。！？ (with any closing bracket or quote after it; a run of them, ？！, ends one sentence).
 
 
 def split_sentences(text: str) -> list[str]:
