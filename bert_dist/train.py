@@ -415,6 +415,9 @@ def train(
 
     on_trained: called once the last step is done, before the final evaluation (the recipes save the model there,
     so that an evaluation that fails cannot cost the training).
+    batch_size: the examples of a full micro-batch per process (--batch-size): with --grad-accum or several
+    processes each micro-batch's loss weighs by its examples against it (None: every micro-batch alike).
+    checkpoint_files: {name: text} written into every checkpoint (the run's tokenizer.json).
 
     The scheduler is stepped here once per optimizer step (it is not passed through
     `accelerator.prepare`, which would step it once per process). Returns the final metrics plus
