@@ -415,8 +415,8 @@ def train(
 
     on_trained: called once the last step is done, before the final evaluation (the recipes save the model there,
     so that an evaluation that fails cannot cost the training).
-    batch_size: the examples of a full micro-batch per process (--batch-size): with --grad-accum or several
-    processes each micro-batch's loss weighs by its examples against it (None: every micro-batch alike).
+    batch_size: the examples of a full micro-batch per process (--batch-size): with --grad-accum each
+    micro-batch's loss weighs by its examples against it (None: every micro-batch alike).
     checkpoint_files: {name: text} written into every checkpoint (the run's tokenizer.json).
 
     The scheduler is stepped here once per optimizer step (it is not passed through
@@ -517,21 +517,14 @@ def train(
                     # --grad-accum: each micro-batch's mean loss weighs by its examples, so that a group cut short
                     # (the epoch's last micro-batch, or last group) is the mean over its examples, as one batch of
                     # them would be, not k/N of it (accelerate divides every micro-batch's loss by N).
-                    # With several processes likewise: DDP averages the processes' gradients with equal weights,
-                    # and a short batch (--group-by-length puts it mid-epoch) sits on one process only.
-                    weigh = (accum > 1 or accelerator.num_processes > 1) and batch_size is not None
+                    # With several processes every micro-batch is full (the sampler keeps a short batch last, and
+                    # accelerate fills the last one from the epoch's start), so each process scales alike.
+                    weigh = accum > 1 and batch_size is not None
                     accelerator.backward(loss * (n / batch_size) if weigh and n != batch_size else loss)
                     if accelerator.sync_gradients:
-                        if weigh:
-                            full = accum * batch_size  # examples in a full group, per process
-                            grads = [p.grad for p in params if p.grad is not None]
-                            if accelerator.num_processes > 1:  # every process alike: on the device, no sync
-                                # torch.full: a fill kernel (a host tensor copied to CUDA would sync the stream)
-                                count = torch.full((), float(group_examples), device=loss.device)
-                                total = accelerator.reduce(count, "sum")
-                                torch._foreach_mul_(grads, full * accelerator.num_processes / total)  # 1.0 when full
-                            elif group_examples != full:
-                                torch._foreach_mul_(grads, full / group_examples)
+                        if weigh and group_examples != accum * batch_size:
+                            torch._foreach_mul_([p.grad for p in params if p.grad is not None],
+                                                accum * batch_size / group_examples)
                         group_examples = 0
                         norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
                         if norm is not None:

@@ -151,7 +151,8 @@ class BatchSampler(Sampler[list[int]]):
 
     With `group_by_length`, shuffled indices are cut into mega-batches of 50 batches, each sorted by
     length, so a batch holds sequences of similar length (little padding) while the order stays random.
-    The longest batch goes first, so an out-of-memory shows at step 1, not hours in.
+    The longest batch goes first, so an out-of-memory shows at step 1, not hours in; a short batch (the
+    examples do not divide into batches) is always the last.
     """
 
     def __init__(
@@ -189,9 +190,15 @@ class BatchSampler(Sampler[list[int]]):
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         if self.group_by_length and self.shuffle and batches:
+            # The short batch (if any) stays last: accelerate's sharding across processes expects only the final
+            # batch to be short (it fills that one from the epoch's start); a short batch mid-epoch went to one
+            # process alone, or made it skip a whole round of batches.
+            short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[i] for i in perm]
-            longest = max(range(len(batches)), key=lambda i: int(self.lengths[batches[i]].max()))
-            batches[0], batches[longest] = batches[longest], batches[0]
+            if batches:
+                longest = max(range(len(batches)), key=lambda i: int(self.lengths[batches[i]].max()))
+                batches[0], batches[longest] = batches[longest], batches[0]
+            batches += short
         for b in batches:
             yield b.tolist()
