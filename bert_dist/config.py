@@ -109,7 +109,7 @@ def preset(name: str, **overrides: Any) -> BertConfig:
 class DataConfig:
     """Where the data comes from and how it is batched."""
 
-    data_dir: str | None = _f(None, "read DIR/<task>/<split>.jsonl|csv|parquet instead of the hub")
+    data_dir: str | None = _f(None, "read DIR/<task>/<split>.jsonl|csv|tsv|parquet instead of the hub")
     train_file: str | None = _f(None, "custom training data (CSV or JSON Lines)")
     validation_file: str | None = _f(None, "custom validation data (CSV or JSON Lines)")
     max_length: int | None = _f(None, "max tokens per sequence (default: 128, or 384 for SQuAD)")
@@ -178,7 +178,8 @@ class RunConfig:
     """Everything that reproduces a run; written to <output_dir>/config.json."""
 
     task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), glue (every GLUE task, one "
-                           "after another), squad, squad_v2, pretrain")
+                           "after another, each with the BERT paper's recipe unless a flag is given), squad, "
+                           "squad_v2, pretrain, tokenizer (train a WordPiece vocabulary only)")
     tasks: str | None = _f(None, "--task glue: comma-separated GLUE tasks to run, e.g. cola,sst2 (implies --task glue; "
                                  "default: all nine)")
     init: str = _f("scratch", "weights: scratch | HF-format dir | bert-dist run dir | hub id")
@@ -303,12 +304,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "bert-dist") -> argparse.ArgumentParser:
     """The argparse parser generated from `RunConfig` (flags are field names with dashes)."""
-    p = ArgumentParser(prog=prog, description="Fine-tune or pretrain BERT with Accelerate.")
+    p = ArgumentParser(prog=prog, description="Fine-tune or pretrain BERT with Accelerate.",
+                       epilog="commands: bert-dist [train] FLAGS (this list); bert-dist pretrain / tokenizer FLAGS "
+                              "(--task pretrain / tokenizer); bert-dist predict | export | report | score-squad "
+                              "(on a finished run: each has its own --help)")
     defaults = RunConfig()
     for group, f, typ in _leaf_fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(getattr(defaults, group) if group else defaults, f.name)
-        helptext = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
+        shown = default is not None and default is not False  # 0 and 0.0 are defaults to show
+        helptext = f.metadata.get("help", "") + (f" (default: {default})" if shown else "")
         if typ is bool or typ == (bool | None):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
             continue
@@ -324,6 +329,13 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
     if "tasks" in given:
         given.setdefault("task", "glue")
     return config_from_overrides(given)
+
+
+def flags_given(argv: list[str] | None = None) -> set[str]:
+    """The settings the command line gives (field names), whatever their values: `--lr 2e-5` is given even where it
+    equals the default (the GLUE suite's per-task recipe gives way to it)."""
+    return {k for k, v in vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv)).items()
+            if v is not None}
 
 
 def config_from_overrides(given: dict[str, Any], base: RunConfig | None = None) -> RunConfig:

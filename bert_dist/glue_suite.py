@@ -41,7 +41,7 @@ RECIPE: dict[str, dict[str, Any]] = {
     "cola": _SMALL, "sst2": _LARGE, "mrpc": _SMALL, "stsb": _SMALL, "qqp": _LARGE, "mnli": _LARGE,
     "qnli": _LARGE, "rte": _SMALL, "wnli": _SMALL,
 }
-"""Per-task defaults; a flag given on the command line (any value but the global default) wins for every task."""
+"""Per-task defaults; a flag given on the command line wins for every task (also at the global default's value)."""
 
 OFFICIAL_METRICS: dict[str, tuple[str, ...]] = {
     "cola": ("matthews_correlation",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"),
@@ -84,12 +84,13 @@ def smoke_suite(cfg: RunConfig) -> RunConfig:
     return config_from_overrides(overrides, base=cfg)
 
 
-def task_config(cfg: RunConfig, task: str, out_dir: Path) -> RunConfig:
-    """The suite's flags for one task: its RECIPE where the flag was left at the global default, into out_dir/task."""
+def task_config(cfg: RunConfig, task: str, out_dir: Path, given: set[str] | None = None) -> RunConfig:
+    """The suite's flags for one task, into out_dir/task: its RECIPE where the command line did not give the flag
+    (`given`: config.flags_given; None: where the flag is at the global default)."""
     defaults = RunConfig()
     overrides: dict[str, Any] = {"task": task, "tasks": None, "output_dir": str(out_dir / task)}
     for name, value in RECIPE[task].items():
-        if _leaf(cfg, name) == _leaf(defaults, name):
+        if name not in given if given is not None else _leaf(cfg, name) == _leaf(defaults, name):
             overrides[name] = value
     task_cfg = config_from_overrides(overrides, base=cfg)
     if cfg.smoke:
@@ -129,13 +130,13 @@ def task_score(task: str, results: dict[str, Any]) -> tuple[dict[str, float], fl
 
 
 def run_glue(cfg: RunConfig, accelerator: Accelerator, out_dir: Path,
-             run_task: Callable[[RunConfig], dict[str, Any]]) -> dict[str, Any]:
+             run_task: Callable[[RunConfig], dict[str, Any]], given: set[str] | None = None) -> dict[str, Any]:
     """Run the suite's tasks one after another; returns the summary written to glue_results.json
     (or the interrupted task's {"interrupted": True, "steps"} after a SIGTERM: rerun with --resume)."""
     names = suite_tasks(cfg)
     tasks: dict[str, dict[str, Any]] = {}
     for i, task in enumerate(names, 1):
-        task_cfg = task_config(cfg, task, out_dir)
+        task_cfg = task_config(cfg, task, out_dir, given)
         done = out_dir / task / "results.json"
         if cfg.train.resume and done.is_file():  # finished before the suite was stopped
             log.info("GLUE %d/%d %s: finished earlier (%s)", i, len(names), task, done)

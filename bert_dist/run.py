@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bert_dist.config import RunConfig, config_from_args, preset
+from bert_dist.config import RunConfig, config_from_args, flags_given, preset
 from bert_dist.console import fail, print_table, setup_logging
 from bert_dist.rundir import (
     check_output_dir,
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             from bert_dist.glue_suite import run_glue
 
             results = run_glue(cfg, accelerator, out_dir,
-                               lambda c: run_task(c, accelerator, prepare_output_dir(c, accelerator)[0]))
+                               lambda c: run_task(c, accelerator, prepare_output_dir(c, accelerator)[0]),
+                               flags_given(argv))
         else:
             results = run_task(cfg, accelerator, out_dir)
         if results.get("interrupted"):

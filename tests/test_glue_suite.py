@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from bert_dist.config import config_from_args
+from bert_dist.config import config_from_args, flags_given
 from bert_dist.data import get_task
 from bert_dist.data.synthetic import write_task_data
 from bert_dist.glue_suite import RECIPE, markdown_table, suite_tasks, task_config, task_score
@@ -92,6 +92,9 @@ def test_recipe_applies_where_the_flag_is_left_at_its_default(tmp_path):
     assert mine.task == "glue"  # --tasks implies it
     assert {task_config(mine, t, tmp_path).optim.lr for t in ("rte", "sst2")} == {5e-5}
     assert task_config(mine, "rte", tmp_path).train.epochs == 2.0
+    # A flag given at the global default's value is given all the same (rte's recipe has 3e-5).
+    argv = ["--tasks", "rte", "--lr", "2e-5"]
+    assert task_config(config_from_args(argv), "rte", tmp_path, flags_given(argv)).optim.lr == 2e-5
 
 
 def test_bad_task_lists_name_the_flag():

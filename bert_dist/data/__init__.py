@@ -80,6 +80,9 @@ def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None,
         # ones, which CSV quoting would read as one field running over the next rows).
         kw.update(delimiter="\t", quoting=csv.QUOTE_NONE)
     where = f"{flag} {path}".strip()
+    lib = logging.getLogger("datasets")  # its readers log a parse error, which the one line below says in full
+    level = lib.level
+    lib.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(kind, data_files={split: str(path)}, split=split, **kw)
     except Exception as e:  # pyarrow/pandas parse errors have many types; all mean a bad file
@@ -91,6 +94,8 @@ def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None,
         if "corresponds to no data" in msg:  # a CSV with a header and no rows
             raise ValueError(f"{where}: the file has no rows") from None
         raise ValueError(f"{where}: cannot be read as {kind} ({msg[:200]}); fix or remove the malformed rows") from None
+    finally:
+        lib.setLevel(level)
     bad = _first_invalid_utf8(ds)
     if bad is not None:
         raise ValueError(f"{where}: not UTF-8 text (column {bad[0]!r}, row {bad[1] + 1}); re-encode it as UTF-8")
