@@ -357,6 +357,11 @@ HF_SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[
                      "mask_token": "[MASK]"}
 
 
+EXPORTED_DATA_SETTINGS = ("max_length", "doc_stride", "max_query_length", "n_best_size", "max_answer_length",
+                          "null_score_diff_threshold", "eval_batch_size")
+"""The run's settings `bert-dist predict` reads, kept in an export's `bert_dist` metadata (no run_config.json there)."""
+
+
 def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a run as a Hugging Face model directory that transformers' Auto classes load.
 
@@ -380,6 +385,13 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
                    problem_type="regression" if kind == "regression" else "single_label_classification")
     if kind == "pretrain":
         cfg["tie_word_embeddings"] = True
+    run_config = Path(run_dir) / "run_config.json"
+    if run_config.is_file():  # the run's evaluation settings (max length, SQuAD windows...), for predict on the export
+        try:
+            data = json.loads(run_config.read_text()).get("data", {})
+        except ValueError:
+            data = {}
+        meta = {**meta, "data": {k: data[k] for k in EXPORTED_DATA_SETTINGS if data.get(k) is not None}}
     cfg["bert_dist"] = meta
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_tokenizer(src.tokenizer, out)

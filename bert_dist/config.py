@@ -257,7 +257,9 @@ class RunConfig:
             raise ValueError(f"--vocab-size must be in [1, {2**24:,}], got {d.vocab_size}")
         if not 0 < d.mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")
-        for flag, value in (("--doc-stride", d.doc_stride), ("--max-query-length", d.max_query_length),
+        if d.doc_stride < 0:
+            raise ValueError(f"--doc-stride must be 0 (windows that do not overlap) or more, got {d.doc_stride}")
+        for flag, value in (("--max-query-length", d.max_query_length),
                             ("--n-best-size", d.n_best_size), ("--max-answer-length", d.max_answer_length),
                             ("--max-train-samples", d.max_train_samples), ("--max-eval-samples", d.max_eval_samples)):
             if value is not None and value < 1:

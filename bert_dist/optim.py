@@ -48,7 +48,7 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
     """Linear warmup to the peak lr, then linear (or cosine) decay to 0 at `total_steps`, or constant."""
     warmup = warmup_steps(cfg, total_steps)
-    if warmup >= total_steps and warmup > 0:
+    if cfg.warmup_steps is not None and warmup >= total_steps and warmup > 0:  # given: --warmup-ratio is below 1
         log.warning("--warmup-steps %d is not below the run's %d optimizer steps: the learning rate never reaches "
                     "--lr (at most %.3g)", warmup, total_steps, cfg.lr * (total_steps - 1) / warmup)
 

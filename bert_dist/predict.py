@@ -81,7 +81,7 @@ class Predictor:
 
     def _data_config(self, batch_size: int | None, max_length: int | None) -> DataConfig:
         """The run's own evaluation settings (max length, batch size, SQuAD post-processing), flags on top."""
-        saved = {}
+        saved = self.meta.get("data", {})  # an export's copy of them (checkpoint.EXPORTED_DATA_SETTINGS)
         f = self.dir / "run_config.json"
         if f.is_file():
             saved = json.loads(f.read_text()).get("data", {})
@@ -249,9 +249,9 @@ def read_rows(texts: list[str] | None, pairs: list[str] | None, file: str | None
             raise ValueError(f"--file {path}: unsupported type {suffix!r}; use .jsonl, .csv, .tsv or .txt")
         with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: a byte-order mark is not text
             if suffix == ".csv":
-                yield from csv.DictReader(fh)
+                yield from _table_rows(csv.DictReader(fh), f"--file {path}")
             elif suffix == ".tsv":  # unquoted, as GLUE's files (a '"' is text)
-                yield from csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+                yield from _table_rows(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), f"--file {path}")
             elif suffix == ".txt":
                 yield from _text_lines(fh, f"--file {path}", pair_task)
             elif suffix == ".json" and fh.read(4096).lstrip().startswith("["):  # a JSON array of rows
@@ -266,18 +266,39 @@ def read_rows(texts: list[str] | None, pairs: list[str] | None, file: str | None
     yield from _text_lines(stdin, "stdin", pair_task)
 
 
+def _table_rows(reader: csv.DictReader, where: str) -> Iterator[dict[str, Any]]:
+    """A CSV/TSV's rows, each with as many fields as the header (a field too many, an unquoted comma in a text, would
+    be dropped by DictReader; one too few would be None)."""
+    for n, row in enumerate(reader, 1):
+        if None in row or None in row.values():
+            fields = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+            raise ValueError(f"{where} row {n}: {fields} fields, the header has {len(reader.fieldnames or [])}; "
+                             "quote a text that holds the separator")
+        yield row
+
+
 def _text_lines(lines: Iterable[str], where: str, pair_task: bool) -> Iterator[dict[str, Any]]:
     """One row per line: a JSON object, or text (a tab between the two texts of a pair). A blank line is an empty
     text, so that output line n answers input line n."""
     for n, line in enumerate(lines, 1):
-        if line.lstrip().startswith("{"):
-            yield from _json_lines([line], f"{where} line {n}")
-        else:
-            parts = line.rstrip("\r\n").split("\t") if pair_task else [line.rstrip("\r\n")]
-            if len(parts) > 2:
-                raise ValueError(f"{where} line {n}: {len(parts)} tab-separated fields; a pair is two texts with "
-                                 "one tab between them (or give JSON Lines)")
-            yield dict(zip(("text", "text_pair"), parts))
+        if line.lstrip().startswith("{") and _is_json_object(line):
+            yield from _json_lines([line], where)
+            continue
+        text = line.rstrip("\r\n")  # a line like "{curly} text" that is no JSON object is text
+        parts = text.split("\t") if pair_task else [text]
+        if len(parts) > 2:
+            raise ValueError(f"{where} line {n}: {len(parts)} tab-separated fields; a pair is two texts with "
+                             "one tab between them (or give JSON Lines)")
+        if pair_task and parts == [""]:
+            parts = ["", ""]  # a blank line: an empty pair, answered in its place
+        yield dict(zip(("text", "text_pair"), parts))
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _json_array(fh: Any, where: str) -> Iterator[dict[str, Any]]:

@@ -793,3 +793,12 @@ def test_a_crash_before_training_leaves_no_output_dir_behind(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="out of memory"):
         main(args(tmp_path / "p", data=data_dir))
     assert (tmp_path / "p" / "train_log.jsonl").is_file()
+
+
+def test_a_csv_row_with_a_field_too_many_is_refused(tmp_path, capsys, data_dir):
+    """An unquoted comma in a sentence: pandas made the first field an index and shifted the rest (sentence1 became
+    the second half, the label the next sentence) without a word."""
+    bad = tmp_path / "t.csv"
+    bad.write_text("sentence,label\ngood film,1\nhe said, fine,0\n")
+    fails(args(tmp_path / "o", "--train-file", str(bad), "--validation-file", str(bad)), capsys,
+          str(bad), "row 2 has 3 fields, the header 2", out=tmp_path / "o")

@@ -158,3 +158,34 @@ def test_predict_into_a_closed_pipe_stops_quietly(sst2):
     p = subprocess.run(f"yes 'a fine film' | head -3000 | {sys.executable} -m bert_dist.cli predict --model {run} "
                        "--batch-size 8 | head -1", shell=True, capture_output=True, text=True, timeout=300)
     assert len(p.stdout.splitlines()) == 1 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+def test_predict_on_an_export_uses_the_runs_settings(sst2, tmp_path):
+    """An export has no run_config.json: the settings predict reads (max length, SQuAD windows, batch) go into its
+    config.json's bert_dist block, so the export predicts as the run does (it took the defaults before)."""
+    import shutil
+
+    from bert_dist.checkpoint import export_hf
+
+    run, data = sst2
+    short = tmp_path / "short"
+    shutil.copytree(run, short)
+    config = json.loads((short / "run_config.json").read_text())
+    config["data"]["max_length"] = 8  # as if the run had been trained with --max-length 8
+    (short / "run_config.json").write_text(json.dumps(config))
+    export_hf(short, tmp_path / "export")
+    rows = [json.loads(line) for line in (data / "validation.jsonl").read_text().splitlines()[:20]]
+    want, got = (list(Predictor(d).predict(iter(rows))) for d in (short, tmp_path / "export"))
+    assert Predictor(tmp_path / "export").data.max_length == 8
+    assert [g["probabilities"] for g in got] == [w["probabilities"] for w in want]
+
+
+def test_predict_reads_braces_as_text_and_refuses_ragged_csv_rows(sst2, tmp_path):
+    run, _ = sst2
+    p = _predict_cli("--model", str(run), stdin="{curly} text\n{\"text\": \"fine\"}\n")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(p.stdout.splitlines()) == 2  # the first line is no JSON object: a text
+    ragged = tmp_path / "r.csv"
+    ragged.write_text("sentence\nfine\nhe said, hello\n")  # an unquoted comma: a field the header lacks
+    p = _predict_cli("--model", str(run), "--file", str(ragged))
+    assert p.returncode == 1 and "row 2: 2 fields, the header has 1" in p.stderr and "Traceback" not in p.stderr

@@ -80,6 +80,9 @@ def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None,
         # ones, which CSV quoting would read as one field running over the next rows).
         kw.update(delimiter="\t", quoting=csv.QUOTE_NONE)
     where = f"{flag} {path}".strip()
+    if kind == "csv":
+        _check_fields(path, where, kw)
+        kw["index_col"] = False  # a row with one field too many must not make its first field an index
     lib = logging.getLogger("datasets")  # its readers log a parse error, which the one line below says in full
     level = lib.level
     lib.setLevel(logging.CRITICAL)
@@ -100,6 +103,22 @@ def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None,
     if bad is not None:
         raise ValueError(f"{where}: not UTF-8 text (column {bad[0]!r}, row {bad[1] + 1}); re-encode it as UTF-8")
     return ds
+
+
+def _check_fields(path: Path, where: str, kw: dict[str, Any]) -> None:
+    """Every row of a CSV/TSV has as many fields as its header: pandas would read one with a field too many (an
+    unquoted comma in a sentence) by shifting its fields into other columns, or drop the last, without a word."""
+    dialect = {"delimiter": kw.get("delimiter", ","), "quoting": kw.get("quoting", csv.QUOTE_MINIMAL)}
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = csv.reader(fh, **dialect)
+            header = next(rows, [])
+            for n, row in enumerate(rows, 1):
+                if row and len(row) != len(header):
+                    raise ValueError(f"{where}: row {n} has {len(row)} fields, the header {len(header)} "
+                                     f"({', '.join(header)}); quote a text that holds the separator")
+    except (UnicodeDecodeError, csv.Error):
+        return  # the reader below says what is wrong with the file
 
 
 def _first_invalid_utf8(ds: Dataset) -> tuple[str, int] | None:
@@ -240,12 +259,12 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
                 ds = raw[split] = ds.cast_column("id", datasets.Value("string"))  # predictions.json keys are text
             if split != spec.train_split:
                 _check_unique_ids(ds, where)
-                if spec.metric == "squad":  # v1.1: every question is scored against at least one gold answer
-                    empty = next((i for i, a in enumerate(column(ds, "answers")) if not a["text"]), None)
-                    if empty is not None:
-                        raise ValueError(f"{where}: question {column(ds, 'id')[empty]!r} at row {empty + 1} has no "
-                                         "answer; SQuAD v1.1 scores every question against one (for unanswerable "
-                                         "questions use --task squad_v2)")
+            if spec.metric == "squad":  # v1.1: every question has an answer, to train on and to score against
+                empty = next((i for i, a in enumerate(column(ds, "answers")) if not a["text"]), None)
+                if empty is not None:
+                    raise ValueError(f"{where}: question {column(ds, 'id')[empty]!r} at row {empty + 1} has no "
+                                     "answer; SQuAD v1.1 trains and scores every question on one (for unanswerable "
+                                     "questions use --task squad_v2)")
             continue
         if spec.kind not in ("classification", "regression"):
             continue

@@ -40,7 +40,8 @@ Rows = Mapping[str, Sequence[Any]]
 """A batch in `datasets.Dataset.map(batched=True)` form: column name -> list of values."""
 
 _CHUNK = 4096
-"""Features per block in post-processing: bounds the (chunk, k, k) candidate arrays' memory."""
+"""Features per block in post-processing at --n-best-size 20 (fewer for a larger one): bounds the (chunk, k, k)
+candidate arrays' memory."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,13 +294,14 @@ def postprocess_predictions(
 
     # Candidate spans of every window, as flat arrays (one entry per valid (start, end) pair).
     cand = {k: [] for k in ("feat", "score", "sl", "el", "cs", "ce")}
-    for lo in range(0, n_feat, _CHUNK):
-        hi = min(lo + _CHUNK, n_feat)
+    k = min(n_best_size, W)
+    chunk = max(1, _CHUNK * 20 * 20 // (k * k))  # the (chunk, k, k) arrays stay the size they are at n_best 20
+    for lo in range(0, n_feat, chunk):
+        hi = min(lo + chunk, n_feat)
         in_ctx = off_start[lo:hi] >= 0
         s = np.where(in_ctx, start_logits[lo:hi, :W], -np.inf).astype(np.float64)
         e = np.where(in_ctx, end_logits[lo:hi, :W], -np.inf).astype(np.float64)
         # Top-k over context tokens only, so [CLS]/question tokens never take a candidate's place.
-        k = min(n_best_size, W)
         top_s, top_e = (np.argpartition(-x, k - 1, axis=1)[:, :k] if k < W else
                         np.broadcast_to(np.arange(W), x.shape).copy() for x in (s, e))
         s_val, e_val = np.take_along_axis(s, top_s, 1), np.take_along_axis(e, top_e, 1)  # (C, k)
