@@ -218,7 +218,7 @@ def test_squad_answers_as_the_official_json_lists_them_are_read():
 
     rows = [{**SQUAD_ROW, "answers": [{"text": "Paris", "answer_start": 13}, {"text": "in Paris", "answer_start": 10}]},
             {**SQUAD_ROW, "id": "b", "answers": []}]
-    raw = check_raw(datasets.DatasetDict(train=datasets.Dataset.from_list(rows)), get_task("squad"), "rows")
+    raw = check_raw(datasets.DatasetDict(train=datasets.Dataset.from_list(rows)), get_task("squad_v2"), "rows")
     assert raw["train"]["answers"] == [{"text": ["Paris", "in Paris"], "answer_start": [13, 10]},
                                        {"text": [], "answer_start": []}]
 
@@ -372,10 +372,11 @@ def test_csv_with_malformed_rows(tmp_path, capsys):
     (d / "sst2" / "validation.jsonl").unlink()
     f = d / "sst2" / "validation.csv"
     f.write_text("sentence,label\ngood film,1\nbad, bad film,0\n")  # a row with a field too many
-    fails(args(tmp_path / "o", data=d), capsys, "validation.csv", "cannot be read as csv", "line 3",
+    fails(args(tmp_path / "o", data=d), capsys, "validation.csv", "row 2 has 3 fields, the header 2", "quote",
           out=tmp_path / "o")
     f.write_text("sentence,label\ngood film,1\na row without its label\nbad film,0\n")  # a field too few
-    fails(args(tmp_path / "o", data=d), capsys, "validation.csv", "no 'label' at row 2", out=tmp_path / "o")
+    fails(args(tmp_path / "o", data=d), capsys, "validation.csv", "row 2 has 1 field, the header 2",
+          out=tmp_path / "o")
 
 
 def test_texts_far_longer_than_the_model_are_truncated(tmp_path, capsys):

@@ -115,8 +115,9 @@ def _check_fields(path: Path, where: str, kw: dict[str, Any]) -> None:
             header = next(rows, [])
             for n, row in enumerate(rows, 1):
                 if row and len(row) != len(header):
-                    raise ValueError(f"{where}: row {n} has {len(row)} fields, the header {len(header)} "
-                                     f"({', '.join(header)}); quote a text that holds the separator")
+                    fields = f"{len(row)} field" + "s" * (len(row) != 1)
+                    raise ValueError(f"{where}: row {n} has {fields}, the header {len(header)} ({', '.join(header)}); "
+                                     "quote a text that holds the separator")
     except (UnicodeDecodeError, csv.Error):
         return  # the reader below says what is wrong with the file
 
