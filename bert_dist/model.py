@@ -238,7 +238,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     -> (B, nh, Q, hs). Q = T, except in a last layer that runs on the rows its head reads (`keep`).
 
     SDPA, except on the CPU in low precision or with dropout (`_attend_in_chunks`). In low precision SDPA's kernels
-    ran 2x - 2.6x slower than plain matmuls and a softmax over a few rows at a time. In fp32 without dropout the two
+    ran 2.3x - 2.6x slower than plain matmuls and a softmax over a few rows at a time. In fp32 without dropout the two
     do the same arithmetic and SDPA measured 3% - 4% faster (session 5, "Fast paths"); with dropout SDPA takes its
     reference path and torch's dropout, and the chunks with `dropout` measured 1.10x faster at 32x128, 0.99x at
     16x384 (session 8). Under torch.compile, the plain ops in one piece where there is dropout (inductor fuses them;

@@ -248,10 +248,12 @@ def read_rows(texts: list[str] | None, pairs: list[str] | None, file: str | None
         if suffix not in (".jsonl", ".json", ".csv", ".tsv", ".txt"):
             raise ValueError(f"--file {path}: unsupported type {suffix!r}; use .jsonl, .csv, .tsv or .txt")
         with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: a byte-order mark is not text
-            if suffix == ".csv":
-                yield from _table_rows(csv.DictReader(fh), f"--file {path}")
-            elif suffix == ".tsv":  # unquoted, as GLUE's files (a '"' is text)
-                yield from _table_rows(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), f"--file {path}")
+            if suffix in (".csv", ".tsv"):  # .tsv unquoted, as GLUE's files (a '"' is text)
+                from bert_dist.data import check_fields
+
+                dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+                check_fields(path, f"--file {path}", **dialect)
+                yield from csv.DictReader(fh, **dialect)
             elif suffix == ".txt":
                 yield from _text_lines(fh, f"--file {path}", pair_task)
             elif suffix == ".json" and fh.read(4096).lstrip().startswith("["):  # a JSON array of rows
@@ -266,23 +268,13 @@ def read_rows(texts: list[str] | None, pairs: list[str] | None, file: str | None
     yield from _text_lines(stdin, "stdin", pair_task)
 
 
-def _table_rows(reader: csv.DictReader, where: str) -> Iterator[dict[str, Any]]:
-    """A CSV/TSV's rows, each with as many fields as the header (a field too many, an unquoted comma in a text, would
-    be dropped by DictReader; one too few would be None)."""
-    for n, row in enumerate(reader, 1):
-        if None in row or None in row.values():
-            fields = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
-            raise ValueError(f"{where} row {n}: {fields} fields, the header has {len(reader.fieldnames or [])}; "
-                             "quote a text that holds the separator")
-        yield row
-
-
 def _text_lines(lines: Iterable[str], where: str, pair_task: bool) -> Iterator[dict[str, Any]]:
     """One row per line: a JSON object, or text (a tab between the two texts of a pair). A blank line is an empty
     text, so that output line n answers input line n."""
     for n, line in enumerate(lines, 1):
-        if line.lstrip().startswith("{") and _is_json_object(line):
-            yield from _json_lines([line], where)
+        row = _json_object(line) if line.lstrip().startswith("{") else None
+        if row is not None:
+            yield row
             continue
         text = line.rstrip("\r\n")  # a line like "{curly} text" that is no JSON object is text
         parts = text.split("\t") if pair_task else [text]
@@ -294,11 +286,13 @@ def _text_lines(lines: Iterable[str], where: str, pair_task: bool) -> Iterator[d
         yield dict(zip(("text", "text_pair"), parts))
 
 
-def _is_json_object(line: str) -> bool:
+def _json_object(line: str) -> dict[str, Any] | None:
+    """The JSON object on `line`, or None where it holds none."""
     try:
-        return isinstance(json.loads(line), dict)
+        row = json.loads(line)
     except ValueError:
-        return False
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _json_array(fh: Any, where: str) -> Iterator[dict[str, Any]]:

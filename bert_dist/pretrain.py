@@ -234,9 +234,11 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     )
     # NSP's chance level: a corpus of one-sentence documents (a sentence per row of a .jsonl) gets only random Bs,
     # and short sequences many; its NSP accuracy then says little (a constant guess scores the majority share).
-    random_share = float(np.mean(D.column(train_ds, "next_sentence_label")))
+    def random_b(pairs: Any) -> float:  # the share of pairs whose B is random
+        return float(np.mean(D.column(pairs, "next_sentence_label"))) if len(pairs) else 0.5
+
+    random_share, held_share = random_b(train_ds), random_b(eval_ds)
     nsp_baseline = max(random_share, 1 - random_share)
-    held_share = float(np.mean(D.column(eval_ds, "next_sentence_label"))) if len(eval_ds) else 0.5
     log.info("NSP pairs: %.0f%% with a random B (a constant guess scores %.0f%%)", 100 * random_share,
              100 * nsp_baseline)
     if nsp_baseline > 0.7:

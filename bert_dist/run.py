@@ -22,6 +22,7 @@ from pathlib import Path
 from bert_dist.config import RunConfig, config_from_args, flags_given, preset
 from bert_dist.console import fail, print_table, setup_logging
 from bert_dist.rundir import (
+    TRAIN_LOG,
     check_output_dir,
     flat_settings,
     prepare_output_dir,
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 def remove_unstarted(out_dir: Path) -> None:
     """Remove the output dir this run created, if it holds no model, checkpoint or log yet: a run that failed before
     training must not leave a directory that looks started (and that a rerun would be refused as not empty)."""
-    started = ("model.safetensors", "checkpoints", "train_log.jsonl", "metrics.jsonl")
+    started = ("model.safetensors", "checkpoints", TRAIN_LOG, "metrics.jsonl")
     if not any((out_dir / f).exists() for f in started):
         shutil.rmtree(out_dir, ignore_errors=True)  # else its logs say how far it got
 

@@ -458,6 +458,11 @@ def train(
     fp16 = accelerator.mixed_precision == "fp16"
     params = [p for p in model.parameters() if p.requires_grad]
     accum, group_examples = accelerator.gradient_accumulation_steps, 0
+    # --grad-accum: each micro-batch's mean loss weighs by its examples, so that a group cut short (the epoch's last
+    # micro-batch, or last group) is the mean over its examples, as one batch of them would be, not k/N of it
+    # (accelerate divides every micro-batch's loss by N). With several processes every micro-batch is full (the
+    # sampler keeps a short batch last, and accelerate fills the last one from the epoch's start): each scales alike.
+    weigh = accum > 1 and batch_size is not None
     metrics: dict[str, float] = {}
     last_eval = last_save = -1
     progress = StepProgress(num_steps, is_main)
@@ -514,12 +519,6 @@ def train(
                     loss = model(**batch)["loss"]
                     n = batch["input_ids"].shape[0]
                     group_examples += n
-                    # --grad-accum: each micro-batch's mean loss weighs by its examples, so that a group cut short
-                    # (the epoch's last micro-batch, or last group) is the mean over its examples, as one batch of
-                    # them would be, not k/N of it (accelerate divides every micro-batch's loss by N).
-                    # With several processes every micro-batch is full (the sampler keeps a short batch last, and
-                    # accelerate fills the last one from the epoch's start), so each process scales alike.
-                    weigh = accum > 1 and batch_size is not None
                     accelerator.backward(loss * (n / batch_size) if weigh and n != batch_size else loss)
                     if accelerator.sync_gradients:
                         if weigh and group_examples != accum * batch_size:

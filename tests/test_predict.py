@@ -188,4 +188,4 @@ def test_predict_reads_braces_as_text_and_refuses_ragged_csv_rows(sst2, tmp_path
     ragged = tmp_path / "r.csv"
     ragged.write_text("sentence\nfine\nhe said, hello\n")  # an unquoted comma: a field the header lacks
     p = _predict_cli("--model", str(run), "--file", str(ragged))
-    assert p.returncode == 1 and "row 2: 2 fields, the header has 1" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "row 2 has 2 fields, the header 1" in p.stderr and "Traceback" not in p.stderr

@@ -70,19 +70,18 @@ def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None,
     `text_columns` of a CSV/TSV are read as text whatever they look like (a sentence "1999" is not a number)."""
     check_file(path, flag, any_suffix=kind is not None)
     kind = kind or DATA_SUFFIXES[path.suffix.lower()]
+    where = f"{flag} {path}".strip()
     kw: dict[str, Any] = {}
     if kind == "csv":
         # Cells are what they say: pandas would read "None", "NA", "null", "nan" or "N/A" as missing, and refuse a
         # sentence that is just that word (GLUE's own reader keeps them); an empty cell is "", as in JSON Lines.
-        kw = {"keep_default_na": False, "converters": dict.fromkeys(text_columns, str) or None}
-    if path.suffix.lower() == ".tsv":
-        # .tsv as GLUE's own files are written: tab-separated, no quoting ('"' is text: MRPC's rows hold unmatched
-        # ones, which CSV quoting would read as one field running over the next rows).
-        kw.update(delimiter="\t", quoting=csv.QUOTE_NONE)
-    where = f"{flag} {path}".strip()
-    if kind == "csv":
-        _check_fields(path, where, kw)
-        kw["index_col"] = False  # a row with one field too many must not make its first field an index
+        # index_col False: a row with a field too many must not make its first field an index (check_fields).
+        kw = {"keep_default_na": False, "converters": dict.fromkeys(text_columns, str) or None, "index_col": False}
+        if path.suffix.lower() == ".tsv":
+            # .tsv as GLUE's own files are written: tab-separated, no quoting ('"' is text: MRPC's rows hold unmatched
+            # ones, which CSV quoting would read as one field running over the next rows).
+            kw.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+        check_fields(path, where, kw.get("delimiter", ","), kw.get("quoting", csv.QUOTE_MINIMAL))
     lib = logging.getLogger("datasets")  # its readers log a parse error, which the one line below says in full
     level = lib.level
     lib.setLevel(logging.CRITICAL)
@@ -105,13 +104,13 @@ def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None,
     return ds
 
 
-def _check_fields(path: Path, where: str, kw: dict[str, Any]) -> None:
-    """Every row of a CSV/TSV has as many fields as its header: pandas would read one with a field too many (an
-    unquoted comma in a sentence) by shifting its fields into other columns, or drop the last, without a word."""
-    dialect = {"delimiter": kw.get("delimiter", ","), "quoting": kw.get("quoting", csv.QUOTE_MINIMAL)}
+def check_fields(path: Path, where: str, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL) -> None:
+    """Every row of a CSV/TSV has as many fields as its header, else ValueError naming the row: pandas would read one
+    with a field too many (an unquoted comma in a sentence) by shifting its fields into other columns, csv.DictReader
+    would drop the extra field, without a word."""
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = csv.reader(fh, **dialect)
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            rows = csv.reader(fh, delimiter=delimiter, quoting=quoting)
             header = next(rows, [])
             for n, row in enumerate(rows, 1):
                 if row and len(row) != len(header):
@@ -119,7 +118,7 @@ def _check_fields(path: Path, where: str, kw: dict[str, Any]) -> None:
                     raise ValueError(f"{where}: row {n} has {fields}, the header {len(header)} ({', '.join(header)}); "
                                      "quote a text that holds the separator")
     except (UnicodeDecodeError, csv.Error):
-        return  # the reader below says what is wrong with the file
+        return  # the reader that follows says what is wrong with the file
 
 
 def _first_invalid_utf8(ds: Dataset) -> tuple[str, int] | None:
