@@ -16,7 +16,7 @@ from bert_dist.report import line_chart, nice_ticks, tick_labels, write_report
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "sst2"
-    p = run_cli(["--task", "sst2", "--smoke", "--max-steps", "40", "--eval-every", "10", "--cpu-matmul", "torch",
+    p = run_cli(["--task", "sst2", "--smoke", "--max-steps", "40", "--eval-every", "10", "--cpu-kernels", "off",
                  "--output-dir", str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
     return out
@@ -37,7 +37,7 @@ def test_run_writes_a_self_contained_report(run):
     assert not re.search(r"<script|<link|src=|(?<!xmlns=\")https?://", page)  # nothing to fetch: opens offline
     results = json.loads((run / "results.json").read_text())
     assert results["hardware"]["num_processes"] == 1 and results["hardware"]["device_type"] == "cpu"
-    assert results["hardware"]["cpu_matmul"] == "torch"  # --cpu-matmul torch, as the run was given
+    assert results["hardware"]["cpu_kernels"] == []  # --cpu-kernels off, as the run was given
 
 
 def test_run_writes_a_model_card(run):
