@@ -55,7 +55,7 @@ def export(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from pathlib import Path
 
-    from bert_dist.checkpoint import export_hf
+    from bert_dist.weights import export_hf
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -32,7 +32,6 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from bert_dist import data as D
-from bert_dist.checkpoint import InitSource, load_init, load_weights, save_run_model
 from bert_dist.config import BertConfig, DataConfig, RunConfig, TaskSpec, check_model_fits, preset
 from bert_dist.data.collate import PadCollator, pad_multiple
 from bert_dist.data.squad import (
@@ -47,6 +46,7 @@ from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassificat
 from bert_dist.perf import mfu
 from bert_dist.tokenizer import save_tokenizer, train_shared_tokenizer
 from bert_dist.train import evaluate, gather_state_dict, main_process_first, prepare_training, share_from_main
+from bert_dist.weights import InitSource, load_init, load_weights, save_run_model
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from bert_dist import data as D
-from bert_dist.checkpoint import load_init, load_weights, save_run_model
 from bert_dist.config import RunConfig, TaskSpec, check_model_fits, preset
 from bert_dist.data.collate import MLMCollator, pad_multiple
 from bert_dist.data.pretraining import (
@@ -50,6 +49,7 @@ from bert_dist.tokenizer import (
     train_shared_tokenizer,
 )
 from bert_dist.train import evaluate, gather_state_dict, main_process_first, prepare_training, share_from_main
+from bert_dist.weights import load_init, load_weights, save_run_model
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ log = logging.getLogger("bert_dist")
 def preflight(cfg: RunConfig) -> None:
     """What can be checked before anything is created or loaded: task, paths, flags against the model."""
     from bert_dist import data as D
-    from bert_dist.checkpoint import check_init
     from bert_dist.model import set_cpu_matmul
+    from bert_dist.weights import check_init
 
     if cfg.task not in (*D.TASKS, "glue", "tokenizer"):
         raise ValueError(f"--task: unknown task {cfg.task!r}; choose from {', '.join(D.TASKS)}, glue (every GLUE "

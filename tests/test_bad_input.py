@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from bert_dist.checkpoint import save_run_model
 from bert_dist.config import preset
 from bert_dist.data import get_task
 from bert_dist.data.synthetic import make_rows, write_task_data
 from bert_dist.model import BertForSequenceClassification
 from bert_dist.run import main
 from bert_dist.tokenizer import train_tokenizer
+from bert_dist.weights import save_run_model
 
 REPO = Path(__file__).resolve().parents[1]
 SST2, STSB = get_task("sst2"), get_task("stsb")

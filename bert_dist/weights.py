@@ -1,4 +1,4 @@
-"""Checkpoints as data: safetensors + config.json + tokenizer.json, and Hugging Face BERT import and export.
+"""Model weights as data (safetensors + config.json + tokenizer.json), and Hugging Face BERT import and export.
 
 A bert-dist output directory and a Hugging Face BERT directory share one layout (config.json with
 Google/HF field names, model.safetensors, a tokenizer), so `--init` reads both the same way.
