@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     accelerator = out_dir = None
     created = False
-    from bert_dist.train import catch_sigterm
+    from bert_dist.preemption import catch_sigterm
 
     # SIGTERM is a request to stop, not a kill, until the run's outputs are written (results.json, predictions and the
     # report come after training): train() saves a checkpoint at a step boundary, or after the last step the run
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if results.get("interrupted"):
             log.warning("stopped by SIGTERM at step %d with a checkpoint in %s; rerun with --resume to finish",
                         results["steps"], out_dir)
-        from bert_dist.train import sigterm_received
+        from bert_dist.preemption import sigterm_received
 
         if cfg.train.eval_only and sigterm_received():  # nothing to checkpoint: the evaluation ran to its end
             log.warning("SIGTERM during --eval-only: the evaluation was finished and its outputs written")

@@ -240,7 +240,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from bert_dist.config import preset
 from bert_dist.model import BertForSequenceClassification, BertLayer
-from bert_dist.train import gather_state_dict
+from bert_dist.distributed import gather_state_dict
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

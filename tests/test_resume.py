@@ -42,10 +42,11 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
     from accelerate import Accelerator
 
     import bert_dist.train as T
+    from bert_dist.checkpointing import Checkpointer
     from bert_dist.model import BertForSequenceClassification
 
     seen = {"forwards": 0, "countdown": None}
-    forward, save, save_state = BertForSequenceClassification.forward, T.save_checkpoint, Accelerator.save_state
+    forward, save, save_state = BertForSequenceClassification.forward, Checkpointer.save, Accelerator.save_state
 
     def traced_forward(self, *args, **kw):
         if self.training:
@@ -62,20 +63,20 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
                 os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args, **kw)
 
-    def save_checkpoint(accelerator, out_dir, step, keep, *state_and_scheduler):
-        path = save(accelerator, out_dir, step, keep, *state_and_scheduler)
-        if fault.get("kill_after_save") == step:
+    def save_checkpoint(self, state):
+        path = save(self, state)
+        if fault.get("kill_after_save") == state.step:
             seen["countdown"] = fault["forwards"]
         return path
 
-    run_eval = T._run_eval
+    run_eval = T.run_eval
 
-    def signalled_eval(accelerator, eval_fn, state, out_dir):
+    def signalled_eval(*, state, **kw):
         if fault.get("sigterm_in_final_eval") and state.step == STEPS:
             os.kill(os.getpid(), signal.SIGTERM)
-        return run_eval(accelerator, eval_fn, state, out_dir)
+        return run_eval(state=state, **kw)
 
-    T._run_eval = signalled_eval
+    T.run_eval = signalled_eval
     import bert_dist.report as R
 
     describe_hardware = R.describe_hardware
@@ -96,12 +97,12 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
-    BertForSequenceClassification.forward, T.save_checkpoint = traced_forward, save_checkpoint
+    BertForSequenceClassification.forward, Checkpointer.save = traced_forward, save_checkpoint
     Accelerator.save_state = killed_save_state
 
     def undo() -> None:
-        BertForSequenceClassification.forward, T.save_checkpoint, Accelerator.save_state = forward, save, save_state
-        T._run_eval, R.describe_hardware = run_eval, describe_hardware
+        BertForSequenceClassification.forward, Checkpointer.save, Accelerator.save_state = forward, save, save_state
+        T.run_eval, R.describe_hardware = run_eval, describe_hardware
 
     return undo
 
