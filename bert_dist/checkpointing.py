@@ -50,7 +50,7 @@ class TrainState:
     """fp16: optimizer steps the gradient scaler skipped (inf/NaN gradients while it calibrates its scale). The
     learning-rate schedule counts them as steps: deciding otherwise would read the device every step."""
     nonfinite_steps: int = 0
-    """Optimizer steps with a non-finite loss or gradient norm (their update was zeroed)."""
+    """Optimizer steps with a non-finite loss or gradient norm (their update was skipped)."""
     batches_per_epoch: int = 0
     """Micro-batches per epoch (per process) of the run that saved it: other data since would make its position (and
     the epoch) point elsewhere (0: a checkpoint from before it was recorded)."""

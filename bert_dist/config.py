@@ -165,7 +165,7 @@ class TrainConfig:
     resume: bool = _f(False, "resume from the newest complete checkpoint in --output-dir")
     resume_from: str | None = _f(None, "resume from this checkpoint directory")
     max_bad_steps: int = _f(20, "stop after this many optimizer steps in a row with a non-finite loss or gradient "
-                                "(their updates are zeroed; checked at log and save steps)")
+                                "(their updates are skipped; checked at log and save steps)")
     compile: bool = _f(False, "torch.compile the model")
     cpu_matmul: str = _f("auto", "fp32 matmuls on the CPU: auto (oneDNN on x86-64) | onednn | torch (F.linear: MKL)")
     cpu_threads: int | None = _f(None, "torch threads per CPU process (default: torch's own, except under accelerate "

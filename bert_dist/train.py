@@ -62,7 +62,7 @@ def train(
     tokens_per_second, steps; or {"interrupted": True, "steps"} after a SIGTERM, once a checkpoint is saved.
 
     SIGTERM (SLURM's notice before preemption or the time limit) stops the run at the end of the optimizer step
-    under way, and saves a checkpoint there (preemption.py). Non-finite steps have their gradients zeroed
+    under way, and saves a checkpoint there (preemption.py). Non-finite steps are skipped whole
     (`step_unless_nonfinite`); --max-bad-steps of them in a row stop the run with TrainingDiverged, found at a
     log or save step, and no checkpoint is written while the latest step is bad, so the newest one is a good one.
     """
@@ -193,19 +193,27 @@ def optimizer_step(*, accelerator: Accelerator, optimizer: torch.optim.Optimizer
 
 
 def step_unless_nonfinite(*, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
-    """`optimizer.step()` with every gradient zeroed when the (global) gradient norm is inf/NaN; on the device, no
-    host sync. Returns the 0-d bool "not finite" flag.
+    """`optimizer.step()`, skipped whole (weights, moments, step count) when the gradient norm is inf/NaN, as
+    GradScaler skips a step: NaN never reaches the weights. Returns the 0-d bool "not finite" flag, on the device.
 
-    The optimizer then steps with zero gradients: the weights stay finite (AdamW's moments decay one step and its
-    momentum still moves the weights a little, as for any zero gradient) instead of becoming NaN for good. This
-    costs one small kernel per parameter tensor.
+    A fused Adam/AdamW (the default, OptimConfig.fused) reads `found_inf` as GradScaler sets it: the kernel skips the
+    update on the device and a foreach op per parameter group undoes the step count: the guard is a few ops
+    whatever the number of parameter tensors, with no host sync. Any other optimizer has no such input: the flag is
+    read on the host, one sync per optimizer step (what GradScaler does for such optimizers; on CUDA the queue
+    drains there).
     """
+    from accelerate.optimizer import AcceleratedOptimizer
+
     bad = ~torch.isfinite(grad_norm)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                p.grad.masked_fill_(bad, 0.0)
-    optimizer.step()
+    inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+    if getattr(inner, "_step_supports_amp_scaling", False):
+        inner.found_inf = bad.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bad.item():
+        optimizer.step()
     return bad
 
 

@@ -1,0 +1,199 @@
+"""One training step (train.train_step), profiled on the CPU with torch.profiler: it reads nothing from the device
+(no .item(), nonzero, ...: on a GPU each would stall the queue), and its non-finite guard is a few ops whatever the
+number of parameter tensors; a non-finite step is skipped whole, with the fused optimizer and without it.
+
+Op counts are the step's top-level aten ops (what the Python side launches; a foreach op is one, as its CUDA kernel
+is) minus those of the same forward and backward alone: what the loop itself adds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from bert_dist.config import OptimConfig, preset
+from bert_dist.data.collate import PadCollator
+from bert_dist.model import BertForSequenceClassification
+from bert_dist.optim import build_optimizer, build_scheduler
+
+SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero"}
+# torch's CPU kernel of the fused Adam/AdamW reads its CPU scalars (step, lr) with item(); the CUDA kernel reads none.
+CPU_KERNELS_THAT_READ_SCALARS = {"aten::_fused_adamw_", "aten::_fused_adam_"}
+
+
+class Stack(nn.Module):
+    """K linear layers over the token ids (as floats), mean-pooled over the real tokens, a 2-way loss: a model with
+    no host sync of its own, and as many parameter tensors as wanted (2K + 2)."""
+
+    def __init__(self, k: int, width: int = 16):
+        super().__init__()
+        self.inp = nn.Linear(1, width)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(k - 1))
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None, scale=None):
+        x = self.inp(input_ids.unsqueeze(-1).float() / 100)  # (B, T, W)
+        if scale is not None:  # a test's way to a NaN loss
+            x = x * scale
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        m = attention_mask.unsqueeze(-1).float()
+        logits = self.out((x * m).sum(1) / m.sum(1))  # (B, 2)
+        return {"logits": logits, "loss": nn.functional.cross_entropy(logits, labels)}
+
+
+def bert(layers: int) -> nn.Module:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(preset("tiny", vocab_size=60, num_hidden_layers=layers), num_labels=2)
+
+
+def batches(n: int = 8) -> list[dict[str, torch.Tensor]]:
+    """`n` padded batches of 4 (rows of 3 to 9 tokens), from the project's collator; made before any profiling (the
+    collator runs on the host, in the DataLoader)."""
+    g = torch.Generator().manual_seed(0)
+    collate = PadCollator(pad_token_id=0)
+    return [collate([{"input_ids": torch.randint(5, 60, (int(k),), generator=g).tolist(), "labels": i % 2}
+                     for i, k in enumerate(torch.randint(3, 10, (4,), generator=g))]) for _ in range(n)]
+
+
+class Loop:
+    """What train() builds around train_step, for one model, on a fresh one-process Accelerator."""
+
+    def __init__(self, model: nn.Module, fused: bool | None = None, grad_accum: int = 1):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        from bert_dist.checkpointing import TrainState
+        from bert_dist.train import StepMetrics
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        self.accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
+        opt = OptimConfig(lr=1e-3, fused=fused, warmup_steps=0)
+        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, opt, "cpu"))
+        self.scheduler = build_scheduler(self.optimizer, opt, 100)
+        self.metrics = StepMetrics(accelerator=self.accelerator, out_dir=None, state=TrainState(), log_every=10**9,
+                                   num_steps=100)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.batches = iter(batches())
+        self.model.train()
+
+    def step(self, batches=None) -> float:
+        from bert_dist.train import train_step
+
+        return train_step(accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
+                          scheduler=self.scheduler, params=self.params, micro_batches=batches or self.batches,
+                          metrics=self.metrics, max_grad_norm=1.0, full_batch=None)
+
+    def forward_backward(self) -> None:
+        from bert_dist.train import forward_backward
+
+        forward_backward(accelerator=self.accelerator, model=self.model, batch=next(self.batches), full_batch=None)
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def profiled(fn) -> tuple[Counter, Counter]:
+    """(top-level aten ops, all aten ops at any depth) that `fn()` runs; the host syncs among the latter are its
+    device reads, but for those of a CPU kernel that reads its own CPU scalars."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def top(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return False
+            p = p.cpu_parent
+        return True
+
+    def in_cpu_kernel(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name in CPU_KERNELS_THAT_READ_SCALARS:
+                return True
+            p = p.cpu_parent
+        return False
+
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    return (Counter(e.name for e in events if top(e)),
+            Counter(e.name for e in events if e.name not in SYNCS or not in_cpu_kernel(e)))
+
+
+def loop_ops(model: nn.Module, fused: bool | None = None) -> tuple[Counter, Counter, Loop]:
+    """The ops a train_step adds to its forward and backward: (top-level, all). Not counted: torch's
+    clip_grad_norm_ moves each tensor's norm to the first one's device (`norm.to(device)`), one `aten::to` per
+    parameter tensor that launches nothing where they are all on one device."""
+    loop = Loop(model, fused)
+    loop.step()  # the optimizer's state is made on the first step
+    step_top, step_all = profiled(loop.step)
+    fb_top, fb_all = profiled(loop.forward_backward)
+    added = step_top - fb_top
+    del added["aten::to"]
+    return added, step_all - fb_all, loop
+
+
+def n_tensors(loop: Loop) -> int:
+    return len(loop.params)
+
+
+@pytest.mark.parametrize("make, few, many", [(Stack, 1, 16), (bert, 1, 4)], ids=["linear-stack", "bert-tiny"])
+def test_the_loop_adds_the_same_ops_whatever_the_number_of_parameter_tensors(make, few, many):
+    few_top, few_all, few = loop_ops(make(few))
+    many_top, many_all, many = loop_ops(make(many))
+    assert n_tensors(many) >= n_tensors(few) + 20
+    assert "aten::_fused_adamw_" in few_top  # the default optimizer (OptimConfig.fused) on the CPU
+    assert "aten::masked_fill_" not in few_top, few_top  # a guard of one op per parameter tensor
+    assert few_top == many_top, (few_top, many_top)
+    assert sum(few_top.values()) < 80, few_top
+    assert not SYNCS & set(few_all) and not SYNCS & set(many_all), (few_all, many_all)
+
+
+def test_a_training_step_reads_nothing_from_the_device():
+    """A model with no sync of its own: the whole step, forward and backward included, has none."""
+    loop = Loop(Stack(4))
+    loop.step()
+    _, every = profiled(loop.step)
+    assert "aten::_fused_adamw_" in every
+    assert not SYNCS & set(every), {k: every[k] for k in SYNCS & set(every)}
+
+
+def snapshot(loop: Loop) -> list[torch.Tensor]:
+    opt = loop.optimizer.optimizer
+    return [t.detach().clone() for p in loop.params for t in (p, *opt.state[p].values())]
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["fused", "unfused"])
+def test_a_nonfinite_step_is_skipped_whole(fused):
+    """Weights, Adam's moments and its step count stay as they were (a zero-gradient step would still decay the
+    moments and move the weights by their momentum); the schedule counts the step; the step is counted as bad. The
+    fused optimizer does it on the device; any other reads the flag on the host: one sync per step."""
+    loop = Loop(Stack(3), fused)
+    assert bool(loop.optimizer.optimizer.defaults["fused"]) is (fused is None)
+    loop.step()
+    loop.step()
+    before, lr_before = snapshot(loop), loop.scheduler.get_last_lr()[0]
+    good = next(loop.batches)
+    bad = {**good, "scale": torch.tensor(float("nan"))}  # a NaN loss and NaN gradients
+    _, every = profiled(lambda: loop.step(iter([bad])))
+    after = snapshot(loop)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert loop.scheduler.get_last_lr()[0] != lr_before
+    assert int(loop.metrics.bad_run) == 1 and int(loop.metrics.bad_steps) == 1
+    assert bool(SYNCS & set(every)) is (fused is False)
+    loop.step(iter([good]))  # and the next good step updates again
+    assert not all(torch.equal(a, b) for a, b in zip(after, snapshot(loop)))
+    assert int(loop.metrics.bad_run) == 0 and all(torch.isfinite(p).all() for p in loop.params)
+
+
+def test_train_step_takes_the_micro_batches_of_one_optimizer_step():
+    """With --grad-accum 3 a step takes three micro-batches from the iterator, and leaves the rest."""
+    loop = Loop(Stack(2), grad_accum=3)
+    it = iter(batches(7))
+    for _ in range(2):
+        loop.step(it)
+    assert len(list(it)) == 1
