@@ -336,12 +336,15 @@ class StepMetrics:
 
     def end_step(self, *, grad_norm: torch.Tensor | None, nonfinite: torch.Tensor | None,
                  skipped: torch.Tensor | None) -> None:
-        """A step is bad when its loss or gradients were not finite: --max-bad-steps counts it."""
+        """A step is bad when its loss or gradients were not finite, or (fp16) the scaler skipped it: either way its
+        update was not applied, and --max-bad-steps counts it (the scaler's calibration skips a few in a row at most,
+        halving its scale each time)."""
         if grad_norm is not None:
             self.grad_norm = grad_norm.detach()
         if nonfinite is not None:
             self.step_bad |= nonfinite
-        self.bad_run = torch.where(self.step_bad, self.bad_run + 1, 0)
+        bad = self.step_bad if skipped is None else self.step_bad | skipped
+        self.bad_run = torch.where(bad, self.bad_run + 1, 0)
         self.bad_max = torch.maximum(self.bad_max, self.bad_run)
         self.bad_steps += self.step_bad
         if skipped is not None:

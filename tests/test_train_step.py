@@ -8,6 +8,8 @@ is) minus those of the same forward and backward alone: what the loop itself add
 
 from __future__ import annotations
 
+import json
+import math
 from collections import Counter
 
 import pytest
@@ -24,12 +26,25 @@ SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero"}
 CPU_KERNELS_THAT_READ_SCALARS = {"aten::_fused_adamw_", "aten::_fused_adam_"}
 
 
+class NaNGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
 class Stack(nn.Module):
     """K linear layers over the token ids (as floats), mean-pooled over the real tokens, a 2-way loss: a model with
     no host sync of its own, and as many parameter tensors as wanted (2K + 2)."""
 
-    def __init__(self, k: int, width: int = 16):
+    def __init__(self, k: int, width: int = 16, nan_backward: bool = False):
         super().__init__()
+        self.nan_backward = nan_backward
         self.inp = nn.Linear(1, width)
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(k - 1))
         self.out = nn.Linear(width, 2)
@@ -38,6 +53,8 @@ class Stack(nn.Module):
         x = self.inp(input_ids.unsqueeze(-1).float() / 100)  # (B, T, W)
         if scale is not None:  # a test's way to a NaN loss
             x = x * scale
+        if self.nan_backward:
+            x = NaNGradient.apply(x)
         for layer in self.layers:
             x = torch.tanh(layer(x))
         m = attention_mask.unsqueeze(-1).float()
@@ -197,3 +214,33 @@ def test_train_step_takes_the_micro_batches_of_one_optimizer_step():
     for _ in range(2):
         loop.step(it)
     assert len(list(it)) == 1
+
+
+def test_fp16_steps_the_gradient_scaler_skips_are_bad_steps(tmp_path):
+    """fp16 with a backward that yields NaN every step (the loss itself finite): the gradient scaler skips every step
+    and halves its scale, and --max-bad-steps stops the run; it used to train on, skipping every step while the scale
+    sank toward 0. A CPU GradScaler stands in for CUDA's (accelerate makes none on the CPU)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.utils.data import DataLoader
+
+    from bert_dist.config import DataConfig, RunConfig, TrainConfig
+    from bert_dist.train import TrainingDiverged, prepare_training
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # before prepare: the prepared optimizer steps through it
+    cfg = RunConfig(data=DataConfig(batch_size=4), optim=OptimConfig(lr=1e-3, warmup_steps=0),
+                    train=TrainConfig(max_steps=40, max_bad_steps=5, log_every=1))
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": n % 2} for n in range(3, 19)]
+    loader = DataLoader(rows, batch_size=4, collate_fn=PadCollator(), generator=torch.Generator().manual_seed(0))
+    run = prepare_training(cfg, accelerator, Stack(2, nan_backward=True), loader, {}, tmp_path)
+    accelerator.native_amp = True  # after prepare (no fp16 autocast on the CPU): clipping unscales the gradients
+    with pytest.raises(TrainingDiverged, match="5 optimizer steps in a row"):
+        run.fit(accelerator=accelerator, cfg=cfg, out_dir=tmp_path, eval_fn=None, on_set_epoch=None,
+                save=lambda: None)
+    logged = [json.loads(ln) for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in logged] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r["loss"]) for r in logged)
+    assert accelerator.scaler.get_scale() == 2.0**16 / 2**5
