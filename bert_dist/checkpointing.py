@@ -56,6 +56,8 @@ class TrainState:
     the epoch) point elsewhere (0: a checkpoint from before it was recorded)."""
     window: dict[str, float] = field(default_factory=dict)
     """The log window's running sums at the checkpoint, so the first log line after a resume is unchanged."""
+    eval_pending: bool = False
+    """A SIGTERM cut the evaluation of this step short: a resume runs it first."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,6 +13,7 @@ killed and resumed ends with the weights of an uninterrupted one, bit for bit (t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,12 +27,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from bert_dist import preemption
 from bert_dist.checkpointing import METRICS_FILE, Checkpointer, TrainState
 from bert_dist.config import RunConfig, TrainConfig
 from bert_dist.console import StepProgress, format_metrics
 from bert_dist.distributed import gather_outputs, pad_for
 from bert_dist.optim import build_optimizer, build_scheduler
-from bert_dist.preemption import Preemption, sigterm_received
+from bert_dist.preemption import Preempted, Preemption, sigterm_received
 from bert_dist.rundir import TOKENIZER_FILE, TRAIN_LOG, discard_previous_run, resume_checkpoint, run_inputs
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,8 @@ def train(
     tokens_per_second, steps; or {"interrupted": True, "steps"} after a SIGTERM, once a checkpoint is saved.
 
     SIGTERM (SLURM's notice before preemption or the time limit) stops the run at the end of the optimizer step
-    under way, and saves a checkpoint there (preemption.py). Non-finite steps are skipped whole
-    (`step_unless_nonfinite`); --max-bad-steps of them in a row stop the run with TrainingDiverged, found at a
+    under way, or inside an evaluation, and saves a checkpoint there (preemption.py). Non-finite steps are skipped
+    whole (`step_unless_nonfinite`); --max-bad-steps of them in a row stop the run with TrainingDiverged, found at a
     log or save step, and no checkpoint is written while the latest step is bad, so the newest one is a good one.
     """
     t, state = cfg.train, TrainState()
@@ -82,7 +84,8 @@ def train(
     with Preemption(accelerator) as stop:
         run.model.train()
         with metrics:
-            stopping = False
+            # A resume after a SIGTERM that cut an evaluation short runs it first.
+            stopping = state.eval_pending and state.step < run.num_steps and not evaluator.run(state, stop)
             while state.step < run.num_steps and not stopping:
                 lr = train_step(accelerator=accelerator, model=run.model, optimizer=run.optimizer,
                                 scheduler=run.scheduler, params=params, micro_batches=batches, metrics=metrics,
@@ -92,7 +95,7 @@ def train(
                     check_diverged(window=metrics.log(state, lr), max_bad_steps=t.max_bad_steps, step=state.step,
                                    checkpointer=checkpointer)
                 if evaluator.due(state.step):
-                    evaluator.run(state)
+                    stopping = not evaluator.run(state, stop)
                     run.model.train()
                     metrics.restart_clock()  # evaluation time is not training time
                 if t.save_every and state.step % t.save_every == 0:
@@ -428,10 +431,19 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return self.eval_fn is not None and bool(self.every) and step % self.every == 0
 
-    def run(self, state: TrainState) -> None:
-        """Evaluate at `state.step`."""
-        self.latest = run_eval(accelerator=self.accelerator, eval_fn=self.eval_fn, state=state, out_dir=self.out_dir)
-        self.last_step = state.step
+    def run(self, state: TrainState, stop: Preemption | None = None) -> bool:
+        """Evaluate at `state.step`. With `stop`, a SIGTERM the processes agree on ends it early, unscored and
+        unwritten (a resume runs it again: state.eval_pending); returns whether it ran to its end."""
+        try:
+            with stop.interruptible() if stop is not None else contextlib.nullcontext():
+                self.latest = run_eval(accelerator=self.accelerator, eval_fn=self.eval_fn, state=state,
+                                       out_dir=self.out_dir)
+        except Preempted:
+            log.warning("SIGTERM during the evaluation at step %d: stopped it (a resume runs it again)", state.step)
+            state.eval_pending = True
+            return False
+        state.eval_pending, self.last_step = False, state.step
+        return True
 
 
 def run_eval(*, accelerator: Accelerator, eval_fn: Callable[[int], dict[str, float]], state: TrainState,
@@ -458,12 +470,14 @@ def evaluate(
     `collect` returns tensors whose first dim is the batch (B, ...). 2-D ones (B, T) may differ in T
     between batches and processes: they are padded with `pad_value` to the longest. Each example
     is counted once (`distributed.gather_outputs`). Returns numpy arrays with one row per example of the dataset.
+    Inside training a SIGTERM stops it between batches (raising preemption.Preempted).
     """
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     try:
         for batch in loader:
+            preemption.check()
             # Inputs only: evaluation needs no loss, and test splits carry no labels (-1).
             picked = collect(batch, model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}))
             for k, v in gather_outputs(accelerator, picked, pad_value).items():

@@ -22,7 +22,7 @@ from bert_dist.model import BertForSequenceClassification
 from bert_dist.optim import build_optimizer, build_scheduler
 
 SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero"}
-# torch's CPU kernel of the fused Adam/AdamW reads its CPU scalars (step, lr) with item(); the CUDA kernel reads none.
+# torch's CPU kernel of the fused Adam/AdamW reads each parameter's step count with item(); the CUDA one reads none.
 CPU_KERNELS_THAT_READ_SCALARS = {"aten::_fused_adamw_", "aten::_fused_adam_"}
 
 
