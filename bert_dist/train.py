@@ -73,6 +73,8 @@ def train(
                                 scheduler=run.scheduler, files=checkpoint_files)
     checkpointer.resume(state=state, path=run.resume_from, restart=t.resume, num_batches=len(run.train_loader),
                         num_steps=run.num_steps)
+    if run.resume_from is None:
+        seed_processes(accelerator=accelerator, seed=cfg.seed)
     metrics = StepMetrics(accelerator=accelerator, out_dir=out_dir, state=state, log_every=t.log_every,
                           num_steps=run.num_steps)
     evaluator = Evaluator(accelerator=accelerator, eval_fn=eval_fn, out_dir=out_dir, every=t.eval_every)
@@ -247,6 +249,17 @@ def micro_batches(*, accelerator: Accelerator, loader: torch.utils.data.DataLoad
             state.batches_in_epoch += 1
             yield batch
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+
+def seed_processes(*, accelerator: Accelerator, seed: int) -> None:
+    """With several processes each draws its own random numbers in the step (dropout masks): seed + process index,
+    as NVIDIA's BERT seeds. Called once the model is built (its init is the seed's alone, on every process) and only
+    for a fresh start (a resume restores each process's states). The data order has generators of its own. One
+    process keeps the stream set_seed(seed) started."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import set_seed
+
+        set_seed(seed, device_specific=True)
 
 
 def save_checkpoint(*, checkpointer: Checkpointer, metrics: StepMetrics, state: TrainState) -> None:

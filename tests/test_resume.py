@@ -329,6 +329,19 @@ def two_uninterrupted(setup):
 
 
 @pytest.mark.slow
+def test_each_process_draws_its_own_dropout_masks(setup, two_uninterrupted):
+    """With 2 processes every training forward pass starts from another RNG state on each (dropout: seed + rank, as
+    NVIDIA's BERT seeds), where every process used to draw the same masks; the model each process builds is the same
+    (its init is the seed's alone). The data order stays the seed's: tests/test_distributed.py, 2 processes = 1."""
+    traces = [lines(two_uninterrupted.parent / f"{two_uninterrupted.name}.trace.{rank}") for rank in (0, 1)]
+    assert len(traces[0]) == len(traces[1]) > 0
+    rng = [[ln.split()[0] for ln in t] for t in traces]
+    assert all(a != b for a, b in zip(*rng)), [a == b for a, b in zip(*rng)]
+    inits = [lines(two_uninterrupted.parent / f"{two_uninterrupted.name}.trace.{rank}.init") for rank in (0, 1)]
+    assert inits[0] == inits[1] and len(inits[0]) == 1
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_process_during_an_evaluation_stops_both_at_once(setup, two_uninterrupted):
     """2 processes, SIGTERM to rank 0 alone on its 2nd batch of the step-5 evaluation: both stop that evaluation at
     the same batch (they agree before each one; a lone process leaving would hang the other in the next gather),
