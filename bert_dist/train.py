@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 
 from bert_dist import preemption
 from bert_dist.checkpointing import METRICS_FILE, Checkpointer, TrainState
@@ -207,8 +208,6 @@ def step_unless_nonfinite(*, optimizer: torch.optim.Optimizer, grad_norm: torch.
     read on the host, one sync per optimizer step (what GradScaler does for such optimizers; on CUDA the queue
     drains there).
     """
-    from accelerate.optimizer import AcceleratedOptimizer
-
     bad = ~torch.isfinite(grad_norm)
     inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
     if getattr(inner, "_step_supports_amp_scaling", False):

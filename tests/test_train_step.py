@@ -160,9 +160,9 @@ def n_tensors(loop: Loop) -> int:
 
 @pytest.mark.parametrize("make, few, many", [(Stack, 1, 16), (bert, 1, 4)], ids=["linear-stack", "bert-tiny"])
 def test_the_loop_adds_the_same_ops_whatever_the_number_of_parameter_tensors(make, few, many):
-    few_top, few_all, few = loop_ops(make(few))
-    many_top, many_all, many = loop_ops(make(many))
-    assert n_tensors(many) >= n_tensors(few) + 20
+    few_top, few_all, small = loop_ops(make(few))
+    many_top, many_all, large = loop_ops(make(many))
+    assert n_tensors(large) >= n_tensors(small) + 20
     assert "aten::_fused_adamw_" in few_top  # the default optimizer (OptimConfig.fused) on the CPU
     assert "aten::masked_fill_" not in few_top, few_top  # a guard of one op per parameter tensor
     assert few_top == many_top, (few_top, many_top)
