@@ -63,7 +63,7 @@ def export_parser() -> ArgumentParser:
 def export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from bert_dist.checkpoint import export_hf
+    from bert_dist.weights import export_hf
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

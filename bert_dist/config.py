@@ -161,7 +161,7 @@ class TrainConfig:
     resume: bool = _f(False, "resume from the newest complete checkpoint in --output-dir")
     resume_from: str | None = _f(None, "resume from this checkpoint directory")
     max_bad_steps: int = _f(20, "stop after this many optimizer steps in a row with a non-finite loss or gradient "
-                                "(their updates are zeroed; checked at log and save steps)")
+                                "(their updates are skipped; checked at log and save steps)")
     compile: bool = _f(False, "torch.compile the model")
     cpu_kernels: str = _f("auto", "the CPU's fast paths (bert_dist.kernels: oneDNN projections, dropout, attention in "
                                   "chunks): auto (on a CPU device) | off")

@@ -54,7 +54,7 @@ class Predictor:
         from accelerate import Accelerator
 
         from bert_dist import data as D
-        from bert_dist.checkpoint import load_run_model
+        from bert_dist.weights import load_run_model
 
         self.dir = Path(model_dir)
         model, src = load_run_model(self.dir)

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from bert_dist import data as D
-from bert_dist.checkpoint import load_init, load_weights, save_run_model
 from bert_dist.config import RunConfig, TaskSpec, check_model_fits, preset
 from bert_dist.data.collate import MLMCollator, pad_multiple
 from bert_dist.data.pretraining import (
@@ -40,6 +39,7 @@ from bert_dist.data.pretraining import (
     make_pairs,
     read_corpus_file,
 )
+from bert_dist.distributed import gather_state_dict, main_process_first, share_from_main
 from bert_dist.model import BertForPreTraining, count_params
 from bert_dist.perf import mfu
 from bert_dist.rundir import discard_previous_run, run_inputs
@@ -49,7 +49,8 @@ from bert_dist.tokenizer import (
     save_tokenizer,
     train_shared_tokenizer,
 )
-from bert_dist.train import evaluate, gather_state_dict, main_process_first, prepare_training, share_from_main
+from bert_dist.train import evaluate, prepare_training
+from bert_dist.weights import load_init, load_weights, save_run_model
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,8 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
                     "mlm_probability": cfg.data.mlm_probability}
             save_run_model(weights, out_dir, bert, meta, tok)
 
-    results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch, save, tok)
+    results = run.fit(accelerator=accelerator, cfg=cfg, out_dir=out_dir, eval_fn=eval_fn, on_set_epoch=set_epoch,
+                      save=save, tokenizer=tok)
     if results.get("interrupted"):
         return results
     results.update(

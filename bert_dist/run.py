@@ -36,7 +36,7 @@ log = logging.getLogger("bert_dist")
 def preflight(cfg: RunConfig) -> None:
     """What can be checked before anything is created or loaded: task, paths, flags against the model."""
     from bert_dist import data as D
-    from bert_dist.checkpoint import check_init
+    from bert_dist.weights import check_init
 
     if cfg.task not in (*D.TASKS, "glue", "tokenizer"):
         raise ValueError(f"--task: unknown task {cfg.task!r}; choose from {', '.join(D.TASKS)}, glue (every GLUE "
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     accelerator = out_dir = None
     created = False
-    from bert_dist.train import catch_sigterm
+    from bert_dist.preemption import catch_sigterm
 
     # SIGTERM is a request to stop, not a kill, until the run's outputs are written (results.json, predictions and the
     # report come after training): train() saves a checkpoint at a step boundary, or after the last step the run
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if results.get("interrupted"):
             log.warning("stopped by SIGTERM at step %d with a checkpoint in %s; rerun with --resume to finish",
                         results["steps"], out_dir)
-        from bert_dist.train import sigterm_received
+        from bert_dist.preemption import sigterm_received
 
         if cfg.train.eval_only and sigterm_received():  # nothing to checkpoint: the evaluation ran to its end
             log.warning("SIGTERM during --eval-only: the evaluation was finished and its outputs written")

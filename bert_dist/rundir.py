@@ -51,8 +51,9 @@ RUN_CONFIG_FILE = "run_config.json"
 """Every setting of the run (RunConfig.to_dict()), in the output dir and copied into each checkpoint: a resume is
 checked against the checkpoint's own copy (check_resume), also when the checkpoint was moved out of its run."""
 TOKENIZER_FILE = "tokenizer.json"
-"""The run's tokenizer, written into each checkpoint (train.save_checkpoint): a resume's tokenizer is compared with
-the checkpoint's copy (_same_tokenizer), and a moved --init scratch checkpoint resumes with it (resume_tokenizer)."""
+"""The run's tokenizer, written into each checkpoint (checkpointing.Checkpointer.save): a resume's tokenizer is
+compared with the checkpoint's copy (_same_tokenizer), and a moved --init scratch checkpoint resumes with it
+(resume_tokenizer)."""
 LOCK_FILE = ".lock"
 """Held (flock) by the main process for the run's duration (lock_output_dir); never removed, never counted as
 content of the output dir."""

@@ -18,12 +18,12 @@ import pytest
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from bert_dist.checkpoint import save_run_model
 from bert_dist.config import preset
 from bert_dist.data import get_task
 from bert_dist.data.synthetic import write_task_data
 from bert_dist.model import BertForSequenceClassification
 from bert_dist.tokenizer import train_tokenizer
+from bert_dist.weights import save_run_model
 
 N_EVAL, N_TEST = 97, 7  # odd, and not a multiple of 2 processes x the eval batch
 
@@ -240,7 +240,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from bert_dist.config import preset
 from bert_dist.model import BertForSequenceClassification, BertLayer
-from bert_dist.train import gather_state_dict
+from bert_dist.distributed import gather_state_dict
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

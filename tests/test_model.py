@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bert_dist.checkpoint import load_init, load_weights, save_model
 from bert_dist.config import BertConfig, preset
 from bert_dist.data.collate import masked_positions
 from bert_dist.model import (
@@ -15,6 +14,7 @@ from bert_dist.model import (
     BertModel,
 )
 from bert_dist.padding import layout_of
+from bert_dist.weights import load_init, load_weights, save_model
 
 V = 97
 
@@ -293,7 +293,7 @@ def test_save_and_reload_roundtrip(tmp_path):
     torch.manual_seed(2)
     m = BertForSequenceClassification(tiny(), num_labels=2).eval()
     save_model(m, tmp_path, m.config, {"task": "sst2"})
-    from bert_dist.checkpoint import load_state_dict, read_config
+    from bert_dist.weights import load_state_dict, read_config
 
     cfg, meta = read_config(tmp_path)
     assert meta == {"task": "sst2"} and cfg == m.config
@@ -306,7 +306,7 @@ def test_save_and_reload_roundtrip(tmp_path):
 def test_encoder_shape_mismatch_is_a_clear_error(tmp_path):
     m = BertForSequenceClassification(tiny(), num_labels=2)
     save_model(m, tmp_path, m.config, {})
-    from bert_dist.checkpoint import load_state_dict
+    from bert_dist.weights import load_state_dict
 
     other = BertForSequenceClassification(preset("tiny", vocab_size=V + 8), num_labels=2)
     with pytest.raises(ValueError, match="does not fit"):
@@ -316,7 +316,7 @@ def test_encoder_shape_mismatch_is_a_clear_error(tmp_path):
 def test_new_head_when_label_count_differs(tmp_path):
     m = BertForSequenceClassification(tiny(), num_labels=2)
     save_model(m, tmp_path, m.config, {})
-    from bert_dist.checkpoint import load_state_dict
+    from bert_dist.weights import load_state_dict
 
     three = BertForSequenceClassification(tiny(), num_labels=3)
     report = load_weights(three, load_state_dict(tmp_path), "two-label run")
@@ -373,7 +373,7 @@ def test_a_hub_model_downloads_one_form_of_its_weights(monkeypatch, tmp_path):
     fetched; a sharded repo gets its index and shards; the tokenizer and config always."""
     import huggingface_hub
 
-    import bert_dist.checkpoint as C
+    import bert_dist.weights as C
 
     asked = {}
 

@@ -328,8 +328,8 @@ def test_a_vocab_size_below_the_alphabet_is_warned_about(tmp_path, capsys):
 
 
 def test_pretrain_then_finetune_through_the_entry_point(tmp_path):
-    from bert_dist.checkpoint import load_init, load_weights
     from bert_dist.run import main
+    from bert_dist.weights import load_init, load_weights
 
     pt, ft, ft_eval = tmp_path / "pt", tmp_path / "ft", tmp_path / "ft_eval"
     assert main(["--task", "pretrain", "--smoke", "--max-steps", "4", "--output-dir", str(pt)]) == 0

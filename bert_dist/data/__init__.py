@@ -148,7 +148,7 @@ def _find_split_file(data_dir: Path, spec: TaskSpec, split: str) -> Path | None:
 
 
 def _load_hub(spec: TaskSpec) -> DatasetDict:
-    from bert_dist.checkpoint import hub_reachable
+    from bert_dist.weights import hub_reachable
 
     what = spec.hub_path + (f" ({spec.hub_config})" if spec.hub_config else "")
     hint = (f"pass --data-dir DIR holding {spec.data_name or spec.name}/<split>.jsonl "

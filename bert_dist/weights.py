@@ -1,4 +1,4 @@
-"""Checkpoints as data: safetensors + config.json + tokenizer.json, and Hugging Face BERT import and export.
+"""Model weights as data (safetensors + config.json + tokenizer.json), and Hugging Face BERT import and export.
 
 A bert-dist output directory and a Hugging Face BERT directory share one layout (config.json with
 Google/HF field names, model.safetensors, a tokenizer), so `--init` reads both the same way.
@@ -248,7 +248,8 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
 def save_model(model: nn.Module | dict[str, torch.Tensor], out_dir: Path, config: BertConfig,
                meta: dict[str, Any]) -> None:
     """model.safetensors (tied tensors once) and config.json (BertConfig fields + `bert_dist` metadata). `model`: the
-    module, or its whole state dict (what train.gather_state_dict gives under FSDP, where the module holds shards)."""
+    module, or its whole state dict (what distributed.gather_state_dict gives under FSDP, where the module holds
+    shards)."""
     _save_weights(model, out_dir)
     cfg = {"model_type": "bert", **config.to_dict(), "bert_dist": meta}
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
