@@ -1,0 +1,76 @@
+"""What a GPU cluster does to a run, done to it on the CPU: signals to the whole process group, an output directory
+on a filesystem without flock, NCCL-style interface names, a slow rank 0 under a short process-group timeout, and
+the accelerate/torch settings a cluster run is built with (DDP buffers, TF32, FSDP's reduce dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port
+
+RUN = str(REPO / "bert_dist" / "run.py")
+
+
+def launch_cmd(nproc: int, *args: str) -> list[str]:
+    """The run as a cluster starts it: `accelerate launch` (torchrun) for several processes, else the script."""
+    if nproc == 1:
+        return [sys.executable, RUN, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), RUN, *args]
+
+
+def wait_for(path: Path, text: str, timeout: float, proc: subprocess.Popen | None = None) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        content = path.read_text() if path.exists() else ""
+        if text in content or (proc is not None and proc.poll() is not None):
+            return content
+        time.sleep(0.3)
+    return path.read_text() if path.exists() else ""
+
+
+# ---------------------------------------------------------------- SIGTERM to the process group
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_to_the_process_group_with_loader_workers_saves_a_checkpoint(tmp_path, nproc):
+    """SLURM signals every process of the job: `kill -TERM -- -PGID` reaches the DataLoader workers too. They must
+    live on (the main process stops at the step's end, saves, and shuts them down), not die and crash the step."""
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    flags = ["--task", "sst2", "--smoke", "--num-workers", "2", "--max-steps", "100000", "--output-dir", str(out)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as err:
+        p = subprocess.Popen(launch_cmd(nproc, *flags), env=env, stdout=subprocess.DEVNULL, stderr=err,
+                             start_new_session=True)
+    try:
+        text = wait_for(log, "step=20 ", 240, p)
+        assert "step=20 " in text, text[-3000:]
+        os.killpg(p.pid, signal.SIGTERM)  # kill -TERM -- -PGID
+        code = p.wait(timeout=120)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "killed by signal" not in text and "exited unexpectedly" not in text, text[-3000:]
+    assert "rerun with --resume" in text, text[-3000:]
+    if nproc == 1:  # torchrun's agent reports its own SIGTERM as a failure, whatever its workers did
+        assert code == 0, text[-3000:]
+    saved = [d for d in (out / "checkpoints").iterdir() if (d / "train_state.json").is_file()]
+    assert len(saved) == 1 and not (out / "results.json").exists()
+    step = json.loads((saved[0] / "train_state.json").read_text())["step"]
+    assert step >= 20
+    resumed = subprocess.run(launch_cmd(nproc, *flags[:-4], "--max-steps", str(step + 3), "--output-dir", str(out),
+                                        "--resume"),
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["steps"] == step + 3
