@@ -74,3 +74,84 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_a_checkpoint(tmp
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["steps"] == step + 3
+
+
+# ---------------------------------------------------------------- the output directory's lock without flock
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    """flock as Lustre (mounted without -o flock) and NFS without lock support answer it: ENOSYS."""
+    import errno
+    import fcntl
+
+    def flock(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_a_run_trains_where_the_filesystem_has_no_flock(tmp_path, no_flock):
+    from bert_dist.run import main
+
+    fresh_accelerate_state()
+    out = tmp_path / "run"
+    assert main(["--task", "sst2", "--smoke", "--max-steps", "2", "--output-dir", str(out)]) == 0
+    assert (out / "results.json").is_file()
+    assert not (out / ".lock.lease").exists()  # released at the end
+
+
+def test_the_lease_refuses_a_live_run_and_frees_a_gone_one(tmp_path, no_flock, monkeypatch):
+    import socket
+    import threading
+
+    from bert_dist import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lease = out / ".lock.lease"
+    assert rundir.lock_output_dir(out)
+    assert lease.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    assert not rundir.lock_output_dir(out)  # a live process of this host holds it
+    rundir.release_locks()
+    assert not lease.exists()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lease.write_text(f"{socket.gethostname()} {gone.pid}\n")  # a killed run of this host
+    assert rundir.lock_output_dir(out)
+    rundir.release_locks()
+
+    monkeypatch.setattr(rundir, "LEASE_SECONDS", 3.0)
+    monkeypatch.setattr(rundir, "LEASE_REFRESH_SECONDS", 0.5)
+    lease.write_text("other-node 4242\n")  # another node's run, killed long ago
+    os.utime(lease, (time.time() - 600, time.time() - 600))
+    t0 = time.monotonic()
+    assert rundir.lock_output_dir(out)
+    assert time.monotonic() - t0 < 1.0
+    rundir.release_locks()
+
+    lease.write_text("other-node 4242\n")  # another node's run, alive: it refreshes its lease
+    stop = threading.Event()
+
+    def refresh():
+        while not stop.wait(0.3):
+            os.utime(lease)
+
+    threading.Thread(target=refresh, daemon=True).start()
+    try:
+        assert not rundir.lock_output_dir(out)
+    finally:
+        stop.set()
+    lease.write_text("other-node 4242\n")  # ...killed just now: free once it stays unrefreshed
+    t0 = time.monotonic()
+    assert rundir.lock_output_dir(out)
+    assert time.monotonic() - t0 < 5.0
+    rundir.release_locks()
