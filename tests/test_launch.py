@@ -80,11 +80,17 @@ def test_fsdp_config():
 
 
 def test_multi_node_config():
+    import socket
+
     cfg = load("multi_node.yaml")
     assert cfg.num_machines == 2
     assert cfg.num_processes == 16
     assert cfg.rdzv_backend == "c10d"
     assert cfg.main_process_port == 29500
+    # Used by hand without --main_process_ip, a loopback head made each node wait for the others on its own
+    # 127.0.0.1: the placeholder resolves nowhere, and torchrun names it.
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo(cfg.main_process_ip, cfg.main_process_port)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CONFIGS))
