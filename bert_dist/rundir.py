@@ -266,15 +266,16 @@ checkpoints held their run's config (against the run_config.json of its run dire
 RESUME_MAY_CHANGE = ("output_dir", "overwrite", "report_to", "train.resume", "train.resume_from",
                      "train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.log_every",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_matmul",
-                     "train.cpu_threads", "data.num_workers", "data.eval_batch_size", "data.max_eval_samples",
-                     "data.n_best_size", "data.max_answer_length", "data.null_score_diff_threshold",
-                     "mixed_precision")
+                     "train.cpu_threads", "train.tf32", "train.dist_timeout", "data.num_workers",
+                     "data.eval_batch_size", "data.max_eval_samples", "data.n_best_size", "data.max_answer_length",
+                     "data.null_score_diff_threshold", "mixed_precision")
 """Settings a resume may change: where and how often it logs, evaluates and saves, how long it trains (--max-steps
 or --epochs: not below the checkpoint's step, train() checks; the schedule then decays to the new end from where it
-is), how fast it runs (kernels, threads, loader workers), what only evaluation reads (--max-eval-samples, SQuAD's
-post-processing). Every other setting must be the checkpoint's: the model, data and its order, the optimizer and
-schedule (a new --lr would be overridden by the checkpoint's optimizer and scheduler state while run_config.json
-claimed it). The precision and the tokenizer are compared as what ran (check_resume, _same_tokenizer)."""
+is), how fast it runs (kernels, TF32, threads, loader workers, the collectives' timeout), what only evaluation
+reads (--max-eval-samples, SQuAD's post-processing). Every other setting must be the checkpoint's: the model, data
+and its order, the optimizer and schedule (a new --lr would be overridden by the checkpoint's optimizer and scheduler
+state while run_config.json claimed it). The precision and the tokenizer are compared as what ran (check_resume,
+_same_tokenizer)."""
 
 
 def check_resume(cfg: RunConfig, out: Path, num_processes: int, mixed_precision: str) -> None:

@@ -155,3 +155,75 @@ def test_the_lease_refuses_a_live_run_and_frees_a_gone_one(tmp_path, no_flock, m
     assert rundir.lock_output_dir(out)
     assert time.monotonic() - t0 < 5.0
     rundir.release_locks()
+
+
+# ---------------------------------------------------------------- the process group, DDP, TF32
+
+SLOW_MAIN = '''
+"""The run, its main process slowed by SLOW_MAIN_SECONDS while it trains the tokenizer (the others wait in a
+collective meanwhile); each process reports the DDP wrapper it trains."""
+import os, sys, time
+import bert_dist.tokenizer as T
+import bert_dist.train as TR
+
+train_tokenizer, train = T.train_tokenizer, TR.train
+
+def slow_train_tokenizer(*args, **kw):
+    if os.environ.get("RANK", "0") == "0":
+        time.sleep(float(os.environ["SLOW_MAIN_SECONDS"]))
+    return train_tokenizer(*args, **kw)
+
+def reporting_train(accelerator, model, *args, **kw):
+    print("DDP", type(model).__name__, getattr(model, "broadcast_buffers", None), flush=True)
+    return train(accelerator, model, *args, **kw)
+
+T.train_tokenizer, TR.train = slow_train_tokenizer, reporting_train
+from bert_dist.run import launch
+launch()
+'''
+
+
+@pytest.mark.slow
+def test_a_slow_main_process_is_waited_for_up_to_the_dist_timeout(tmp_path):
+    """The main process trains the tokenizer for 10 s while the other waits in a collective: under a 3 s
+    --dist-timeout the run stops with one line naming the flag (not a traceback); under 60 s it trains. DDP is
+    built without a buffer broadcast before every forward (the position ids never change)."""
+    driver = tmp_path / "slow_main.py"
+    driver.write_text(SLOW_MAIN)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "SLOW_MAIN_SECONDS": "10"}
+    common = ["--task", "sst2", "--smoke", "--max-steps", "2"]
+
+    def run(timeout_minutes: str, out: Path) -> subprocess.CompletedProcess:
+        cmd = launch_cmd(2, *common, "--dist-timeout", timeout_minutes, "--output-dir", str(out))
+        cmd[cmd.index(RUN)] = str(driver)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+    short = run("0.05", tmp_path / "short")
+    assert short.returncode != 0
+    errors = [ln for ln in short.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "lost contact with another process" in errors[0], short.stderr[-3000:]
+    assert "--dist-timeout 0.05 min" in errors[0]
+    assert "RuntimeError" not in short.stderr, short.stderr[-3000:]  # no worker's traceback
+
+    long = run("1", tmp_path / "long")
+    assert long.returncode == 0, long.stderr[-3000:]
+    assert json.loads((tmp_path / "long" / "results.json").read_text())["steps"] == 2
+    assert sorted(ln for ln in long.stdout.splitlines() if ln.startswith("DDP")) == \
+        ["DDP DistributedDataParallel False"] * 2
+
+
+def test_tf32_is_on_for_fp32_matmuls_unless_told(tmp_path):
+    """fp32 runs on Ampere/Hopper use TF32 tensor cores for matmuls (torch's default is full fp32: 8x slower there);
+    --no-tf32 gives full-fp32 reference numbers. Set by the run itself, whatever was set before."""
+    import torch
+
+    from bert_dist.run import main
+
+    for flags, expect in (([], True), (["--no-tf32"], False)):
+        torch.backends.cuda.matmul.allow_tf32 = not expect
+        fresh_accelerate_state()
+        assert main(["--task", "sst2", "--smoke", "--max-steps", "1", "--output-dir", str(tmp_path / str(expect)),
+                     *flags]) == 0
+        assert torch.backends.cuda.matmul.allow_tf32 is expect
+        assert torch.backends.cudnn.allow_tf32 is expect
+    torch.backends.cuda.matmul.allow_tf32 = False

@@ -36,6 +36,7 @@ EXPECTED_CONFIGS = {
     "single_gpu_fp16.yaml": ("NO", 1, "fp16", False),
     "multi_gpu_bf16.yaml": ("MULTI_GPU", 8, "bf16", False),
     "fsdp.yaml": ("FSDP", 8, "bf16", False),
+    "fsdp_multi_node.yaml": ("FSDP", 16, "bf16", False),
     "multi_node.yaml": ("MULTI_GPU", 16, "bf16", False),
 }
 
@@ -77,6 +78,40 @@ def test_fsdp_config():
     assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "BertLayer"
+
+
+def fsdp_launch_env(name: str, monkeypatch) -> None:
+    """The environment `accelerate launch --config_file <name>` gives its workers (accelerate's own code), set here;
+    sync_module_states off: FSDP refuses it without a GPU (it only broadcasts the first weights)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(CONFIGS / name),
+                                                                        "--main_process_ip", "h0", "x.py"]))[0]
+    for k, v in prepare_multi_gpu_env(args).items():
+        if k.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+
+
+@pytest.mark.parametrize("name, strategy", [("fsdp.yaml", "FULL_SHARD"), ("fsdp_multi_node.yaml", "HYBRID_SHARD")])
+def test_fsdp_reduces_gradients_in_fp32_under_bf16(name, strategy, monkeypatch):
+    """accelerate's FSDP policy for --mixed_precision bf16 reduces gradients in bf16 (DDP reduces them in fp32): the
+    run's plugin keeps bf16 compute and reduces in fp32, also after accelerate applies the precision to it."""
+    import torch
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from bert_dist.run import fsdp_plugin
+
+    fsdp_launch_env(name, monkeypatch)
+    plugin = fsdp_plugin("bf16")
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does with the run's precision
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert plugin.sharding_strategy == ShardingStrategy[strategy]
+    assert plugin.transformer_cls_names_to_wrap == ["BertLayer"]
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert fsdp_plugin("bf16") is None  # DDP and single-process runs keep accelerate's defaults
 
 
 def test_multi_node_config():
