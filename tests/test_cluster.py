@@ -81,14 +81,19 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_a_checkpoint(tmp
 
 @pytest.fixture
 def no_flock(monkeypatch):
-    """flock as Lustre (mounted without -o flock) and NFS without lock support answer it: ENOSYS."""
+    """flock on an output directory's .lock as Lustre (mounted without -o flock) and NFS without lock support answer
+    it: ENOSYS. Other files (the datasets cache's locks) keep theirs: they live on another filesystem."""
     import errno
     import fcntl
 
-    def flock(fd, op):
-        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    flock = fcntl.flock
 
-    monkeypatch.setattr(fcntl, "flock", flock)
+    def lustre_flock(fd, op):
+        if os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}").endswith("/.lock"):
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        return flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", lustre_flock)
 
 
 def fresh_accelerate_state():
