@@ -146,10 +146,6 @@ class OptimConfig:
     fused: bool | None = _f(None, "fused AdamW kernel (default: on, for CUDA and the CPU)")
 
 
-CPU_MATMULS = ("auto", "onednn", "torch")
-"""--cpu-matmul: see `bert_dist.model.linear`."""
-
-
 @dataclass
 class TrainConfig:
     """The loop, counted in optimizer steps."""
@@ -167,7 +163,8 @@ class TrainConfig:
     max_bad_steps: int = _f(20, "stop after this many optimizer steps in a row with a non-finite loss or gradient "
                                 "(their updates are zeroed; checked at log and save steps)")
     compile: bool = _f(False, "torch.compile the model")
-    cpu_matmul: str = _f("auto", "fp32 matmuls on the CPU: auto (oneDNN on x86-64) | onednn | torch (F.linear: MKL)")
+    cpu_kernels: str = _f("auto", "the CPU's fast paths (bert_dist.kernels: oneDNN projections, dropout, attention in "
+                                  "chunks): auto (on a CPU device) | off")
     cpu_threads: int | None = _f(None, "torch threads per CPU process (default: torch's own, except under accelerate "
                                         "launch's OMP_NUM_THREADS=1 default: the cores per process)")
     eval_only: bool = _f(False, "skip training: evaluate and predict with the --init weights")
@@ -227,8 +224,8 @@ class RunConfig:
             raise ValueError(f"--dist-timeout must be a positive number of minutes, got {t.dist_timeout}")
         if t.cpu_threads is not None and t.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be at least 1, got {t.cpu_threads}")
-        if t.cpu_matmul not in CPU_MATMULS:
-            raise ValueError(f"--cpu-matmul must be auto, onednn or torch, not {t.cpu_matmul!r}")
+        if t.cpu_kernels not in ("auto", "off"):
+            raise ValueError(f"--cpu-kernels must be auto or off, not {t.cpu_kernels!r}")
         if o.scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"--scheduler must be linear, cosine or constant, not {o.scheduler!r}")
         if not 0 < t.epochs < math.inf:  # also refuses nan (with --max-steps too: a resume may drop it)

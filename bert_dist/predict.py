@@ -77,6 +77,9 @@ class Predictor:
 
         self.accelerator = Accelerator(mixed_precision=mixed_precision)
         check_precision(self.accelerator)
+        from bert_dist import kernels
+
+        kernels.apply(model, "auto", self.accelerator.device)
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
 
     def _data_config(self, batch_size: int | None, max_length: int | None) -> DataConfig:

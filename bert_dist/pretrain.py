@@ -54,9 +54,8 @@ from bert_dist.train import evaluate, gather_state_dict, main_process_first, pre
 log = logging.getLogger(__name__)
 
 EVAL_LOGITS_BUDGET = 1 << 26
-"""Most elements of one evaluation batch's (B, T, V) MLM logits. `evaluate()` calls the model with its
-inputs only, so the MLM head scores every position, not only the masked ones; the evaluation batch
-is made small enough that this tensor stays near 256 MB (fp32)."""
+"""Most elements of one evaluation batch's (M, V) MLM logits, M about mlm_probability x T per example: the
+evaluation batch is made small enough that this tensor stays near 256 MB (fp32)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,20 +124,18 @@ def corpus_texts(files: list[CorpusFile]):
 
 
 def mlm_collect(batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-example sums, so only (B,)-sized tensors are gathered across processes, never (B, T, V).
+    """Per-example sums, so only (B,)-sized tensors are gathered across processes, never (M, V).
 
-    batch: labels (B, T) with -100 where not masked, next_sentence_label (B,); out: mlm_logits (B, T, V),
-    nsp_logits (B, 2). Returns mlm_loss_sum, mlm_count, mlm_correct, nsp_correct, each (B,).
+    batch: masked_positions (B, Qm), masked_index and masked_labels (M,), next_sentence_label (B,); out: mlm_logits
+    (M, V), nsp_logits (B, 2). Returns mlm_loss_sum, mlm_count, mlm_correct, nsp_correct, each (B,).
     """
-    labels = batch["labels"]
-    masked = labels != -100
-    rows = masked.nonzero()[:, 0]  # (M,) the example each masked token belongs to
-    logits = out["mlm_logits"][masked].float()  # (M, V)
-    target = labels[masked]
-    zeros = torch.zeros(labels.shape[0], device=labels.device)
+    B, qm = batch["masked_positions"].shape
+    rows = batch["masked_index"] // max(qm, 1)  # (M,) the example each masked token belongs to
+    logits, target = out["mlm_logits"].float(), batch["masked_labels"]
+    zeros = torch.zeros(B, device=logits.device)
     return {
         "mlm_loss_sum": zeros.index_add(0, rows, F.cross_entropy(logits, target, reduction="none")),
-        "mlm_count": masked.sum(1),
+        "mlm_count": zeros.index_add(0, rows, torch.ones_like(target, dtype=zeros.dtype)).long(),
         "mlm_correct": zeros.index_add(0, rows, (logits.argmax(-1) == target).float()),
         "nsp_correct": (out["nsp_logits"].argmax(-1) == batch["next_sentence_label"]).long(),
     }
@@ -260,7 +257,8 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     collator = MLMCollator(**collator_args, seed=cfg.seed)
     eval_collator = MLMCollator(**collator_args, seed=cfg.seed + 1)  # never set_epoch: the same masks every eval
     loader, sampler = D.train_loader(train_ds, cfg.data, collator, cfg.seed)
-    eval_batch = max(1, min(cfg.data.eval_batch_size, EVAL_LOGITS_BUDGET // (max_length * bert.vocab_size)))
+    masked_per_row = math.ceil(2 * cfg.data.mlm_probability * max_length)  # twice the mean: a margin for the max
+    eval_batch = max(1, min(cfg.data.eval_batch_size, EVAL_LOGITS_BUDGET // (masked_per_row * bert.vocab_size)))
     eval_cfg = dataclasses.replace(cfg.data, eval_batch_size=eval_batch)
     run = prepare_training(
         cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg, eval_collator)}, out_dir

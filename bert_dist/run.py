@@ -37,7 +37,6 @@ def preflight(cfg: RunConfig) -> None:
     """What can be checked before anything is created or loaded: task, paths, flags against the model."""
     from bert_dist import data as D
     from bert_dist.checkpoint import check_init
-    from bert_dist.model import set_cpu_matmul
 
     if cfg.task not in (*D.TASKS, "glue", "tokenizer"):
         raise ValueError(f"--task: unknown task {cfg.task!r}; choose from {', '.join(D.TASKS)}, glue (every GLUE "
@@ -69,7 +68,6 @@ def preflight(cfg: RunConfig) -> None:
     if given and (cfg.data.vocab_size, cfg.data.lowercase) != (defaults.vocab_size, defaults.lowercase):
         log.warning("--vocab-size and --lowercase train a tokenizer; this run uses the one of %s, so they are ignored",
                     "--tokenizer" if cfg.tokenizer else "--init")
-    set_cpu_matmul(cfg.train.cpu_matmul)  # a forced onednn that this torch lacks fails here, before anything starts
     check_trackers(cfg.report_to)
     check_output_dir(cfg)
 
@@ -196,12 +194,13 @@ def run_task(cfg: RunConfig, accelerator, out_dir: Path) -> dict:
         from bert_dist.finetune import run_finetune as recipe
     results = recipe(cfg, accelerator, out_dir)
     if accelerator.is_main_process and not results.get("interrupted"):
-        from bert_dist.model import cpu_matmul
+        from bert_dist.kernels import cpu_swaps
         from bert_dist.report import describe_hardware, write_report
 
         results["hardware"] = describe_hardware(accelerator)
-        if accelerator.device.type == "cpu":
-            results["hardware"]["cpu_matmul"] = cpu_matmul()  # --cpu-matmul as resolved here
+        if accelerator.device.type == "cpu":  # --cpu-kernels as resolved here
+            on = cfg.train.cpu_kernels == "auto"
+            results["hardware"]["cpu_kernels"] = sorted(k.__name__ for k in cpu_swaps().values()) if on else []
         else:
             import torch
 

@@ -265,7 +265,7 @@ checkpoints held their run's config (against the run_config.json of its run dire
 
 RESUME_MAY_CHANGE = ("output_dir", "overwrite", "report_to", "train.resume", "train.resume_from",
                      "train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.log_every",
-                     "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_matmul",
+                     "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_kernels",
                      "train.cpu_threads", "train.tf32", "train.dist_timeout", "data.num_workers",
                      "data.eval_batch_size", "data.max_eval_samples", "data.n_best_size", "data.max_answer_length",
                      "data.null_score_diff_threshold", "mixed_precision")

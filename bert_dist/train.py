@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from bert_dist import kernels
 from bert_dist.config import RunConfig, TrainConfig
 from bert_dist.console import StepProgress, format_metrics
 from bert_dist.optim import build_optimizer, build_scheduler
@@ -46,7 +47,9 @@ from bert_dist.rundir import (
 )
 
 log = logging.getLogger(__name__)
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "indices", "cu_seqlens", "masked_positions",
+                "masked_index")
+"""What evaluation hands the model: the inputs and the layout, no labels (test splits carry none)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -753,6 +756,7 @@ def prepare_training(
     train_loader None (--eval-only without a train split): the model and eval loaders only, no steps."""
     if cfg.overwrite and not (cfg.train.resume or cfg.train.resume_from):
         discard_previous_run(accelerator, out_dir, cfg.to_dict(), run_inputs(cfg))
+    kernels.apply(model, cfg.train.cpu_kernels, accelerator.device)
     names = list(eval_loaders)
     if train_loader is None:
         model, *loaders = accelerator.prepare(model, *eval_loaders.values())

@@ -124,7 +124,7 @@ def test_unknown_task(tmp_path, capsys):
     (["--max-train-samples", "0"], ["--max-train-samples", "at least 1"]),
     (["--max-eval-samples", "-1"], ["--max-eval-samples", "at least 1"]),
     (["--num-workers", "-1"], ["--num-workers"]),
-    (["--cpu-matmul", "mkl"], ["--cpu-matmul", "auto, onednn or torch"]),
+    (["--cpu-kernels", "on"], ["--cpu-kernels", "auto or off"]),
     (["--cpu-threads", "0"], ["--cpu-threads", "at least 1"]),
     (["--report-to", "nosuch"], ["--report-to nosuch", "unknown tracker"]),
     (["--mixed-precision", "fp16"], ["--mixed-precision fp16", "CPU", "bf16"]),
