@@ -179,6 +179,12 @@ if [[ "$STAGE" == 1 ]]; then
             gloo_if=$(interface_to "$HEAD_NODE" || true)
             from="the route to $HEAD_NODE"
         fi
+        if [[ "$gloo_if" == lo ]] && ((NNODES > 1)); then
+            # The head's name resolves to a loopback address here (Debian's 127.0.1.1 for the own hostname, on the
+            # head node itself): the other nodes cannot reach that. The interface of the default route instead.
+            gloo_if=$(ip -o route show default 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n 1 || true)
+            from="the default route ($HEAD_NODE resolves to a loopback address here)"
+        fi
         if [[ -n "$gloo_if" ]]; then
             envs+=("GLOO_SOCKET_IFNAME=$gloo_if")
             echo "# gloo interface $gloo_if (from $from)" >&2

@@ -389,6 +389,20 @@ def global_interfaces() -> list[str]:
     return sorted({ln.split()[1] for ln in out.splitlines()})
 
 
+def default_route_interface() -> str:
+    out = subprocess.run(["ip", "-o", "route", "show", "default"], capture_output=True, text=True, check=True).stdout
+    return out.split(" dev ")[1].split()[0]
+
+
+def test_a_head_node_whose_name_resolves_to_loopback_is_reached_by_the_default_route(env):
+    """On the head node itself its own hostname often resolves to 127.0.1.1 (Debian's /etc/hosts): gloo there must not
+    bind the loopback, which the other nodes cannot reach (this machine's hostname resolves to 127.0.0.1)."""
+    import socket
+
+    got, _, err = node_stage(dict(env), HEAD_NODE=socket.gethostname())
+    assert got["GLOO_SOCKET_IFNAME"] == default_route_interface(), err
+
+
 def node_stage(env: dict, **extra: str) -> tuple[dict[str, str], list[str], str]:
     """What node 0 of a 2-node job runs here (the srun task's stage): (its environment, its command, stderr)."""
     env.update({"BERT_DIST_NODE_STAGE": "1", "HEAD_NODE": "127.0.0.1", "NNODES": "2", "NODE_RANK": "0",
@@ -409,8 +423,9 @@ def test_nccl_style_interface_values_become_this_nodes_interface_names(env):
                          ("^lo,docker0", next(i for i in ifaces if not i.startswith(("lo", "docker0")))),
                          (f"^={first}", next((i for i in ifaces if i != first), None))):
         got, _, err = node_stage(dict(env), NCCL_SOCKET_IFNAME=nccl)
-        if expect is None:  # nothing else here: the interface that reaches the head node (127.0.0.1: lo)
-            assert got["GLOO_SOCKET_IFNAME"] == "lo" and "selects no up interface" in err, (nccl, got, err)
+        if expect is None:  # nothing else here: the interface that reaches the head node, never the loopback
+            assert got["GLOO_SOCKET_IFNAME"] == default_route_interface() and "selects no up interface" in err, \
+                (nccl, got, err)
         else:
             assert got["GLOO_SOCKET_IFNAME"] == expect, (nccl, got, err)
     got, _, _ = node_stage(dict(env), NCCL_SOCKET_IFNAME="^lo", GLOO_SOCKET_IFNAME="mine0")
