@@ -168,6 +168,10 @@ class TrainConfig:
     cpu_threads: int | None = _f(None, "torch threads per CPU process (default: torch's own, except under accelerate "
                                         "launch's OMP_NUM_THREADS=1 default: the cores per process)")
     eval_only: bool = _f(False, "skip training: evaluate and predict with the --init weights")
+    tf32: bool = _f(True, "TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs (--no-tf32: full fp32, for "
+                          "reference numbers)")
+    dist_timeout: float = _f(30.0, "minutes a process waits in a collective for the others (the main process alone "
+                                   "trains a tokenizer or prepares data meanwhile) before the run fails")
 
 
 @dataclass
@@ -216,6 +220,8 @@ class RunConfig:
             raise ValueError(f"--warmup-steps must be 0 or more, got {o.warmup_steps}")
         if not 0 <= o.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
+        if not 0 < t.dist_timeout < math.inf:
+            raise ValueError(f"--dist-timeout must be a positive number of minutes, got {t.dist_timeout}")
         if t.cpu_threads is not None and t.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be at least 1, got {t.cpu_threads}")
         if t.cpu_kernels not in ("auto", "off"):

@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import multiprocessing.context
 import os
 import re
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -453,7 +456,8 @@ def train_loader(ds: Dataset, cfg: DataConfig, collator: Any, seed: int) -> tupl
     # A generator of its own: otherwise each pass over the loader draws its workers' base seed from the
     # global RNG, which dropout also draws from, and a resumed run would draw it at another point.
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available())
+                        generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
+                        **sigterm_proof_workers(cfg.num_workers))
     return loader, sampler
 
 
@@ -466,4 +470,40 @@ def eval_loader(ds: Dataset, cfg: DataConfig, collator: Any) -> Any:
     # change the training run's dropout).
     return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator,
                       num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(0),
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), **sigterm_proof_workers(cfg.num_workers))
+
+
+def sigterm_proof_workers(num_workers: int) -> dict[str, Any]:
+    """DataLoader arguments for worker processes that live through a SIGTERM to the whole process group (SLURM signals
+    every process of the job): the main process stops at the step's end and saves, then shuts its workers down.
+
+    torch's workers die of a SIGTERM from anyone but their parent, and the main process then fails mid-step
+    ("DataLoader worker ... killed by signal"). On Linux a worker is forked with SIGTERM blocked, so there is no
+    window before its init function runs; the init function ignores it (elsewhere, that alone)."""
+    if num_workers == 0:
+        return {}
+    kwargs: dict[str, Any] = {"worker_init_fn": _ignore_sigterm}
+    if sys.platform == "linux":  # fork: torch's own default there
+        kwargs["multiprocessing_context"] = _SigtermBlockedForkContext()
+    return kwargs
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # also discards one that arrived while it was blocked
+
+
+if sys.platform == "linux":
+
+    class _SigtermBlockedForkProcess(multiprocessing.context.ForkProcess):
+        def start(self) -> None:
+            # Blocked in this thread for the fork only: a SIGTERM meanwhile goes to another thread, or waits.
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    class _SigtermBlockedForkContext(multiprocessing.context.ForkContext):
+        """The fork start method, its children born with SIGTERM blocked."""
+
+        Process = _SigtermBlockedForkProcess
