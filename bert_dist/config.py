@@ -117,7 +117,8 @@ class DataConfig:
     eval_batch_size: int = _f(128, "evaluation examples per process per batch")
     group_by_length: bool = _f(False, "batch examples of similar length together (less padding)")
     pad_to_multiple_of: int | None = _f(None, "pad batches to a multiple of this (default: 8 under fp16/bf16; 0 = off)")
-    num_workers: int = _f(0, "DataLoader worker processes")
+    num_workers: int | None = _f(None, "DataLoader worker processes per process (default: up to 4 with CUDA, 0 on "
+                                       "the CPU, where they would take the step's cores)")
     max_train_samples: int | None = _f(None, "use only the first N training examples")
     max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
     doc_stride: int = _f(128, "SQuAD: tokens of overlap between context windows")
@@ -269,7 +270,7 @@ class RunConfig:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if d.pad_to_multiple_of is not None and d.pad_to_multiple_of < 0:
             raise ValueError(f"--pad-to-multiple-of must be 0 (off) or more, got {d.pad_to_multiple_of}")
-        if d.num_workers < 0:
+        if d.num_workers is not None and d.num_workers < 0:
             raise ValueError(f"--num-workers must be 0 (load in the main process) or more, got {d.num_workers}")
 
     def to_dict(self) -> dict[str, Any]:
