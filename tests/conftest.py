@@ -56,19 +56,21 @@ def cuda_available() -> bool:
     return _cuda[0]
 
 
-@pytest.fixture
-def fresh_accelerator():
-    """accelerate's process-wide state reset before and after the test: each in-process Accelerator starts anew (its
-    state is a singleton, so a test's mixed precision or accumulation steps would otherwise leak into the next)."""
+def reset_accelerate() -> None:
+    """accelerate's process-wide state forgotten: the next in-process Accelerator starts anew (its state is a singleton,
+    so one run's mixed precision or accumulation steps would otherwise carry into the next)."""
     from accelerate.state import AcceleratorState, GradientState
 
-    def reset() -> None:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
-    reset()
-    yield reset
-    reset()
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """Every test starts with a fresh accelerate state, and leaves one."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import reset_accelerate, run_cli
 
 from bert_dist.config import preset
 from bert_dist.data import get_task
@@ -29,10 +29,7 @@ SST2, STSB = get_task("sst2"), get_task("stsb")
 
 def _reset_accelerate() -> None:
     """Each main() builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def fails(args: list[str], capsys, *phrases: str, out: Path | None = None) -> str:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, reset_accelerate
 
 RUN = str(REPO / "bert_dist" / "run.py")
 
@@ -97,10 +97,7 @@ def no_flock(monkeypatch):
 
 
 def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def test_a_run_trains_where_the_filesystem_has_no_flock(tmp_path, no_flock):

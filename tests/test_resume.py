@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reset_accelerate
 from safetensors.torch import load_file
 
 from bert_dist.data import get_task
@@ -161,12 +162,9 @@ def run(setup, out: Path, *extra: str, fault: dict | None = None, trace: str = "
         env = {**os.environ, "FAULT": json.dumps(fault or {}), "TRACE": str(trace_file), "OMP_NUM_THREADS": "1"}
         return subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True,
                               timeout=300)
-    from accelerate.state import AcceleratorState, GradientState
-
     from bert_dist.run import main
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     undo = install_faults(fault or {}, trace_file)

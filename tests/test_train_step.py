@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import reset_accelerate
 from torch import nn
 
 from bert_dist.config import OptimConfig, preset
@@ -82,13 +83,11 @@ class Loop:
 
     def __init__(self, model: nn.Module, fused: bool | None = None, grad_accum: int = 1):
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState, GradientState
 
         from bert_dist.checkpointing import TrainState
         from bert_dist.train import StepMetrics
 
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate()
         self.accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
         opt = OptimConfig(lr=1e-3, fused=fused, warmup_steps=0)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, opt, "cpu"))
@@ -260,14 +259,12 @@ def test_fp16_steps_the_gradient_scaler_skips_are_bad_steps(tmp_path):
     and halves its scale, and --max-bad-steps stops the run; it used to train on, skipping every step while the scale
     sank toward 0. A CPU GradScaler stands in for CUDA's (accelerate makes none on the CPU)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from torch.utils.data import DataLoader
 
     from bert_dist.config import DataConfig, RunConfig, TrainConfig
     from bert_dist.train import TrainingDiverged, prepare_training
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     accelerator.scaler = torch.amp.GradScaler("cpu")  # before prepare: the prepared optimizer steps through it
     cfg = RunConfig(data=DataConfig(batch_size=4), optim=OptimConfig(lr=1e-3, warmup_steps=0),
