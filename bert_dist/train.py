@@ -100,9 +100,10 @@ def train(
                     check_diverged(window=metrics.log(state, lr), max_bad_steps=t.max_bad_steps, step=state.step,
                                    checkpointer=checkpointer)
                 if evaluator.due(state.step):
+                    started = time.perf_counter()
                     stopping = not evaluator.run(state, stop)
                     run.model.train()
-                    metrics.restart_clock()  # evaluation time is not training time
+                    metrics.leave_out(time.perf_counter() - started)  # evaluation time is not training time
                 if t.save_every and state.step % t.save_every == 0:
                     save_unless_bad(checkpointer=checkpointer, metrics=metrics, state=state,
                                     max_bad_steps=t.max_bad_steps)
@@ -431,6 +432,10 @@ class StepMetrics:
 
     def restart_clock(self) -> None:
         self.t0 = time.perf_counter()
+
+    def leave_out(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation) out of the window's training time."""
+        self.t0 += seconds
 
 
 class Evaluator:
