@@ -119,7 +119,8 @@ class DataConfig:
     eval_batch_size: int = _f(128, "evaluation examples per process per batch")
     group_by_length: bool = _f(False, "batch examples of similar length together (less padding)")
     pad_to_multiple_of: int | None = _f(None, "pad batches to a multiple of this (default: 8 under fp16/bf16; 0 = off)")
-    num_workers: int = _f(0, "DataLoader worker processes")
+    num_workers: int | None = _f(None, "DataLoader worker processes per process (default: up to 4 with CUDA, 0 on "
+                                       "the CPU, where they would take the step's cores)")
     max_train_samples: int | None = _f(None, "use only the first N training examples")
     max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
     doc_stride: int = _f(128, "SQuAD: tokens of overlap between context windows")
@@ -170,6 +171,10 @@ class TrainConfig:
     cpu_threads: int | None = _f(None, "torch threads per CPU process (default: torch's own, except under accelerate "
                                         "launch's OMP_NUM_THREADS=1 default: the cores per process)")
     eval_only: bool = _f(False, "skip training: evaluate and predict with the --init weights")
+    tf32: bool = _f(True, "TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs (--no-tf32: full fp32, for "
+                          "reference numbers)")
+    dist_timeout: float = _f(30.0, "minutes a process waits in a collective for the others (the main process alone "
+                                   "trains a tokenizer or prepares data meanwhile) before the run fails")
     keep_best: bool | None = _f(None, "end with the weights of the best evaluation (every --eval-every steps and the "
                                       "last step, by --best-metric) as the run's model, its results and predictions, "
                                       "not the last step's (default: on with --early-stopping-patience, else off)")
@@ -246,6 +251,8 @@ class RunConfig:
             raise ValueError(f"--warmup-steps must be 0 or more, got {o.warmup_steps}")
         if not 0 <= o.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
+        if not 0 < t.dist_timeout < math.inf:
+            raise ValueError(f"--dist-timeout must be a positive number of minutes, got {t.dist_timeout}")
         if t.cpu_threads is not None and t.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be at least 1, got {t.cpu_threads}")
         if t.cpu_kernels not in ("auto", "off"):
@@ -294,7 +301,7 @@ class RunConfig:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if d.pad_to_multiple_of is not None and d.pad_to_multiple_of < 0:
             raise ValueError(f"--pad-to-multiple-of must be 0 (off) or more, got {d.pad_to_multiple_of}")
-        if d.num_workers < 0:
+        if d.num_workers is not None and d.num_workers < 0:
             raise ValueError(f"--num-workers must be 0 (load in the main process) or more, got {d.num_workers}")
 
     def check_best(self) -> None:

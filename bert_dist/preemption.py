@@ -11,6 +11,7 @@ wait for the step's kernels).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -57,11 +58,12 @@ _interruptible: list[Preemption] = []  # the preemption whose `interruptible()` 
 class Preemption:
     """SIGTERM caught for the life of the object (a context manager), and the processes' agreement to stop."""
 
-    def __init__(self, accelerator: Accelerator):
+    def __init__(self, accelerator: Accelerator, timeout: datetime.timedelta | None = None):
+        """timeout: how long the agreement waits for the others (--dist-timeout, as the run's own process group)."""
         self.single = accelerator.num_processes == 1
         self.group = None
-        if not self.single and torch.distributed.get_backend() != "gloo":
-            self.group = torch.distributed.new_group(backend="gloo")  # every process builds it: a collective
+        if not self.single and torch.distributed.get_backend() != "gloo":  # every process builds it: a collective
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timeout)
         self.release: Callable[[], None] | None = None
 
     def __enter__(self) -> Preemption:

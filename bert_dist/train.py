@@ -14,6 +14,7 @@ killed and resumed ends with the weights of an uninterrupted one, bit for bit (t
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -94,7 +95,7 @@ def train(
     # --grad-accum: each micro-batch weighs by its examples (`forward_backward`), decided once.
     full_batch = cfg.data.batch_size if accelerator.gradient_accumulation_steps > 1 else None
 
-    with Preemption(accelerator) as stop:
+    with Preemption(accelerator, timeout=datetime.timedelta(minutes=t.dist_timeout)) as stop:
         run.model.train()
         with metrics:
             # A resume after a SIGTERM that cut an evaluation short runs it first.

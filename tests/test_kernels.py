@@ -14,7 +14,15 @@ from torch import nn
 from bert_dist import kernels
 from bert_dist.config import preset
 from bert_dist.data.collate import PadCollator
-from bert_dist.kernels.cpu import CpuDropout, CpuSelfAttention, OneDNNLinear, attend_in_chunks, dropout, onednn_works
+from bert_dist.kernels.cpu import (
+    CpuDropout,
+    CpuSelfAttention,
+    OneDNNLinear,
+    PackedLinear,
+    attend_in_chunks,
+    dropout,
+    onednn_works,
+)
 from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, BertModel, BertSelfAttention
 
 V = 97
@@ -34,15 +42,24 @@ def batch(lengths=(11, 7, 3), seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_auto_takes_every_kernel_on_x86_64():
-    """On x86-64 `auto` must take all three: a torch without oneDNN's linear (a private op) would otherwise make every
-    fp32 CPU run 1.5x - 2x slower without a word. Elsewhere the projections stay on torch's GEMM."""
+    """On x86-64 `auto` must take a projection kernel: a torch without oneDNN's linear (a private op) would otherwise
+    make fp32 runs on AMD CPUs 1.5x - 2x slower, and bf16 inference slower on any, without a word. fp32 through oneDNN
+    on AMD CPUs only (MKL is the faster there on Intel's); elsewhere the projections stay on torch's GEMM."""
     swaps = kernels.cpu_swaps()
     assert swaps[nn.Dropout] is CpuDropout and swaps[BertSelfAttention] is CpuSelfAttention
     if X86:
         assert onednn_works(), "this torch build lost oneDNN's linear (torch.ops.mkldnn._linear_pointwise)"
-        assert swaps[nn.Linear] is OneDNNLinear
+        assert swaps[nn.Linear] is (OneDNNLinear if kernels.cpu_vendor() == "AuthenticAMD" else PackedLinear)
     else:
         assert nn.Linear not in swaps
+
+
+def test_auto_takes_onednn_fp32_projections_on_amd_cpus_only(monkeypatch):
+    if not X86:
+        pytest.skip("oneDNN projections are an x86-64 kernel")
+    for vendor, kernel in (("AuthenticAMD", OneDNNLinear), ("GenuineIntel", PackedLinear), ("", PackedLinear)):
+        monkeypatch.setattr(kernels, "cpu_vendor", lambda v=vendor: v)
+        assert kernels.cpu_swaps()[nn.Linear] is kernel, vendor
 
 
 def test_apply_swaps_in_place_and_off_takes_them_out():
@@ -55,7 +72,7 @@ def test_apply_swaps_in_place_and_off_takes_them_out():
     assert list(model.state_dict()) == keys  # the same parameters, under the same names
     assert kernels.apply(model, "auto", "cpu") == used  # twice is once
     assert kernels.apply(model, "off", "cpu") == []
-    assert {type(m) for m in model.modules()}.isdisjoint(kernels.kernels().values())
+    assert {type(m) for m in model.modules()}.isdisjoint(kernels.kernels())
     assert kernels.apply(model, "auto", "cuda") == []  # a GPU model gets none of the CPU's
     with pytest.raises(ValueError, match="--cpu-kernels"):
         kernels.apply(model, "on", "cpu")
@@ -69,11 +86,14 @@ def _step(model, b, labels, precision):
     return out["logits"].detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("lengths", [(11, 7, 3), (9, 9, 9)])
-def test_kernels_on_and_off_give_the_same_outputs_and_gradients(precision, lengths):
+def test_kernels_on_and_off_give_the_same_outputs_and_gradients(monkeypatch, precision, lengths, vendor):
     """A training step (dropout rate too small to drop anything, so the kernels' dropout and attention-in-chunks
-    paths run) with the kernels and without: the same logits and parameter gradients, padded and full rows."""
+    paths run) with the kernels and without: the same logits and parameter gradients, padded and full rows, with the
+    kernels an AMD CPU takes (fp32 projections through oneDNN) and those an Intel one takes."""
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny(hidden_dropout_prob=1e-12, attention_probs_dropout_prob=1e-12), 3)
     b, labels = batch(lengths), torch.tensor([0, 2, 1])

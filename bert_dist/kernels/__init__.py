@@ -21,20 +21,31 @@ CPU_KERNELS = ("auto", "off")
 
 
 def kernels() -> dict[type[nn.Module], type[nn.Module]]:
-    """{model module class: its CPU kernel}, every one."""
-    from bert_dist.kernels.cpu import CpuDropout, CpuSelfAttention, OneDNNLinear
+    """{CPU kernel class: the model module class it stands in for}, every one."""
+    from bert_dist.kernels.cpu import CpuDropout, CpuSelfAttention, OneDNNLinear, PackedLinear
 
-    return {nn.Linear: OneDNNLinear, nn.Dropout: CpuDropout, BertSelfAttention: CpuSelfAttention}
+    return {OneDNNLinear: nn.Linear, PackedLinear: nn.Linear, CpuDropout: nn.Dropout,
+            CpuSelfAttention: BertSelfAttention}
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, ...), "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 def cpu_swaps() -> dict[type[nn.Module], type[nn.Module]]:
-    """The kernels `auto` takes on this machine: oneDNN projections where this torch has them on x86-64 (elsewhere
-    torch's own CPU GEMM is the one to use), dropout and attention on every CPU."""
-    from bert_dist.kernels.cpu import onednn_works
+    """{model module class: its kernel} that `auto` takes on this machine: dropout and attention on every CPU; on
+    x86-64 with oneDNN's linear, bf16 inference on packed weights, and on AMD CPUs fp32 through oneDNN too (MKL's fp32
+    GEMM, torch's default, is the slower one there and the faster one on Intel's: BENCHMARKS.md, "CPU kernels")."""
+    from bert_dist.kernels.cpu import CpuDropout, CpuSelfAttention, OneDNNLinear, PackedLinear, onednn_works
 
-    swaps = kernels()
-    if platform.machine().lower() not in ("x86_64", "amd64") or not onednn_works():
-        del swaps[nn.Linear]
+    swaps: dict[type[nn.Module], type[nn.Module]] = {nn.Dropout: CpuDropout, BertSelfAttention: CpuSelfAttention}
+    if platform.machine().lower() in ("x86_64", "amd64") and onednn_works():
+        swaps[nn.Linear] = OneDNNLinear if cpu_vendor() == "AuthenticAMD" else PackedLinear
     return swaps
 
 
@@ -46,7 +57,7 @@ def apply(model: nn.Module, mode: str, device: torch.device | str, only: Collect
         raise ValueError(f"--cpu-kernels must be one of {', '.join(CPU_KERNELS)}, not {mode!r}")
     swaps = cpu_swaps() if mode == "auto" and torch.device(device).type == "cpu" else {}
     swaps = {base: k for base, k in swaps.items() if only is None or k.__name__ in only}
-    plain = {kernel: base for base, kernel in kernels().items()}
+    plain = kernels()
     used = set()
     for module in model.modules():
         base = plain.get(type(module), type(module))

@@ -1,7 +1,8 @@
 """The CPU's fast paths: modules of the model swapped for subclasses that keep their parameters and names.
 
-    OneDNNLinear       fp32 projections through oneDNN's GEMM (torch sends fp32 F.linear to MKL, which takes a slow
-                       code path on AMD CPUs); bf16 inference on kept, prepacked bf16 weights
+    PackedLinear       bf16 inference on kept bf16 weights, prepacked for oneDNN's GEMM (x86-64)
+    OneDNNLinear       PackedLinear, and fp32 projections through oneDNN's GEMM: torch sends fp32 F.linear to MKL,
+                       which takes a slow code path on AMD CPUs (on Intel's it is the faster one)
     CpuDropout         a keep mask from 32 random bits per element against a threshold (torch's CPU bernoulli_
                        is several times slower)
     CpuSelfAttention   attention as plain matmuls and a softmax over a few batch rows at a time, in low precision
@@ -72,15 +73,15 @@ def _plain(x: torch.Tensor) -> bool:
     return x.device.type != "cpu" or x.numel() == 0 or torch.compiler.is_compiling()
 
 
-class OneDNNLinear(nn.Linear):
-    """nn.Linear (same parameters and names): fp32 through oneDNN, and bf16 inference on kept bf16 weights.
+class PackedLinear(nn.Linear):
+    """nn.Linear (same parameters and names) with bf16 inference on kept bf16 weights.
 
     In bf16 inference (no gradients, bf16 CPU autocast: evaluation, prediction) it keeps bf16 copies of its weight,
     packed in oneDNN's GEMM layout, and bias between forwards, and runs oneDNN's linear with the bias fused: autocast
     would cast every weight again at every forward. The copies are dropped at every forward that takes gradients (a
     training step: fused AdamW updates the weights without bumping their version counters) and made again when the
     weights' storage or version changes (a load). The price: the copies (half the fp32 size) stay in memory after an
-    evaluation. bf16 training stays on F.linear (already oneDNN); fp16 and CUDA too.
+    evaluation. Training, fp16 and CUDA stay on F.linear.
     """
 
     _bf16: tuple | None = None  # (what the copies were made from, weight, bias)
@@ -96,8 +97,9 @@ class OneDNNLinear(nn.Linear):
             x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
             w, b = self._bf16_weights(x2.shape[0])
             return _mm_t(x2, w, b).view(*x.shape[:-1], self.out_features)
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-            return _OneDNNLinearFn.apply(x, self.weight, self.bias)
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def _bf16_weights(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,6 +116,15 @@ class OneDNNLinear(nn.Linear):
         state = self.__dict__.copy()
         state.pop("_bf16", None)
         return state
+
+
+class OneDNNLinear(PackedLinear):
+    """PackedLinear, with fp32 projections (forward and backward) through oneDNN's GEMM rather than MKL's."""
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            return _OneDNNLinearFn.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def _prepacked(w: torch.Tensor, rows: int) -> torch.Tensor:
