@@ -2,9 +2,9 @@
 
 A checkpoint is written only at an optimizer-step boundary. accelerate's save_state holds the model, optimizer,
 gradient scaler and every process's RNG states; ours beside it: `TrainState` (train_state.json), the scheduler
-(lr_scheduler.pt), the run's config and tokenizer. Not accelerate's register_for_checkpointing: it pickles the
-objects and loads them back with weights_only=False, so a crafted checkpoint would run code on --resume.
-Checkpoints are data.
+(lr_scheduler.pt), the run's config and tokenizer, and with --keep-best the best evaluation's weights
+(best.safetensors: `BestModel`). Not accelerate's register_for_checkpointing: it pickles the objects and loads them
+back with weights_only=False, so a crafted checkpoint would run code on --resume. Checkpoints are data.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from bert_dist.config import TrainConfig
+from bert_dist.distributed import gather_state_dict, load_whole_state_dict, share_from_main
 from bert_dist.rundir import (
     RUN_CONFIG_FILE,
     TRAIN_LOG,
@@ -58,6 +63,18 @@ class TrainState:
     """The log window's running sums at the checkpoint, so the first log line after a resume is unchanged."""
     eval_pending: bool = False
     """A SIGTERM cut the evaluation of this step short: a resume runs it first."""
+    best_step: int | None = None
+    """--keep-best / early stopping: the step of the best evaluation so far by the chosen metric (the earliest of
+    equals); with --keep-best its weights are checkpoints/best.safetensors, and each checkpoint's best.safetensors."""
+    best_value: float | None = None
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    """That evaluation's metrics (what results.json reports of the best model)."""
+    evals_without_improvement: int = 0
+    """Evaluations in a row that did not improve on `improved_value` by more than --early-stopping-delta."""
+    improved_value: float | None = None
+    """The value the last improvement by more than --early-stopping-delta reached (early stopping counts from it)."""
+    compared_step: int = -1
+    """The step of the last evaluation compared: one redone on a resume (the last step's) is not counted twice."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,9 +92,10 @@ class Checkpointer:
     """
 
     def __init__(self, *, accelerator: Accelerator, out_dir: Path, keep: int, scheduler: Any,
-                 files: dict[str, str] | None = None):
+                 files: dict[str, str] | None = None, best: BestModel | None = None):
         self.accelerator, self.out_dir, self.keep, self.scheduler = accelerator, out_dir, keep, scheduler
         self.files = files or {}
+        self.best = best  # its weights go into every checkpoint, and come back from the one resumed
         self.last_step = -1  # the step of the newest checkpoint this run saved or resumed from
         if accelerator.is_main_process:
             remove_incomplete_checkpoints(out_dir)
@@ -102,9 +120,13 @@ class Checkpointer:
                 raise ValueError(f"--max-steps/--epochs: this run ends at step {num_steps}, before the step "
                                  f"{state.step} of the checkpoint {path}; resume with --max-steps {state.step} or more")
             self.last_step = state.step
+        if self.best is not None:
+            self.best.resumed(path, state)
         if self.accelerator.is_main_process and (path is not None or restart):
             # The final evaluation is redone when the checkpoint is the last step, so its line goes as well.
-            trim_logs(self.out_dir, state.step, redo_eval=path is not None and state.step == num_steps)
+            # So is the one that stopped the run early (the run goes on to its end from there).
+            finished = state.step == num_steps or (self.best is not None and self.best.exhausted(state))
+            trim_logs(self.out_dir, state.step, redo_eval=path is not None and finished)
         state.batches_per_epoch = num_batches
 
     def save(self, state: TrainState) -> Path:
@@ -126,6 +148,8 @@ class Checkpointer:
                 shutil.copy(self.out_dir / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
             for name, text in self.files.items():
                 (tmp / name).write_text(text)
+            if self.best is not None:
+                self.best.add_to(tmp, state)
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():  # from another trajectory (--resume-from an older checkpoint)
@@ -206,3 +230,143 @@ def trim_logs(out_dir: Path, step: int, redo_eval: bool = False) -> None:
         if f.is_file():
             f.write_text("".join(ln for ln in f.read_text().splitlines(keepends=True)
                                  if ln.strip() and before(ln, last)))
+
+
+BEST_FILE = "best.safetensors"
+"""The best evaluation's weights (--keep-best): checkpoints/best.safetensors, and a hard link in each checkpoint."""
+
+
+class BestModel:
+    """The best evaluation so far by one metric, for --keep-best and early stopping. Its step, value and metrics are
+    in the TrainState; with --keep-best its weights are in checkpoints/best.safetensors (written by the main process,
+    under a temporary name, whenever an evaluation improves on the best) and, hard-linked, in every checkpoint: a
+    resume takes them from the checkpoint it resumes (a newer best.safetensors belongs to the evaluations it redoes),
+    and pruning checkpoints never loses them.
+
+    Every method is called on every process. Evaluations compare the main process's value, shared, so every process
+    decides alike (gathering the weights under FSDP is a collective that all of them join).
+    """
+
+    def __init__(self, *, accelerator: Accelerator, model: torch.nn.Module, out_dir: Path, cfg: TrainConfig,
+                 metric: str):
+        self.accelerator, self.model, self.cfg = accelerator, model, cfg
+        self.metric = cfg.best_metric or metric
+        assert self.metric, "train(main_metric=...): the metric to compare evaluations by"
+        self.keep, self.patience, self.delta = cfg.keeps_best(), cfg.early_stopping_patience, cfg.early_stopping_delta
+        self.path = out_dir / "checkpoints" / BEST_FILE
+
+    def key(self, metrics: dict[str, Any]) -> str:
+        """The metric's name in `metrics`: itself, or the first evaluation split's (MNLI's validation_matched/...)."""
+        if self.metric in metrics:
+            return self.metric
+        split = next((k for k in metrics if k.endswith("/" + self.metric)), None)
+        if split is None:
+            raise ValueError(f"--best-metric {self.metric}: the evaluation has no such metric (it has "
+                             f"{', '.join(metrics)}); give --best-metric one of those")
+        return split
+
+    def observe(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        """Compare the evaluation at `state.step` with the best: a better one (strictly) becomes the best, its
+        weights saved; one that does not improve by more than --early-stopping-delta counts toward the patience."""
+        if state.step <= state.compared_step:  # redone after a resume: compared already
+            return
+        key = self.key(metrics)
+        value = share_from_main(metrics[key] if self.accelerator.is_main_process else None)
+        state.compared_step = state.step
+        if value is None or not math.isfinite(value):
+            state.evals_without_improvement += 1
+            log.warning("step %d: %s is %s, so not compared with the best", state.step, key, value)
+            return
+        sign = 1.0 if self.cfg.greater_is_better(key) else -1.0
+        if state.best_value is None or sign * (value - state.best_value) > 0:
+            state.best_step, state.best_value, state.best_metrics = state.step, value, dict(metrics)
+            if self.keep:
+                self.save(state, key)
+        if state.improved_value is None or sign * (value - state.improved_value) > self.delta:
+            state.improved_value, state.evals_without_improvement = value, 0
+        else:
+            state.evals_without_improvement += 1
+        waiting = (f"; {state.evals_without_improvement} evaluation(s) without improvement"
+                   + (f" of {self.patience}" if self.patience else "")) if state.evals_without_improvement else ""
+        log.info("best %s %.6g at step %d%s", key, state.best_value, state.best_step, waiting)
+
+    def exhausted(self, state: TrainState) -> bool:
+        """Early stopping: --early-stopping-patience evaluations in a row without improvement."""
+        return self.patience is not None and state.evals_without_improvement >= self.patience
+
+    def save(self, state: TrainState, key: str) -> None:
+        from bert_dist.weights import save_weights
+
+        weights = gather_state_dict(self.accelerator, self.model)
+        if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(weights, self.path, {"step": str(state.step), "metric": key, "value": repr(state.best_value)})
+
+    def add_to(self, checkpoint: Path, state: TrainState) -> None:
+        """Main process, inside Checkpointer.save: the best weights as of `state` into the checkpoint being written."""
+        if self.keep and state.best_step is not None:
+            link_or_copy(self.path, checkpoint / BEST_FILE)
+
+    def resumed(self, checkpoint: Path | None, state: TrainState) -> None:
+        """After the checkpoint (None: a fresh start) is loaded into `state`: its best weights become the run's (what
+        a killed run wrote since is dropped)."""
+        if not self.keep:
+            return
+        src = checkpoint / BEST_FILE if checkpoint is not None and state.best_step is not None else None
+        if src is not None:
+            step = saved_step(src)
+            if step != state.best_step:
+                raise ValueError(f"cannot resume from {checkpoint}: its {BEST_FILE} "
+                                 + ("is missing" if step is None else f"holds step {step}")
+                                 + f", not its best evaluation's (step {state.best_step}); resume from another "
+                                 "checkpoint, or start afresh with --overwrite (without --resume)")
+        if self.accelerator.is_main_process:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            if src is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                link_or_copy(src, tmp)
+                os.replace(tmp, self.path)
+
+    def restore(self, state: TrainState) -> bool:
+        """At the end of training, with --keep-best: the best weights into the model, unless they are the last step's
+        (the model's already). Returns whether it loaded them."""
+        if not self.keep or state.best_step is None or state.best_step == state.step:
+            return False
+        self.accelerator.wait_for_everyone()  # the main process wrote them
+        if saved_step(self.path) != state.best_step:
+            raise ValueError(f"{self.path} does not hold the best evaluation's weights (step {state.best_step}); "
+                             "was it replaced during the run? resume from a checkpoint with --resume")
+        from bert_dist.weights import TIED_KEYS
+
+        missing = load_whole_state_dict(self.accelerator, self.model, load_file(str(self.path)))
+        assert set(missing) <= set(TIED_KEYS), missing[:5]
+        log.info("the run's model is the best evaluation's (step %d, %s %.6g), not the last step's (%d)",
+                 state.best_step, self.key(state.best_metrics), state.best_value, state.step)
+        return True
+
+    def results(self, state: TrainState) -> dict[str, Any]:
+        """What results.json says of the choice."""
+        if state.best_step is None:
+            return {"best_metric": self.metric, "best_step": None, "best_value": None}
+        return {"best_metric": self.key(state.best_metrics), "best_step": state.best_step,
+                "best_value": state.best_value}
+
+
+def saved_step(path: Path) -> int | None:
+    """The step a best.safetensors was written at (its metadata), or None if there is none readable."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # missing, cut short, or not ours: no step
+        return None
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no space: the weights file is only ever replaced, never written in place), else a copy."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(src, dst)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, get_type_hints
 
 MIN_MAX_LENGTH = 8  # --max-length: [CLS], [SEP] and a few tokens of text (training and predict)
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "error")
+"""Metric name endings for which lower is better (--best-mode's default)."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -173,6 +175,34 @@ class TrainConfig:
                           "reference numbers)")
     dist_timeout: float = _f(30.0, "minutes a process waits in a collective for the others (the main process alone "
                                    "trains a tokenizer or prepares data meanwhile) before the run fails")
+    keep_best: bool | None = _f(None, "end with the weights of the best evaluation (every --eval-every steps and the "
+                                      "last step, by --best-metric) as the run's model, its results and predictions, "
+                                      "not the last step's (default: on with --early-stopping-patience, else off)")
+    best_metric: str | None = _f(None, "the evaluation metric --keep-best and early stopping go by (default: the "
+                                       "task's main one: accuracy; f1 for MRPC, QQP and SQuAD; matthews_correlation "
+                                       "for CoLA; pearson for STS-B; mlm_loss for pretraining)")
+    best_mode: str | None = _f(None, "max | min: whether a higher --best-metric is better (default: min for losses, "
+                                     "perplexity and errors: names ending in " + ", ".join(LOWER_IS_BETTER) + "; "
+                                     "else max)")
+    early_stopping_patience: int | None = _f(None, "stop training after this many evaluations in a row without an "
+                                                   "improvement of --best-metric (needs --eval-every; implies "
+                                                   "--keep-best unless --no-keep-best)")
+    early_stopping_delta: float = _f(0.0, "early stopping: an evaluation improves on the best only by more than this "
+                                          "(in --best-metric's units)")
+
+    def keeps_best(self) -> bool:
+        """--keep-best as resolved: given, else on with early stopping."""
+        return self.keep_best if self.keep_best is not None else self.early_stopping_patience is not None
+
+    def tracks_best(self) -> bool:
+        """Whether evaluations are compared (for --keep-best, early stopping, or both)."""
+        return self.keeps_best() or self.early_stopping_patience is not None
+
+    def greater_is_better(self, metric: str) -> bool:
+        """--best-mode as resolved for `metric` (a name such as mlm_loss or validation_matched/accuracy)."""
+        if self.best_mode is not None:
+            return self.best_mode == "max"
+        return not metric.rsplit("/", 1)[-1].lower().endswith(LOWER_IS_BETTER)
 
 
 @dataclass
@@ -240,6 +270,7 @@ class RunConfig:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if t.keep_checkpoints < 1:
             raise ValueError(f"--keep-checkpoints must be at least 1, got {t.keep_checkpoints}")
+        self.check_best()
         if t.max_bad_steps < 1:
             raise ValueError(f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
         if not 0 <= self.seed < 2**32:  # numpy's range; torch and numpy would fail later without naming the flag
@@ -272,6 +303,33 @@ class RunConfig:
             raise ValueError(f"--pad-to-multiple-of must be 0 (off) or more, got {d.pad_to_multiple_of}")
         if d.num_workers is not None and d.num_workers < 0:
             raise ValueError(f"--num-workers must be 0 (load in the main process) or more, got {d.num_workers}")
+
+    def check_best(self) -> None:
+        """--keep-best and early stopping: what they need, and flags that would do nothing."""
+        t = self.train
+        if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+            raise ValueError(f"--early-stopping-patience must be at least 1, got {t.early_stopping_patience}")
+        if not 0 <= t.early_stopping_delta < math.inf:
+            raise ValueError(f"--early-stopping-delta must be 0 or a positive finite number, got "
+                             f"{t.early_stopping_delta}")
+        if t.best_mode not in (None, "max", "min"):
+            raise ValueError(f"--best-mode must be max or min, not {t.best_mode!r}")
+        if t.best_metric is not None and not t.best_metric.strip():
+            raise ValueError("--best-metric is empty: name an evaluation metric (e.g. accuracy)")
+        given = [flag for flag, on in (("--keep-best", t.keep_best), ("--early-stopping-patience",
+                                                                       t.early_stopping_patience is not None)) if on]
+        if t.early_stopping_delta and t.early_stopping_patience is None:
+            raise ValueError("--early-stopping-delta applies to early stopping: add --early-stopping-patience K, or "
+                             "drop it")
+        for flag, value in (("--best-metric", t.best_metric), ("--best-mode", t.best_mode)):
+            if value is not None and not t.tracks_best():
+                raise ValueError(f"{flag} picks the best evaluation for --keep-best or --early-stopping-patience, "
+                                 "and neither is given: add one, or drop it")
+        if given and t.eval_only:
+            raise ValueError(f"--eval-only does not train, so {' and '.join(given)} do not apply: drop them")
+        if given and not t.eval_every:
+            raise ValueError(f"{' and '.join(given)} compare the evaluations made every --eval-every steps: give "
+                             "--eval-every N (without it the only evaluation is the last step's)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

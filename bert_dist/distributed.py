@@ -51,6 +51,24 @@ def gather_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[
     return weights if accelerator.is_main_process else None
 
 
+def load_whole_state_dict(accelerator: Accelerator, model: torch.nn.Module,
+                          weights: dict[str, torch.Tensor]) -> list[str]:
+    """Load a whole state dict (what `gather_state_dict` gives; every process holds it) into the prepared `model`, on
+    every process: under FSDP each rank keeps its shards of it (a collective). Returns the model's keys it lacked."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        result = set_model_state_dict(getattr(model, "_orig_mod", model), weights,
+                                      options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        result = accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"weights for another model: {', '.join(result.unexpected_keys[:5])} are not its parameters")
+    return list(result.missing_keys)
+
+
 def gather_outputs(accelerator: Accelerator, picked: dict[str, torch.Tensor],
                    pad_value: float = -1e4) -> dict[str, np.ndarray]:
     """One evaluation batch's outputs from every process, in dataset order, on the host.

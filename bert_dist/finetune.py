@@ -199,15 +199,18 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         if accelerator.is_main_process:
             save_run_model(weights, out_dir, bert, meta, tokenizer)
 
-    results = run.fit(accelerator=accelerator, cfg=cfg, out_dir=out_dir, eval_fn=eval_fn,
+    results = run.fit(accelerator=accelerator, cfg=cfg, out_dir=out_dir, eval_fn=eval_fn, main_metric=spec.main_metric,
                       on_set_epoch=sampler.set_epoch if sampler else None, save=save, tokenizer=tokenizer)
     if results.get("interrupted"):
         return results
 
-    # train() ends with an evaluation of the final weights: reuse its predictions rather than predict twice.
+    # train() ends with an evaluation of the final weights: reuse its predictions rather than predict twice, unless
+    # the model is an earlier step's (--keep-best).
+    model_step = results["best_step"] if cfg.train.keeps_best() and results.get("best_step") is not None \
+        else results["steps"]
     for split in splits:
         step, preds = latest.get(split, (-1, None))
-        if step != results["steps"]:
+        if step != model_step:
             preds = predict(split)
         if accelerator.is_main_process:
             kind.write(out_dir, spec, splits[split], preds)

@@ -281,8 +281,9 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
                     "mlm_probability": cfg.data.mlm_probability}
             save_run_model(weights, out_dir, bert, meta, tok)
 
-    results = run.fit(accelerator=accelerator, cfg=cfg, out_dir=out_dir, eval_fn=eval_fn, on_set_epoch=set_epoch,
-                      save=save, tokenizer=tok)
+    # --keep-best and early stopping go by the held-out MLM loss (the objective) unless --best-metric says otherwise.
+    results = run.fit(accelerator=accelerator, cfg=cfg, out_dir=out_dir, eval_fn=eval_fn, main_metric="mlm_loss",
+                      on_set_epoch=set_epoch, save=save, tokenizer=tok)
     if results.get("interrupted"):
         return results
     results.update(

@@ -478,9 +478,10 @@ RUN_OUTPUTS = ("run_config.json", "config.json", "model.safetensors", "tokenizer
                "report.html", "README.md", "glue_results.json", "glue_results.md")
 """The files a bert-dist run writes at the top of its output directory, besides predictions_<split>.jsonl and the
 GLUE submission TSVs (SUBMISSION_TSVS), and inside it: checkpoints/step-N, logs/bert-dist (the tracker's),
-submission/<name>.tsv (--task glue)."""
+submission/<name>.tsv (--task glue), checkpoints/best.safetensors (--keep-best)."""
 SUBMISSION_TSVS = {f"{n}.tsv" for spec in GLUE_TASKS.values() for n in spec.submission_names}
-RUN_SUBDIRS = {"checkpoints": lambda name: bool(re.fullmatch(r"step-\d+(\.tmp|\.old)?", name)),
+RUN_SUBDIRS = {"checkpoints": lambda name: bool(re.fullmatch(r"step-\d+(\.tmp|\.old)?|best\.safetensors(\.tmp)?",
+                                                             name)),
                "logs": lambda name: name == "bert-dist", "submission": lambda name: name in SUBMISSION_TSVS}
 
 

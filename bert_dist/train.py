@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 
 from bert_dist import kernels, preemption
-from bert_dist.checkpointing import METRICS_FILE, Checkpointer, TrainState
+from bert_dist.checkpointing import METRICS_FILE, BestModel, Checkpointer, TrainState
 from bert_dist.config import RunConfig, TrainConfig
 from bert_dist.console import StepProgress, format_metrics
 from bert_dist.distributed import gather_outputs, pad_for
@@ -55,17 +55,23 @@ def train(
     cfg: RunConfig,
     out_dir: Path,
     eval_fn: Callable[[int], dict[str, float]] | None = None,
+    main_metric: str | None = None,
     on_set_epoch: Callable[[int], None] | None = None,
     on_trained: Callable[[], None] | None = None,
     checkpoint_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train `run` for `run.num_steps` optimizer steps; evaluate every --eval-every steps and at the end.
 
-    on_set_epoch: called with each epoch's number before its batches (a sampler's or collator's set_epoch).
+    main_metric: the metric of `eval_fn`'s that --keep-best and early stopping go by unless --best-metric names
+    another. on_set_epoch: called with each epoch's number before its batches (a sampler's or collator's set_epoch).
     on_trained: called once the last step is done, before the final evaluation (the recipes save the model there,
-    so that an evaluation that fails cannot cost the training). checkpoint_files: {name: text} written into every
-    checkpoint (the run's tokenizer.json). Returns the final metrics plus train_seconds, examples_per_second,
+    so that an evaluation that fails cannot cost the training), and again with --keep-best once the best weights are
+    loaded back. checkpoint_files: {name: text} written into every checkpoint (the run's tokenizer.json). Returns the
+    final metrics (with --keep-best the best evaluation's, and its step) plus train_seconds, examples_per_second,
     tokens_per_second, steps; or {"interrupted": True, "steps"} after a SIGTERM, once a checkpoint is saved.
+
+    --early-stopping-patience K ends the training after K evaluations in a row without improvement; the run then
+    finishes as at its last step (results.json: early_stopped_at).
 
     SIGTERM (SLURM's notice before preemption or the time limit) stops the run at the end of the optimizer step
     under way, or inside an evaluation, and saves a checkpoint there (preemption.py). Non-finite steps are skipped
@@ -73,15 +79,17 @@ def train(
     log or save step, and no checkpoint is written while the latest step is bad, so the newest one is a good one.
     """
     t, state = cfg.train, TrainState()
+    best = (BestModel(accelerator=accelerator, model=run.model, out_dir=out_dir, cfg=t, metric=main_metric)
+            if eval_fn is not None and t.tracks_best() else None)
     checkpointer = Checkpointer(accelerator=accelerator, out_dir=out_dir, keep=t.keep_checkpoints,
-                                scheduler=run.scheduler, files=checkpoint_files)
+                                scheduler=run.scheduler, files=checkpoint_files, best=best)
     checkpointer.resume(state=state, path=run.resume_from, restart=t.resume, num_batches=len(run.train_loader),
                         num_steps=run.num_steps)
     if run.resume_from is None:
         seed_processes(accelerator=accelerator, seed=cfg.seed)
     metrics = StepMetrics(accelerator=accelerator, out_dir=out_dir, state=state, log_every=t.log_every,
                           num_steps=run.num_steps)
-    evaluator = Evaluator(accelerator=accelerator, eval_fn=eval_fn, out_dir=out_dir, every=t.eval_every)
+    evaluator = Evaluator(accelerator=accelerator, eval_fn=eval_fn, out_dir=out_dir, every=t.eval_every, best=best)
     batches = micro_batches(accelerator=accelerator, loader=run.train_loader, state=state, on_set_epoch=on_set_epoch)
     params = [p for p in run.model.parameters() if p.requires_grad]
     # --grad-accum: each micro-batch weighs by its examples (`forward_backward`), decided once.
@@ -92,7 +100,8 @@ def train(
         with metrics:
             # A resume after a SIGTERM that cut an evaluation short runs it first.
             stopping = state.eval_pending and state.step < run.num_steps and not evaluator.run(state, stop)
-            while state.step < run.num_steps and not stopping:
+            lr = None
+            while state.step < run.num_steps and not stopping and not (best and best.exhausted(state)):
                 lr = train_step(accelerator=accelerator, model=run.model, optimizer=run.optimizer,
                                 scheduler=run.scheduler, params=params, micro_batches=batches, metrics=metrics,
                                 max_grad_norm=cfg.optim.max_grad_norm, full_batch=full_batch)
@@ -101,30 +110,44 @@ def train(
                     check_diverged(window=metrics.log(state, lr), max_bad_steps=t.max_bad_steps, step=state.step,
                                    checkpointer=checkpointer)
                 if evaluator.due(state.step):
+                    started = time.perf_counter()
                     stopping = not evaluator.run(state, stop)
                     run.model.train()
-                    metrics.restart_clock()  # evaluation time is not training time
+                    metrics.leave_out(time.perf_counter() - started)  # evaluation time is not training time
                 if t.save_every and state.step % t.save_every == 0:
                     save_unless_bad(checkpointer=checkpointer, metrics=metrics, state=state,
                                     max_bad_steps=t.max_bad_steps)
                 stopping = stopping or stop.requested()
+            early = state.step < run.num_steps and not stopping  # early stopping ended the loop
+            if early and lr is not None and not metrics.should_log(state.step):  # the last window, as at a last step
+                check_diverged(window=metrics.log(state, lr), max_bad_steps=t.max_bad_steps, step=state.step,
+                               checkpointer=checkpointer)
         if stopping:
             log.warning("SIGTERM at step %d: saving a checkpoint and stopping; rerun with --resume to continue",
                         state.step)
             if checkpointer.last_step != state.step:
                 save_checkpoint(checkpointer=checkpointer, metrics=metrics, state=state)
             return {"interrupted": True, "steps": state.step}
+        if early:
+            log.info("early stopping at step %d: %d evaluations without improvement of %s (--early-stopping-patience)",
+                     state.step, state.evals_without_improvement, best.metric)
         # The handler stays through the saving and the final evaluation (and, under run.main, until the run's
         # outputs are written): a SIGTERM there (the last minutes of a job) no longer kills the run a step from its
         # end; it finishes, and exits 0.
         if on_trained is not None:
             on_trained()
         if eval_fn is not None and evaluator.last_step != state.step:
-            evaluator.run(state)
+            evaluator.run(state)  # with --keep-best the last step's weights are a candidate too
+        if best is not None and best.restore(state) and on_trained is not None:
+            on_trained()  # the run's model is the best evaluation's
         if sigterm_received():
             log.warning("SIGTERM after the last step: the run was finished (model saved, evaluated) instead")
-    return summary(state=state, metrics=evaluator.latest, batches_per_epoch=len(run.train_loader),
-                   fp16=accelerator.mixed_precision == "fp16")
+    results = summary(state=state, metrics=state.best_metrics if best and best.keep and state.best_metrics
+                      else evaluator.latest, batches_per_epoch=len(run.train_loader),
+                      fp16=accelerator.mixed_precision == "fp16")
+    if best is not None:
+        results.update(best.results(state), **({"early_stopped_at": state.step} if early else {}))
+    return results
 
 
 def train_step(
@@ -433,13 +456,18 @@ class StepMetrics:
     def restart_clock(self) -> None:
         self.t0 = time.perf_counter()
 
+    def leave_out(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation) out of the window's training time."""
+        self.t0 += seconds
+
 
 class Evaluator:
     """`eval_fn` every `every` optimizer steps (None: at the end only), written to metrics.jsonl and the trackers."""
 
     def __init__(self, *, accelerator: Accelerator, eval_fn: Callable[[int], dict[str, float]] | None,
-                 out_dir: Path, every: int | None):
+                 out_dir: Path, every: int | None, best: BestModel | None = None):
         self.accelerator, self.eval_fn, self.out_dir, self.every = accelerator, eval_fn, out_dir, every
+        self.best = best  # compares each evaluation with the best (--keep-best, early stopping)
         self.latest: dict[str, float] = {}
         self.last_step = -1
 
@@ -458,6 +486,8 @@ class Evaluator:
             state.eval_pending = True
             return False
         state.eval_pending, self.last_step = False, state.step
+        if self.best is not None:
+            self.best.observe(state, self.latest)
         return True
 
 
@@ -554,16 +584,18 @@ class Prepared:
         on_set_epoch: Callable[[int], None] | None,
         save: Callable[[], None],
         tokenizer: Any = None,
+        main_metric: str | None = None,
     ) -> dict[str, Any]:
         """`train()` with this run's objects, or only `eval_fn` under --eval-only (both recipes end so). `save` writes
-        the run's model: after training and before the final evaluation, or after the evaluation under --eval-only."""
+        the run's model: after training and before the final evaluation (and with --keep-best once more, the best
+        weights loaded back), or after the evaluation under --eval-only. main_metric: see `train`."""
         if cfg.train.eval_only:
             results = {**run_eval(accelerator=accelerator, eval_fn=eval_fn, state=TrainState(), out_dir=out_dir),
                        "steps": 0}  # metrics.jsonl too
             save()
             return results
         return train(accelerator=accelerator, run=self, cfg=cfg, out_dir=out_dir, eval_fn=eval_fn,
-                     on_set_epoch=on_set_epoch, on_trained=save,
+                     main_metric=main_metric, on_set_epoch=on_set_epoch, on_trained=save,
                      checkpoint_files={TOKENIZER_FILE: tokenizer.to_str()} if tokenizer is not None else None)
 
 

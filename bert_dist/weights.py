@@ -256,13 +256,19 @@ def save_model(model: nn.Module | dict[str, torch.Tensor], out_dir: Path, config
 
 
 def _save_weights(model: nn.Module | dict[str, torch.Tensor], out_dir: Path) -> None:
-    # The tied decoder is left out, as transformers' own save_pretrained does: its loaders tie it again.
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out_dir / "model.safetensors")
+
+
+def save_weights(model: nn.Module | dict[str, torch.Tensor], path: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """`model`'s weights (the module, or its whole state dict) as safetensors at `path`, with `metadata`. The tied
+    decoder is left out, as transformers' own save_pretrained does: its loaders tie it again."""
     weights = model.state_dict() if isinstance(model, nn.Module) else model
     sd = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in TIED_KEYS}
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")  # never a half-written model under the real name
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)  # never a half-written file under the real name
 
 
 @dataclass

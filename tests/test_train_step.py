@@ -282,6 +282,39 @@ def test_fp16_steps_the_gradient_scaler_skips_are_bad_steps(tmp_path):
     assert accelerator.scaler.get_scale() == 2.0**16 / 2**5
 
 
+def test_training_time_leaves_out_evaluations_and_only_them(tmp_path):
+    """results' train_seconds (and the log's throughput) is the time of the steps, evaluations left out: an evaluation
+    between two log lines used to restart the window's clock, dropping the steps before it as well."""
+    import time
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.utils.data import DataLoader
+
+    from bert_dist.config import DataConfig, RunConfig, TrainConfig
+    from bert_dist.train import prepare_training
+
+    class Slow(Stack):
+        def forward(self, *args, **kw):
+            time.sleep(0.05)  # a training step's compute
+            return super().forward(*args, **kw)
+
+    def evaluate(step: int) -> dict[str, float]:
+        time.sleep(0.3)
+        return {"accuracy": 0.5}
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    cfg = RunConfig(data=DataConfig(batch_size=4), train=TrainConfig(max_steps=10, log_every=100, eval_every=1))
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": n % 2} for n in range(3, 19)]
+    loader = DataLoader(rows, batch_size=4, collate_fn=PadCollator(), generator=torch.Generator().manual_seed(0))
+    run = prepare_training(cfg, accelerator, Slow(2), loader, {}, tmp_path)
+    results = run.fit(accelerator=accelerator, cfg=cfg, out_dir=tmp_path, eval_fn=evaluate, on_set_epoch=None,
+                      save=lambda: None)
+    assert 10 * 0.05 <= results["train_seconds"] < 10 * 0.05 + 1.5, results  # the evaluations took 3 s
+
+
 PROFILE_WORKER = r'''
 import json, sys
 import torch
