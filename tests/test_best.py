@@ -37,11 +37,8 @@ from bert_dist.tokenizer import save_tokenizer, train_tokenizer
 def tracker(tmp_path):
     """tracker(metric, **TrainConfig fields) -> (BestModel over a 1-weight model, the model, a TrainState)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True)  # accelerate's state is fresh for every test (conftest)
 
     def make(metric: str = "accuracy", **train):
         cfg = RunConfig(train=TrainConfig(eval_every=1, **train)).train  # validated as the command line is
