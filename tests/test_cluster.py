@@ -175,9 +175,9 @@ def slow_train_tokenizer(*args, **kw):
         time.sleep(float(os.environ["SLOW_MAIN_SECONDS"]))
     return train_tokenizer(*args, **kw)
 
-def reporting_train(accelerator, model, *args, **kw):
-    print("DDP", type(model).__name__, getattr(model, "broadcast_buffers", None), flush=True)
-    return train(accelerator, model, *args, **kw)
+def reporting_train(*, accelerator, run, **kw):
+    print("DDP", type(run.model).__name__, getattr(run.model, "broadcast_buffers", None), flush=True)
+    return train(accelerator=accelerator, run=run, **kw)
 
 T.train_tokenizer, TR.train = slow_train_tokenizer, reporting_train
 from bert_dist.run import launch
