@@ -475,11 +475,14 @@ def fake_srun(tmp_path):
 
 PROBE = """
 import os, torch, torch.distributed as dist
+from pathlib import Path
 from accelerate import Accelerator
 a = Accelerator()
 t = torch.tensor([a.process_index + 1.0])
 dist.all_reduce(t)
-print("PROBE", a.process_index, a.num_processes, os.environ.get("GLOO_SOCKET_IFNAME"), int(t.item()), flush=True)
+# One file per rank: two nodes' prints share one pipe and can interleave mid-line.
+line = f"{a.process_index} {a.num_processes} {os.environ.get('GLOO_SOCKET_IFNAME')} {int(t.item())}"
+(Path(os.environ["PROBE_DIR"]) / f"rank{a.process_index}").write_text(line)
 """
 
 
@@ -494,11 +497,12 @@ def test_multi_node_job_with_an_nccl_style_interface_value_starts_gloo(env, tmp_
     del env["DRY_RUN"]
     env.update(PATH=f"{fake_srun}:{env['PATH']}", SLURM_JOB_ID="1", SLURM_NNODES="2", HEAD_NODE="127.0.0.1",
                GPUS_PER_NODE="1", NCCL_SOCKET_IFNAME="^lo,docker0", PORT=str(free_port()), TASK="",
-               SCRIPT=str(probe), PYTHON=sys.executable, PRECISION="no", ACCELERATE_USE_CPU="1")
+               SCRIPT=str(probe), PYTHON=sys.executable, PRECISION="no", ACCELERATE_USE_CPU="1",
+               PROBE_DIR=str(tmp_path))
     proc = subprocess.run(["bash", str(LAUNCH / "slurm_multi_node.sh")], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = sorted(ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("PROBE"))
+    ranks = sorted(f.read_text().split() for f in tmp_path.glob("rank*"))
     iface = next(i for i in global_interfaces() if not i.startswith(("lo", "docker0")))
     assert ranks == [["0", "2", iface, "3"], ["1", "2", iface, "3"]], proc.stdout + proc.stderr[-2000:]
 
