@@ -84,6 +84,9 @@ class MLMCollator(PadCollator):
     processes because they hold different examples. The global RNG (seeded identically on every
     process by accelerate's `set_seed`, and consumed by dropout) is never touched. Call
     `set_epoch(e)` with the sampler's so each epoch masks each example anew.
+
+    `whole_word`: a word is chosen whole, all its pieces or none (`choose_for_mlm`); rows then carry `word_start`,
+    True at each token that begins a word (the prepared pretraining corpus has it).
     """
 
     def __init__(
@@ -96,8 +99,10 @@ class MLMCollator(PadCollator):
         pad_to_multiple_of: int | None = None,
         seed: int = 0,
         max_length: int | None = None,
+        whole_word: bool = False,
     ):
         super().__init__(pad_token_id, pad_to_multiple_of, scalar_keys=("next_sentence_label",), max_length=max_length)
+        self.whole_word = whole_word
         if not 0 < mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {mlm_probability}")
         self.mask_token_id, self.mlm_probability, self.seed = mask_token_id, mlm_probability, seed
@@ -122,7 +127,13 @@ class MLMCollator(PadCollator):
             u[:, i, :n] = torch.rand(3, n, generator=g)  # drawn for the row's own length: batch-independent
         # index_select, not table[ids]: advanced indexing runs a threaded kernel that stalls on a busy CPU.
         special = self.special.index_select(0, ids.view(-1)).view(B, T)
-        chosen = (u[0] < self.mlm_probability) & ~special & batch["attention_mask"].bool()
+        maskable = ~special & batch["attention_mask"].bool()
+        word_start = None
+        if self.whole_word:
+            word_start = torch.ones(B, T, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                word_start[i, : len(r["word_start"])] = torch.as_tensor(r["word_start"])
+        chosen = choose_for_mlm(u[0], maskable, self.mlm_probability, word_start)
         batch["labels"] = torch.where(chosen, ids, -100)
         n_repl = len(self.replacements)
         pick = (u[2] * n_repl).long().clamp_(max=n_repl - 1)
@@ -130,6 +141,26 @@ class MLMCollator(PadCollator):
         ids = torch.where(chosen & (u[1] < 0.8), self.mask_token_id, ids)
         batch["input_ids"] = torch.where(chosen & (u[1] >= 0.8) & (u[1] < 0.9), random_ids, ids)
         return batch
+
+
+def choose_for_mlm(u: torch.Tensor, maskable: torch.Tensor, probability: float,
+                   word_start: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool: the positions chosen for MLM, each token with `probability` (u (B, T) uniforms below it) among the
+    `maskable` ones (B, T) (real, non-special tokens).
+
+    With `word_start` (B, T) bool (True where a word begins): whole words, as Google's whole-word masking: a word is
+    chosen by its first piece's uniform, and its `##` pieces with it, so words (not pieces) are chosen with
+    `probability` and the expected share of chosen tokens is unchanged. A run of pieces after a special token (a word
+    truncated at its front) is a word of its own.
+    """
+    if word_start is None:
+        return (u < probability) & maskable
+    B, T = u.shape
+    starts = word_start | ~maskable
+    starts[:, 1:] |= ~maskable[:, :-1]
+    pos = torch.arange(T).expand(B, T)
+    first = torch.where(starts, pos, 0).cummax(1).values  # (B, T) where each token's word begins
+    return (u.gather(1, first) < probability) & maskable
 
 
 _M64 = (1 << 64) - 1
