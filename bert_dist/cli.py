@@ -1,6 +1,7 @@
 """The `bert-dist` console script: `bert-dist [train] --task ...` runs a job (same flags as run.py).
 
 `bert-dist pretrain ...` and `bert-dist tokenizer ...` are `--task pretrain` and `--task tokenizer`.
+`bert-dist prepare ...` (the pretraining run's flags) prepares its corpus ahead of the run, and prints where.
 After a run:
 
     bert-dist predict --model RUN_DIR [--text T [--text-pair P]] [--file F.jsonl|.csv|.tsv]   (or stdin)
@@ -69,6 +70,23 @@ def export(argv: list[str]) -> int:
     return 0
 
 
+def prepare(argv: list[str]) -> int:
+    """The pretraining run's flags -> its prepared corpus (`bert_dist.pretrain.prepare_main`); its directory on
+    stdout, progress on stderr."""
+    from bert_dist.config import config_from_args
+
+    cfg = config_from_args([*argv, "--task", "pretrain"])
+    if cfg.smoke:  # the corpus of `bert-dist pretrain --smoke`
+        from bert_dist.data.synthetic import smoke_config
+
+        cfg = smoke_config(cfg)
+    setup_logging(True)  # progress: preparing a large corpus takes a while
+    from bert_dist.pretrain import prepare_main
+
+    emit(str(prepare_main(cfg)))
+    return 0
+
+
 def report(argv: list[str]) -> int:
     from bert_dist.report import main as report_main
 
@@ -91,7 +109,7 @@ def score_squad(argv: list[str]) -> int:
     return 0
 
 
-TOOLS = {"predict": predict, "export": export, "report": report, "score-squad": score_squad}
+TOOLS = {"predict": predict, "export": export, "report": report, "score-squad": score_squad, "prepare": prepare}
 """Commands that work on a finished run rather than train one."""
 
 
