@@ -353,16 +353,17 @@ class Job:
     """Holds tokenizer.json, the tokenizer to use."""
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}  # a worker parses the tokenizer once, not once per unit
+_TOKENIZERS: dict[str, Tokenizer] = {}  # by tokenizer.json's text: a worker parses it once, not once per unit
 
 
 def prepare_unit(job: Job) -> tuple[int, dict[str, Any]]:
     """Prepare one unit: its example files under out_dir/<split>/, then out_dir/done/<index>.json (its counts),
     which marks it done. Returns (index, counts)."""
     s, out = job.settings, Path(job.out_dir)
-    if job.out_dir not in _TOKENIZERS:
-        _TOKENIZERS[job.out_dir] = Tokenizer.from_file(str(out / "tokenizer.json"))
-    tok = _TOKENIZERS[job.out_dir]
+    text = (out / "tokenizer.json").read_text(encoding="utf-8")
+    if text not in _TOKENIZERS:
+        _TOKENIZERS[text] = Tokenizer.from_str(text)
+    tok = _TOKENIZERS[text]
     continues, id_type = vocab_tables(tok)
     sch = schema(s.objective, id_type)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
