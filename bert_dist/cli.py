@@ -71,8 +71,8 @@ def export(argv: list[str]) -> int:
 
 
 def prepare(argv: list[str]) -> int:
-    """The pretraining run's flags -> its prepared corpus (`bert_dist.pretrain.prepare_main`); its directory on
-    stdout, progress on stderr."""
+    """The pretraining run's flags -> its prepared corpus (`bert_dist.data.pretraining.prepare_main`); its directory
+    on stdout, progress on stderr."""
     from bert_dist.config import config_from_args
 
     cfg = config_from_args([*argv, "--task", "pretrain"])
@@ -81,7 +81,7 @@ def prepare(argv: list[str]) -> int:
 
         cfg = smoke_config(cfg)
     setup_logging(True)  # progress: preparing a large corpus takes a while
-    from bert_dist.pretrain import prepare_main
+    from bert_dist.data.pretraining import prepare_main
 
     emit(str(prepare_main(cfg)))
     return 0

@@ -1,8 +1,8 @@
 """The pretraining recipe: corpus -> WordPiece tokenizer -> prepared examples on disk -> BertForPreTraining -> train().
 
-Also `--task tokenizer`, which stops after the tokenizer (tokenizer.json + vocab.txt in --output-dir), and
-`bert-dist prepare` (`prepare_main`), which stops after the prepared corpus: run it with the pretraining run's own
-flags, and the run finds the corpus ready (a cache keyed by the corpus, the tokenizer and the settings).
+Also `--task tokenizer`, which stops after the tokenizer (tokenizer.json + vocab.txt in --output-dir). `bert-dist
+prepare` (`bert_dist.data.pretraining.prepare_main`) stops after the prepared corpus: run it with the pretraining
+run's own flags, and the run finds the corpus ready (a cache keyed by the corpus, the tokenizer and the settings).
 
 Where the corpus comes from (first that applies):
     --train-file F[,F...]      files, globs or directories: text (a line a row), JSON Lines, Parquet, CSV/TSV; the text
@@ -37,22 +37,19 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from bert_dist import data as D
-from bert_dist.checkpoint import load_init, load_weights, resolve_init, save_run_model
-from bert_dist.config import RunConfig, TaskSpec, check_model_fits, preset
+from bert_dist.checkpoint import load_init, load_weights, save_run_model
+from bert_dist.config import RunConfig, check_model_fits, preset
 from bert_dist.data.collate import MLMCollator, pad_multiple
-from bert_dist.data.corpus import TEXT_SUFFIXES, Corpus, corpus_key, corpus_texts, file_sources, hub_source
+from bert_dist.data.corpus import corpus_texts
 from bert_dist.data.pretraining import (
-    FORMAT_VERSION,
     MANIFEST,
-    PrepareSettings,
-    check_prepared_dir,
+    corpus_splits,
+    corpus_tokenizer,
+    has_corpus_flags,
     open_prepared,
-    prepare,
+    prepared_corpus,
     read_manifest,
-    same_settings,
     tokenizer_sha,
-    wait_for_manifest,
-    write_atomic,
 )
 from bert_dist.model import BertForPreTraining, count_params
 from bert_dist.perf import mfu
@@ -63,7 +60,6 @@ from bert_dist.tokenizer import (
     load_tokenizer,
     save_tokenizer,
     train_shared_tokenizer,
-    train_tokenizer,
 )
 from bert_dist.train import evaluate, gather_state_dict, prepare_training, share_from_main
 
@@ -73,136 +69,6 @@ EVAL_LOGITS_BUDGET = 1 << 26
 """Most elements of one evaluation batch's (B, T, V) MLM logits. `evaluate()` calls the model with its
 inputs only, so the MLM head scores every position, not only the masked ones; the evaluation batch
 is made small enough that this tensor stays near 256 MB (fp32)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Corpus
-
-
-def _find_split(data_dir: Path, spec: TaskSpec, split: str) -> Path | None:
-    found = D._find_split_file(data_dir, spec, split)
-    if found is None:
-        for d in (data_dir / (spec.data_name or spec.name), data_dir):
-            found = next((d / f"{split}{s}" for s in TEXT_SUFFIXES if (d / f"{split}{s}").is_file()), None)
-            if found is not None:
-                break
-    return found
-
-
-def corpus_splits(cfg: RunConfig, spec: TaskSpec) -> tuple[Corpus, Corpus | None]:
-    """(training corpus, held-out corpus or None) from the flags; checks paths only (no file is read)."""
-    d = cfg.data
-    if d.train_file:
-        held = Corpus(file_sources(d.validation_file, "--validation-file")) if d.validation_file else None
-        return Corpus(file_sources(d.train_file, "--train-file")), held
-    if d.validation_file:
-        raise ValueError("--validation-file needs --train-file for pretraining")
-    if d.data_dir:
-        data_dir = Path(d.data_dir)
-        if not data_dir.is_dir():
-            raise ValueError(f"--data-dir: {data_dir} is not a directory")
-        train_path = _find_split(data_dir, spec, spec.train_split)
-        if train_path is None:
-            raise ValueError(
-                f"--data-dir: no {spec.train_split} split for pretraining under {data_dir} (looked for "
-                f"{spec.data_name}/{spec.train_split}.jsonl|txt|csv|parquet); pass --train-file FILE[,FILE...] "
-                "(text, JSON Lines, CSV or Parquet) instead"
-            )
-        val_path = _find_split(data_dir, spec, spec.eval_splits[0])
-        held = Corpus(file_sources(str(val_path), "--data-dir")) if val_path else None
-        return Corpus(file_sources(str(train_path), "--data-dir")), held
-    name, flag = (d.dataset, "--dataset") if d.dataset else (f"{spec.hub_path}:{spec.hub_config}", "")
-    train = hub_source(name, spec.train_split, flag)
-    held = hub_source(name, spec.eval_splits[0], flag)
-    return Corpus([train]), Corpus([held]) if _has_split(held) else None
-
-
-def _has_split(source) -> bool:
-    """Whether a hub dataset has this split (asked of the hub, or read from a local folder's files)."""
-    import datasets
-
-    from bert_dist.data.corpus import open_hub
-
-    try:
-        return source.split in datasets.get_dataset_split_names(source.hub, source.config)
-    except Exception:
-        open_hub(source)  # raises the one-line error that says why the dataset cannot be read
-        return False
-
-
-def cache_dir() -> Path:
-    """Where prepared corpora and the tokenizers trained for them go: under the datasets cache (HF_HOME)."""
-    import datasets
-
-    return Path(datasets.config.HF_DATASETS_CACHE) / "bert_dist"
-
-
-def corpus_tokenizer(cfg: RunConfig, train: Corpus, is_local_main: bool):
-    """The WordPiece tokenizer trained on `train` with --vocab-size/--lowercase: trained once by the first process of
-    each machine, kept in the cache (training is deterministic, so a rerun would give the same one), and read by
-    the others from there."""
-    key = corpus_key("tokenizer", train.identity, cfg.data.vocab_size, cfg.data.lowercase)
-    path = cache_dir() / "tokenizers" / key / "tokenizer.json"
-    if not path.is_file():
-        if is_local_main:
-            log.info("training a WordPiece tokenizer on %s (vocab %d, %s)", train.description, cfg.data.vocab_size,
-                     "lowercased" if cfg.data.lowercase else "cased")
-            tok = train_tokenizer(lambda: corpus_texts(train), cfg.data.vocab_size, cfg.data.lowercase)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, tok.to_str())
-        else:
-            while not path.is_file():
-                time.sleep(1.0)
-    return load_tokenizer(path)
-
-
-def prepare_settings(cfg: RunConfig, spec: TaskSpec, objective: str | None = None) -> PrepareSettings:
-    d = cfg.data
-    objective = objective or d.objective or "mlm-nsp"
-    return PrepareSettings(objective=objective, max_length=d.max_length or spec.max_length,
-                           dupe_factor=d.dupe_factor or (5 if objective == "mlm-nsp" else 1), seed=cfg.seed,
-                           shard_mb=d.shard_mb)
-
-
-def has_corpus_flags(cfg: RunConfig) -> bool:
-    d = cfg.data
-    return bool(d.train_file or d.validation_file or d.data_dir or d.dataset)
-
-
-def prepared_corpus(cfg: RunConfig, spec: TaskSpec, tok, is_local_main: bool, overwrite: bool = False,
-                    corpus: tuple[Corpus, Corpus | None] | None = None) -> Path:
-    """The prepared corpus's directory for these flags and tokenizer, prepared here (on the first process of each
-    machine; the others wait for its manifest) unless it already is."""
-    train, held = corpus or corpus_splits(cfg, spec)
-    settings = prepare_settings(cfg, spec)
-    key = {"format_version": FORMAT_VERSION, "settings": dataclasses.asdict(settings),
-           "tokenizer_sha256": tokenizer_sha(tok), "train": train.identity,
-           "validation": held.identity if held else None}
-    out = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else cache_dir() / "prepared" / corpus_key(key)
-    if (out / MANIFEST).is_file() and same_settings(out, key):
-        log.info("prepared corpus found: %s", out)
-        return out
-    if not is_local_main:
-        wait_for_manifest(out, train.description)
-        return out
-    check_prepared_dir(out, key, overwrite)
-    description = train.description + (f" (held out: {held.description})" if held else "")
-    prepare(train, held, tok, settings, out, cfg.data.num_proc, description)
-    return out
-
-
-def prepare_main(cfg: RunConfig) -> Path:
-    """`bert-dist prepare` (the pretraining run's flags): the tokenizer (given, or trained on the corpus), then the
-    prepared corpus; returns its directory. --overwrite replaces a --prepared-dir that holds another preparation."""
-    spec = D.get_task("pretrain")
-    corpus = corpus_splits(cfg, spec)
-    if cfg.tokenizer or cfg.init != "scratch":
-        source = cfg.tokenizer or resolve_init(cfg.init)
-        tok = load_tokenizer(source)
-        check_special_tokens(tok, str(source), need_mask=True)
-    else:
-        tok = corpus_tokenizer(cfg, corpus[0], True)
-    return prepared_corpus(cfg, spec, tok, True, cfg.overwrite, corpus)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def _init_dir(root: Path, tok) -> Path:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tok):
     from bert_dist.config import config_from_args
-    from bert_dist.pretrain import prepare_main
+    from bert_dist.data.pretraining import prepare_main
 
     root = tmp_path_factory.mktemp("prepared")
     corpus = _write_text(root / "c.txt", _docs(300, 5))

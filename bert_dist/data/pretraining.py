@@ -27,10 +27,14 @@ seed); without one, every 20th document of each part of a unit is held out (the 
 
 Every example carries `word_start` (False on a token that continues a word, `##x`) for whole-word masking, its
 `length`, and a corpus-wide `idx` (unit * 2**32 + row) that seeds its masks (`MLMCollator`).
+
+The last section goes from the run's flags to a prepared directory (`prepare_main` is `bert-dist prepare`); none
+of it imports torch, so the preparing processes stay small.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,7 +52,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
-from bert_dist.data.corpus import Corpus, Unit, cpu_count, document_rule, is_heading, is_title, plan, unit_rows
+from bert_dist.config import RunConfig, TaskSpec
+from bert_dist.data import _find_split_file
+from bert_dist.data.corpus import (
+    TEXT_SUFFIXES,
+    Corpus,
+    Unit,
+    corpus_key,
+    corpus_texts,
+    cpu_count,
+    document_rule,
+    file_sources,
+    hub_source,
+    is_heading,
+    is_title,
+    open_hub,
+    plan,
+    unit_rows,
+)
+from bert_dist.tokenizer import check_special_tokens, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -567,3 +589,135 @@ def open_prepared(out_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     return split("train"), split("validation"), manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# From the flags: the corpus, its tokenizer, its prepared directory (`bert-dist prepare`, --task pretrain)
+
+
+def _find_split(data_dir: Path, spec: TaskSpec, split: str) -> Path | None:
+    found = _find_split_file(data_dir, spec, split)
+    if found is None:
+        for d in (data_dir / (spec.data_name or spec.name), data_dir):
+            found = next((d / f"{split}{s}" for s in TEXT_SUFFIXES if (d / f"{split}{s}").is_file()), None)
+            if found is not None:
+                break
+    return found
+
+
+def corpus_splits(cfg: RunConfig, spec: TaskSpec) -> tuple[Corpus, Corpus | None]:
+    """(training corpus, held-out corpus or None) from the flags; checks paths only (no file is read)."""
+    d = cfg.data
+    if d.train_file:
+        held = Corpus(file_sources(d.validation_file, "--validation-file")) if d.validation_file else None
+        return Corpus(file_sources(d.train_file, "--train-file")), held
+    if d.validation_file:
+        raise ValueError("--validation-file needs --train-file for pretraining")
+    if d.data_dir:
+        data_dir = Path(d.data_dir)
+        if not data_dir.is_dir():
+            raise ValueError(f"--data-dir: {data_dir} is not a directory")
+        train_path = _find_split(data_dir, spec, spec.train_split)
+        if train_path is None:
+            raise ValueError(
+                f"--data-dir: no {spec.train_split} split for pretraining under {data_dir} (looked for "
+                f"{spec.data_name}/{spec.train_split}.jsonl|txt|csv|parquet); pass --train-file FILE[,FILE...] "
+                "(text, JSON Lines, CSV or Parquet) instead"
+            )
+        val_path = _find_split(data_dir, spec, spec.eval_splits[0])
+        held = Corpus(file_sources(str(val_path), "--data-dir")) if val_path else None
+        return Corpus(file_sources(str(train_path), "--data-dir")), held
+    name, flag = (d.dataset, "--dataset") if d.dataset else (f"{spec.hub_path}:{spec.hub_config}", "")
+    train = hub_source(name, spec.train_split, flag)
+    held = hub_source(name, spec.eval_splits[0], flag)
+    return Corpus([train]), Corpus([held]) if _has_split(held) else None
+
+
+def _has_split(source) -> bool:
+    """Whether a hub dataset has this split (asked of the hub, or read from a local folder's files)."""
+    import datasets
+
+    try:
+        return source.split in datasets.get_dataset_split_names(source.hub, source.config)
+    except Exception:
+        open_hub(source)  # raises the one-line error that says why the dataset cannot be read
+        return False
+
+
+def cache_dir() -> Path:
+    """Where prepared corpora and the tokenizers trained for them go: under the datasets cache (HF_HOME)."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "bert_dist"
+
+
+def corpus_tokenizer(cfg: RunConfig, train: Corpus, is_local_main: bool):
+    """The WordPiece tokenizer trained on `train` with --vocab-size/--lowercase: trained once by the first process of
+    each machine, kept in the cache (training is deterministic, so a rerun would give the same one), and read by
+    the others from there."""
+    key = corpus_key("tokenizer", train.identity, cfg.data.vocab_size, cfg.data.lowercase)
+    path = cache_dir() / "tokenizers" / key / "tokenizer.json"
+    if not path.is_file():
+        if is_local_main:
+            log.info("training a WordPiece tokenizer on %s (vocab %d, %s)", train.description, cfg.data.vocab_size,
+                     "lowercased" if cfg.data.lowercase else "cased")
+            tok = train_tokenizer(lambda: corpus_texts(train), cfg.data.vocab_size, cfg.data.lowercase)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, tok.to_str())
+        else:
+            while not path.is_file():
+                time.sleep(1.0)
+    return load_tokenizer(path)
+
+
+def prepare_settings(cfg: RunConfig, spec: TaskSpec) -> PrepareSettings:
+    d = cfg.data
+    objective = d.objective or "mlm-nsp"
+    return PrepareSettings(objective=objective, max_length=d.max_length or spec.max_length,
+                           dupe_factor=d.dupe_factor or (5 if objective == "mlm-nsp" else 1), seed=cfg.seed,
+                           shard_mb=d.shard_mb)
+
+
+def has_corpus_flags(cfg: RunConfig) -> bool:
+    d = cfg.data
+    return bool(d.train_file or d.validation_file or d.data_dir or d.dataset)
+
+
+def prepared_corpus(cfg: RunConfig, spec: TaskSpec, tok, is_local_main: bool, overwrite: bool = False,
+                    corpus: tuple[Corpus, Corpus | None] | None = None) -> Path:
+    """The prepared corpus's directory for these flags and tokenizer, prepared here (on the first process of each
+    machine; the others wait for its manifest) unless it already is."""
+    train, held = corpus or corpus_splits(cfg, spec)
+    settings = prepare_settings(cfg, spec)
+    key = {"format_version": FORMAT_VERSION, "settings": dataclasses.asdict(settings),
+           "tokenizer_sha256": tokenizer_sha(tok), "train": train.identity,
+           "validation": held.identity if held else None}
+    out = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else cache_dir() / "prepared" / corpus_key(key)
+    if (out / MANIFEST).is_file() and same_settings(out, key):
+        log.info("prepared corpus found: %s", out)
+        return out
+    if not is_local_main:
+        wait_for_manifest(out, train.description)
+        return out
+    check_prepared_dir(out, key, overwrite)
+    description = train.description + (f" (held out: {held.description})" if held else "")
+    prepare(train, held, tok, settings, out, cfg.data.num_proc, description)
+    return out
+
+
+def prepare_main(cfg: RunConfig) -> Path:
+    """`bert-dist prepare` (the pretraining run's flags): the tokenizer (given, or trained on the corpus), then the
+    prepared corpus; returns its directory. --overwrite replaces a --prepared-dir that holds another preparation."""
+    from bert_dist.data import get_task
+
+    spec = get_task("pretrain")
+    corpus = corpus_splits(cfg, spec)
+    if cfg.tokenizer or cfg.init != "scratch":
+        from bert_dist.checkpoint import resolve_init
+
+        source = cfg.tokenizer or resolve_init(cfg.init)
+        tok = load_tokenizer(source)
+        check_special_tokens(tok, str(source), need_mask=True)
+    else:
+        tok = corpus_tokenizer(cfg, corpus[0], True)
+    return prepared_corpus(cfg, spec, tok, True, cfg.overwrite, corpus)
