@@ -139,6 +139,24 @@ def test_preparation_is_the_same_in_any_number_of_processes_and_restarts_per_uni
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
 
 
+def test_a_tokenizer_trained_for_the_corpus_is_cached_and_the_units_keep_their_size(tmp_path, capsys):
+    """Without --tokenizer, prepare trains one on the corpus (streamed through units of its own size), caches it, and
+    still cuts the corpus into units of --shard-mb (they were once the tokenizer pass's 16 MB: one unit, one
+    process)."""
+    from bert_dist.cli import main as cli
+
+    corpus = _write_text(tmp_path / "c.txt", _docs(200, 3))
+    flags = ["prepare", "--train-file", str(corpus), "--vocab-size", "150", "--shard-mb", "0.002", "--num-proc", "2"]
+    assert cli(flags) == 0
+    prepared = Path(capsys.readouterr().out.strip())
+    assert json.loads((prepared / "manifest.json").read_text())["units"] > 5
+    tokenizers = list(prepared.parent.parent.glob("tokenizers/*/tokenizer.json"))
+    assert len(tokenizers) == 1 and tokenizers[0].read_text() == (prepared / "tokenizer.json").read_text()
+    stamp = tokenizers[0].stat().st_mtime_ns
+    assert cli(flags) == 0 and Path(capsys.readouterr().out.strip()) == prepared
+    assert tokenizers[0].stat().st_mtime_ns == stamp  # found, not trained again
+
+
 def test_packed_sequences_hold_every_token_in_order(tmp_path, tok):
     docs = _docs(40)
     path = _write_text(tmp_path / "c.txt", docs)

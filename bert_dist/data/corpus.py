@@ -25,7 +25,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TEXT_SUFFIXES = (".txt", ".text", ".raw", ".tokens")
@@ -102,7 +102,8 @@ class Corpus:
     modification times of the files; a hub dataset's name, config and split), cheaply: no file is read."""
 
     sources: list[Source]
-    units: list[Unit] | None = None
+    units: dict[int, list[Unit]] = field(default_factory=dict)
+    """By the unit size they were planned for."""
 
     @property
     def identity(self) -> list:
@@ -180,11 +181,12 @@ def hub_source(name: str, split: str, flag: str = "--dataset") -> Source:
 
 
 def plan(corpus: Corpus, shard_bytes: int) -> list[Unit]:
-    """The units of `corpus` (kept in `corpus.units`), each about `shard_bytes` of text; reads only the files' heads
-    (and a little past each cut) and the hub datasets' first rows."""
-    if corpus.units is None:
-        corpus.units = [u for s in corpus.sources for u in (_hub_units(s) if s.hub else _file_units(s, shard_bytes))]
-    return corpus.units
+    """The units of `corpus` (kept in `corpus.units` by size), each about `shard_bytes` of text; reads only the files'
+    heads (and a little past each cut) and the hub datasets' first rows."""
+    if shard_bytes not in corpus.units:
+        corpus.units[shard_bytes] = [u for s in corpus.sources
+                                     for u in (_hub_units(s) if s.hub else _file_units(s, shard_bytes))]
+    return corpus.units[shard_bytes]
 
 
 def _file_units(s: Source, shard_bytes: int) -> list[Unit]:
