@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="a Hugging Face BERT model directory")
     p.add_argument("--synthetic", action="store_true", help="synthetic data and tokenizer even if real ones exist")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; --quick: 1)")
+    p.add_argument("--cpu-kernels", choices=("auto", "off"), default="auto",
+                   help="our model's CPU kernels (bert_dist.kernels), as the flag of a run (default: auto)")
     p.add_argument("--baseline-model", type=Path,
                    help="step and inference suites: also time this bert_dist/model.py (e.g. from `git worktree add "
                         "/tmp/base <commit>`) in the same interleaved rounds, with the same weights")
@@ -81,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         e2e_steps=a.e2e_steps or (3 if q else None),
         e2e_precision=a.e2e_precision or ("bf16" if a.device == "cuda" else "fp32"),
         data_dir=a.data_dir, tokenizer=a.tokenizer, synthetic=a.synthetic,
-        max_rows=a.max_rows or (1000 if q else None), baseline_model=a.baseline_model,
+        max_rows=a.max_rows or (1000 if q else None), baseline_model=a.baseline_model, cpu_kernels=a.cpu_kernels,
     )
     if a.baseline_model is not None and not a.baseline_model.is_file():
         p.error(f"--baseline-model {a.baseline_model}: no such file (give the path of a bert_dist/model.py)")

@@ -1,23 +1,17 @@
 """Each fast path of ours switched off and on in the same run: `python -m benchmarks fastpaths` (and `compile`).
 
+- cpu kernels: `--cpu-kernels off` vs `auto` (bert_dist.kernels: every CPU kernel at once), then each kernel alone
+  against none: onednn projections (`OneDNNLinear`: fp32 projections through oneDNN's GEMM, and bf16 inference on
+  kept, prepacked bf16 weights), cpu dropout (`CpuDropout`: its own keep mask), attention in chunks
+  (`CpuSelfAttention`: bf16 or dropout attention as matmuls and a softmax on a few rows at a time).
+- unpad: a padded batch with its layout (the encoder on real tokens only, `bert_dist.padding`) vs without (every
+  position computed).
 - last layer on read rows: the last layer computes only the rows its head reads (`keep`: [CLS] for
   classification, [CLS] + the masked positions for pretraining) vs every row (what transformers computes).
-- dropout attention: training on the CPU, attention with dropout as scores/softmax/dropout/matmul (`model.attend`)
-  vs SDPA with dropout_p (which leaves its fused CPU kernel for its reference path when dropout is on). In bf16
-  only since session 5 (fp32 measured 0.96x - 0.97x and calls SDPA): an fp32 row compares SDPA with SDPA.
-- attention by rows: bf16 inference on the CPU, attention as bf16 matmuls and a softmax on a few batch rows at a
-  time, each row over its real keys only (`model._attend_in_chunks`) vs SDPA (its CPU flash kernel).
-- onednn matmul: fp32 projections on the CPU through oneDNN's linear (`model.linear`, `--cpu-matmul auto`) vs
-  F.linear (`--cpu-matmul torch`: MKL in the x86 wheels). In bf16 inference, `model.Linear`'s kept bf16 weight
-  copies through oneDNN's linear vs autocast's F.linear. bf16 training stays on F.linear: oneDNN's linear measured
-  0.99x there (session 5).
-- unpad: the encoder on real tokens only (`model.Unpadding`, CPU) vs the padded encoder.
-- no mask: on full rows, no attention mask at all (on the CPU knowing it costs no sync; transformers drops
-  it too, after a host sync) vs our all-True mask. Not in the model (no gain measured): a variant here.
+- varlen attention: one attention call (forward + backward) over a padded batch's real tokens, as torch's nested
+  jagged tensors with SDPA vs re-padded to (B, T) for SDPA with a key mask (what the model does).
 - adamw: one AdamW step over the model's parameters: torch's CPU default (a per-tensor loop),
   `foreach=True`, and `fused=True` (what `build_optimizer` picks on CUDA and the CPU).
-- qkv: one projection on the concatenated query/key/value weights (`torch.cat` per forward) vs three.
-  Not in the model (no gain measured): the variant lives here so the measurement can be repeated.
 - compile (a suite of its own, minutes of compiling): `torch.compile(model)` vs eager, the first
   (compiling) step's time and the steady-state step.
 
@@ -35,27 +29,14 @@ import torch.nn.functional as F
 
 from benchmarks.harness import fmt, interleave, print_table, progress, ratio, synchronizer, times
 from benchmarks.sources import Options, Source
-from benchmarks.speed import forward_fn, make_batch, padded_encoder, train_step_fn
+from benchmarks.speed import forward_fn, make_batch, ours_batch, train_step_fn, without_layout
+from bert_dist import kernels
 from bert_dist import model as M
 from bert_dist.config import OptimConfig, preset
 from bert_dist.optim import build_optimizer, param_groups
+from bert_dist.padding import rows_at
 
-_self_attention_forward = M.BertSelfAttention.forward
-
-
-def _fused_qkv_forward(self: M.BertSelfAttention, x: torch.Tensor, mask: torch.Tensor | None,
-                       unpad: M.Unpadding | None = None, xq: torch.Tensor | None = None) -> torch.Tensor:
-    """BertSelfAttention.forward with one (H, 3H) projection built from the three weights each call (not in a last
-    layer that runs on its head's rows only: there queries and keys come from different rows)."""
-    assert unpad is None, "the qkv variant is measured on the padded path"
-    if xq is not None:
-        return _self_attention_forward(self, x, mask, unpad, xq)
-    B, T, H = x.shape
-    w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
-    b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-    q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
-    return y.transpose(1, 2).reshape(B, T, H)
+KERNELS = ("OneDNNLinear", "CpuDropout", "CpuSelfAttention")
 
 
 def _switched(fn, switch):
@@ -66,6 +47,17 @@ def _switched(fn, switch):
             return fn()
 
     return run
+
+
+@contextlib.contextmanager
+def _kernels(model: torch.nn.Module, only: tuple[str, ...] | None) -> Iterator[None]:
+    """The model with these CPU kernels only (None: every one; (): none) for the duration, then all of them."""
+    device = next(model.parameters()).device
+    kernels.apply(model, "auto" if only != () else "off", device, only=only)
+    try:
+        yield
+    finally:
+        kernels.apply(model, "auto", device)
 
 
 @contextlib.contextmanager
@@ -82,20 +74,10 @@ def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
 _bert_forward = M.BertModel.forward
 
 
-def _unmasked_forward(self, input_ids, attention_mask=None, token_type_ids=None, keep=None):
-    if attention_mask is not None and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
-        attention_mask = None
-    return _bert_forward(self, input_ids, attention_mask, token_type_ids, keep)
-
-
-def _every_row_forward(self, input_ids, attention_mask=None, token_type_ids=None, keep=None):
-    x, pooled = _bert_forward(self, input_ids, attention_mask, token_type_ids)
-    return (x if keep is None else M.rows_at(x, keep)), pooled
-
-
-def unmasked_full_rows():
-    """BertModel.forward given no attention mask when the batch has no padding (CPU)."""
-    return _replaced(M.BertModel, "forward", _unmasked_forward)
+def _every_row_forward(self, input_ids, attention_mask=None, token_type_ids=None, keep=None, indices=None,
+                       cu_seqlens=None):
+    x, pooled = _bert_forward(self, input_ids, attention_mask, token_type_ids, None, indices, cu_seqlens)
+    return (x if keep is None else rows_at(x, keep)), pooled
 
 
 def every_row():
@@ -103,33 +85,31 @@ def every_row():
     return _replaced(M.BertModel, "forward", _every_row_forward)
 
 
-def sdpa_always():
-    """`model.attend` replaced by SDPA with dropout_p, what transformers' sdpa attention calls (off for both the
-    dropout-attention and the attention-by-rows paths)."""
-    return _replaced(M, "attend", lambda q, k, v, mask, p: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                                                         dropout_p=p))
-
-
-def torch_matmul():
-    """`--cpu-matmul torch`: every projection through F.linear."""
-    return _replaced(M, "_cpu_matmul", {"mode": "torch", "onednn": False})
-
-
-def _projection_fn(m: int, k: int, n: int):
-    """One `model.linear` forward and backward: x (m, k), weight (n, k), bias (n,)."""
+def _varlen_attention_fns(B: int, T: int, nh: int, hs: int, device: torch.device) -> dict:
+    """One attention forward + backward over the real tokens of a padded (B, T) batch (lengths T/4 .. T): nested
+    jagged tensors with SDPA ("on") vs re-padded with a key mask ("off")."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(m, k, generator=g, requires_grad=True)
-    w, b = torch.randn(n, k, generator=g, requires_grad=True), torch.randn(n, generator=g, requires_grad=True)
-    dy = torch.randn(m, n, generator=g)
+    lengths = torch.randint(max(1, T // 4), T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = torch.arange(T)[None] < lengths[:, None]
+    index = mask.view(-1).nonzero().squeeze(1).to(device)
+    offsets = torch.zeros(B + 1, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)
+    offsets, key_mask = offsets.to(device), mask[:, None, None, :].to(device)
+    n = int(lengths.sum())
+    q, k, v = (torch.randn(n, nh, hs, generator=g).to(device).requires_grad_() for _ in range(3))
 
-    def run():
-        torch.autograd.grad(M.linear(x, w, b), (x, w, b), dy)
+    def jagged():
+        nest = lambda t: torch.nested.nested_tensor_from_jagged(t, offsets=offsets, max_seqlen=T).transpose(1, 2)
+        F.scaled_dot_product_attention(nest(q), nest(k), nest(v)).transpose(1, 2).values().sum().backward()
 
-    return run
+    def repadded():
+        def pad(t):
+            return t.new_zeros(B * T, nh, hs).index_copy(0, index, t).view(B, T, nh, hs).transpose(1, 2)
+        y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_mask)
+        y.transpose(1, 2).reshape(B * T, nh, hs).index_select(0, index).sum().backward()
 
-
-def fused_qkv():
-    return _replaced(M.BertSelfAttention, "forward", _fused_qkv_forward)
+    return {"off": repadded, "on": jagged}
 
 
 def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
@@ -146,76 +126,52 @@ def fastpaths_suite(opts: Options, src: Source | None = None) -> list[dict]:
                      "cpu_time_speedup": ratio(off.median("cpu"), on.median("cpu")), "rounds": len(on.wall)})
         progress(rows[-1])
 
+    def off_on(path, what, shape, precision, fn, switch, on_switch=None):
+        fns = {"off": _switched(fn, switch), "on": _switched(fn, on_switch) if on_switch else fn}
+        add(path, what, shape, precision, interleave(fns, opts.rounds, opts.warmup, sync))
+
     torch.manual_seed(0)
     model = M.BertForSequenceClassification(cfg, num_labels=2).to(device)
+    kernels.apply(model, "auto", device)
     optimizer = build_optimizer(model, OptimConfig(), device.type)
+    on_cpu = device.type == "cpu"
     for B, T in opts.shapes:
         for precision in opts.precisions:
-            # unpad: only a batch with padding takes the unpadded path (a full one is never touched).
-            if device.type == "cpu":
-                batch = make_batch(cfg, B, T, "padded", "classification", device)
+            for inputs in opts.inputs:
+                batch = ours_batch(make_batch(cfg, B, T, inputs, "classification", device))
+                shape = f"{B}x{T} {inputs}"
                 model.train()
                 step = train_step_fn(model, optimizer, batch, device, precision, sync)
-                add("unpad", "train step", f"{B}x{T} padded", precision,
-                    interleave({"off": _switched(step, padded_encoder), "on": step}, opts.rounds, opts.warmup, sync))
                 model.eval()
                 fwd = forward_fn(model, batch, device, precision)
-                add("unpad", "inference", f"{B}x{T} padded", precision,
-                    interleave({"off": _switched(fwd, padded_encoder), "on": fwd}, opts.rounds, opts.warmup, sync))
-            # qkv, on full rows (the padded path, where the projections see (B, T, H)).
-            batch = make_batch(cfg, B, T, "full", "classification", device)
-            model.train()
-            step = train_step_fn(model, optimizer, batch, device, precision, sync)
-            add("last layer on read rows", "train step", f"{B}x{T} full", precision,
-                interleave({"off": _switched(step, every_row), "on": step}, opts.rounds, opts.warmup, sync))
-            if device.type == "cpu" and precision == "fp32":
-                for k, n in ((cfg.hidden_size, cfg.intermediate_size), (cfg.intermediate_size, cfg.hidden_size)):
-                    proj = _projection_fn(B * T, k, n)
-                    add("onednn matmul", f"one projection fwd+bwd, ({B * T}, {k}) -> {n}", f"{B}x{T}", precision,
-                        interleave({"off": _switched(proj, torch_matmul), "on": proj}, opts.rounds, opts.warmup,
-                                   sync))
-                add("onednn matmul", "train step", f"{B}x{T} full", precision,
-                    interleave({"off": _switched(step, torch_matmul), "on": step}, opts.rounds, opts.warmup, sync))
-            if device.type == "cpu":
-                add("dropout attention", "train step", f"{B}x{T} full", precision,
-                    interleave({"off": _switched(step, sdpa_always), "on": step}, opts.rounds, opts.warmup, sync))
-                add("no mask (not kept)", "train step", f"{B}x{T} full", precision,
-                    interleave({"off": step, "on": _switched(step, unmasked_full_rows)}, opts.rounds, opts.warmup,
-                               sync))
-            add("qkv (not kept)", "train step", f"{B}x{T} full", precision,
-                interleave({"off": step, "on": _switched(step, fused_qkv)}, opts.rounds, opts.warmup, sync))
-            model.eval()
-            fwd = forward_fn(model, batch, device, precision)
-            add("last layer on read rows", "inference", f"{B}x{T} full", precision,
-                interleave({"off": _switched(fwd, every_row), "on": fwd}, opts.rounds, opts.warmup, sync))
-            if device.type == "cpu" and precision == "bf16":
-                add("attention by rows", "inference", f"{B}x{T} full", precision,
-                    interleave({"off": _switched(fwd, sdpa_always), "on": fwd}, opts.rounds, opts.warmup, sync))
-                padded_fwd = forward_fn(model, make_batch(cfg, B, T, "padded", "classification", device), device,
-                                        precision)
-                add("attention by rows", "inference", f"{B}x{T} padded", precision,
-                    interleave({"off": _switched(padded_fwd, sdpa_always), "on": padded_fwd}, opts.rounds,
-                               opts.warmup, sync))
-            if device.type == "cpu":  # bf16: the kept bf16 weight copies (`model.Linear`)
-                add("onednn matmul", "inference", f"{B}x{T} full", precision,
-                    interleave({"off": _switched(fwd, torch_matmul), "on": fwd}, opts.rounds, opts.warmup, sync))
-            if device.type == "cpu":
-                add("no mask (not kept)", "inference", f"{B}x{T} full", precision,
-                    interleave({"off": fwd, "on": _switched(fwd, unmasked_full_rows)}, opts.rounds, opts.warmup,
-                               sync))
-            add("qkv (not kept)", "inference", f"{B}x{T} full", precision,
-                interleave({"off": fwd, "on": _switched(fwd, fused_qkv)}, opts.rounds, opts.warmup, sync))
+                for what, fn, train in (("train step", step, True), ("inference", fwd, False)):
+                    model.train(train)
+                    if on_cpu:
+                        off_on("cpu kernels", what, shape, precision, fn, lambda: _kernels(model, ()))
+                        for k in KERNELS:
+                            off_on(f"cpu kernels: {k} alone", what, shape, precision, fn,
+                                   lambda: _kernels(model, ()), lambda k=k: _kernels(model, (k,)))
+                    if inputs == "padded":
+                        plain = train_step_fn(model, optimizer, without_layout(batch), device, precision, sync) \
+                            if train else forward_fn(model, without_layout(batch), device, precision)
+                        add("unpad", what, shape, precision,
+                            interleave({"off": plain, "on": fn}, opts.rounds, opts.warmup, sync))
+                    else:
+                        off_on("last layer on read rows", what, shape, precision, fn, every_row)
+        add("varlen attention", "one layer's attention fwd+bwd", f"{opts.shapes[0][0]}x{opts.shapes[0][1]} padded",
+            "fp32", interleave(_varlen_attention_fns(*opts.shapes[0], cfg.num_attention_heads, cfg.head_dim, device),
+                               opts.rounds, opts.warmup, sync))
 
     # last layer on read rows, pretraining: [CLS] + the ~15% masked positions.
     torch.manual_seed(0)
     pt_model = M.BertForPreTraining(cfg).to(device).train()
+    kernels.apply(pt_model, "auto", device)
     pt_optimizer = build_optimizer(pt_model, OptimConfig(), device.type)
     for B, T in opts.shapes:
         for precision in opts.precisions:
-            batch = make_batch(cfg, B, T, "full", "pretraining", device)
+            batch = ours_batch(make_batch(cfg, B, T, "full", "pretraining", device))
             step = train_step_fn(pt_model, pt_optimizer, batch, device, precision, sync)
-            add("last layer on read rows", "pretrain step", f"{B}x{T} full", precision,
-                interleave({"off": _switched(step, every_row), "on": step}, opts.rounds, opts.warmup, sync))
+            off_on("last layer on read rows", "pretrain step", f"{B}x{T} full", precision, step, every_row)
     del pt_model, pt_optimizer
 
     # adamw: the optimizer step alone, on gradients of the model's shapes.
@@ -258,7 +214,7 @@ def _print(title: str, rows: list[dict], opts: Options) -> None:
 def _compile_rows(opts: Options, cfg, sync) -> list[dict]:
     """torch.compile on the first shape and precision, full rows: compile time, then eager vs compiled steps."""
     device, (B, T), precision = opts.device, opts.shapes[0], opts.precisions[0]
-    batch = make_batch(cfg, B, T, "full", "classification", device)
+    batch = ours_batch(make_batch(cfg, B, T, "full", "classification", device))
     models, steps = {}, {}
     for k in ("off", "on"):
         torch.manual_seed(0)

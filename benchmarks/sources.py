@@ -46,6 +46,8 @@ class Options:
     synthetic: bool
     max_rows: int | None
     """Preprocess/e2e: use only the first N rows of each dataset (None = all)."""
+    cpu_kernels: str = "auto"
+    """--cpu-kernels for our model: auto (the CPU kernels on a CPU device) or off."""
     baseline_model: Path | None = None
     """Inference suite: another version of bert_dist/model.py, timed in the same rounds with the same weights."""
 

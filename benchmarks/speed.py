@@ -16,17 +16,19 @@ import gc
 import importlib.util
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from benchmarks.harness import Samples, fmt, interleave, print_table, progress, ratio, synchronizer, times
 from benchmarks.sources import Options, Source
-from bert_dist import model as M
+from bert_dist import kernels
 from bert_dist.config import BertConfig, OptimConfig, preset
+from bert_dist.data.collate import masked_positions
 from bert_dist.model import BertForPreTraining, BertForSequenceClassification, flops_per_token
 from bert_dist.optim import build_optimizer, param_groups
+from bert_dist.padding import layout_of
 from bert_dist.perf import mfu, peak_flops
 
 REF = "transformers"
@@ -42,20 +44,30 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def padded_encoder() -> Iterator[None]:
-    """Switch our unpadded encoder path off (as on CUDA): every batch runs at (B, T, H)."""
-    of = M.Unpadding.of
-    M.Unpadding.of = classmethod(lambda cls, mask: None)
-    try:
-        yield
-    finally:
-        M.Unpadding.of = of
+LAYOUT = ("indices", "cu_seqlens")
+TARGETS = ("labels", "next_sentence_label", "masked_labels")
 
 
-def model_pair(cfg: BertConfig, head: str, device: torch.device, seed: int = 0) -> tuple[torch.nn.Module,
-                                                                                              torch.nn.Module]:
-    """Ours and transformers' model (attn_implementation="sdpa") holding the same random weights."""
+def ours_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch as our collators make it (transformers' keys in `batch`): with the real tokens' layout, and the
+    pretraining labels (B, T) as the masked positions."""
+    out = {k: v for k, v in batch.items() if k != "labels" or v.dim() == 1}
+    out.update({k: v.to(batch["input_ids"].device) for k, v in layout_of(batch["attention_mask"].cpu()).items()})
+    if "labels" in batch and batch["labels"].dim() == 2:
+        labels = batch["labels"]
+        out.update(masked_positions(labels != -100, labels))
+    return out
+
+
+def without_layout(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without its layout: our encoder then runs padded, every position computed (as transformers')."""
+    return {k: v for k, v in batch.items() if k not in LAYOUT}
+
+
+def model_pair(cfg: BertConfig, head: str, device: torch.device, seed: int = 0,
+               cpu_kernels: str = "auto") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Ours (with --cpu-kernels as given) and transformers' model (attn_implementation="sdpa") holding the same
+    random weights."""
     import transformers
 
     torch.manual_seed(seed)
@@ -69,6 +81,7 @@ def model_pair(cfg: BertConfig, head: str, device: torch.device, seed: int = 0) 
     theirs = ref.state_dict()
     for k, v in ours.state_dict().items():  # a silent miss would time two different models
         assert torch.equal(theirs[k], v), f"{k} did not load into the reference"
+    kernels.apply(ours, cpu_kernels, device)
     return ours.to(device), ref.to(device)
 
 
@@ -139,7 +152,7 @@ def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
 
 def forward_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
                precision: str) -> Callable[[], None]:
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    inputs = {k: v for k, v in batch.items() if k not in TARGETS}
 
     def forward() -> None:
         with torch.inference_mode(), autocast(device, precision):
@@ -171,7 +184,7 @@ def step_suite(opts: Options, src: Source | None = None) -> list[dict]:
     device, sync, rows = opts.device, synchronizer(opts.device), []
     for name in opts.presets:
         cfg = preset(name)
-        ours, ref = model_pair(cfg, "classification", device)
+        ours, ref = model_pair(cfg, "classification", device, cpu_kernels=opts.cpu_kernels)
         ours.train(), ref.train()
         opt_cfg = OptimConfig()
         optims = {"ours": build_optimizer(ours, opt_cfg, device.type), REF: reference_optimizer(ref, opt_cfg)}
@@ -183,7 +196,8 @@ def step_suite(opts: Options, src: Source | None = None) -> list[dict]:
             for precision in opts.precisions:
                 for inputs in opts.inputs:
                     batch = make_batch(cfg, B, T, inputs, "classification", device)
-                    fns = {k: train_step_fn(m, optims[k], batch, device, precision, sync) for k, m in models.items()}
+                    fns = {k: train_step_fn(m, optims[k], ours_batch(batch) if k == "ours" else batch, device,
+                                            precision, sync) for k, m in models.items()}
                     res = interleave(fns, opts.rounds, opts.warmup, sync)
                     o, r = res["ours"], res[REF]
                     rows.append({"preset": name, "batch": B, "seq": T, "precision": precision, "inputs": inputs,
@@ -207,14 +221,14 @@ def inference_suite(opts: Options, src: Source | None = None) -> list[dict]:
     device, sync, rows = opts.device, synchronizer(opts.device), []
     for name in opts.presets:
         cfg = preset(name)
-        ours, ref = model_pair(cfg, "classification", device)
+        ours, ref = model_pair(cfg, "classification", device, cpu_kernels=opts.cpu_kernels)
         ours.eval(), ref.eval()
         base = baseline_classifier(opts.baseline_model, cfg, ours).eval() if opts.baseline_model else None
         for B, T in opts.shapes:
             for precision in opts.precisions:
                 for inputs in opts.inputs:
                     batch = make_batch(cfg, B, T, inputs, "classification", device)
-                    fns = {"ours": forward_fn(ours, batch, device, precision),
+                    fns = {"ours": forward_fn(ours, ours_batch(batch), device, precision),
                            REF: forward_fn(ref, batch, device, precision)}
                     if base is not None:
                         fns["baseline"] = forward_fn(base, batch, device, precision)
@@ -255,15 +269,15 @@ def pretrain_suite(opts: Options, src: Source | None = None) -> list[dict]:
     peak = peak_flops(device)
     for name in opts.presets:
         cfg = preset(name)
-        ours, ref = model_pair(cfg, "pretraining", device)
+        ours, ref = model_pair(cfg, "pretraining", device, cpu_kernels=opts.cpu_kernels)
         ours.train(), ref.train()
         opt_cfg = OptimConfig(lr=1e-4)
         optims = {"ours": build_optimizer(ours, opt_cfg, device.type), REF: reference_optimizer(ref, opt_cfg)}
         flops = flops_per_token(cfg, T)
         for precision in opts.precisions:
             batch = make_batch(cfg, B, T, "full", "pretraining", device)
-            fns = {k: train_step_fn(m, optims[k], batch, device, precision, sync) for k, m in (("ours", ours),
-                                                                                               (REF, ref))}
+            fns = {"ours": train_step_fn(ours, optims["ours"], ours_batch(batch), device, precision, sync),
+                   REF: train_step_fn(ref, optims[REF], batch, device, precision, sync)}
             res = interleave(fns, opts.rounds, opts.warmup, sync)
             tps = {k: B * T / s.median() for k, s in res.items()}
             rows.append({"preset": name, "batch": B, "seq": T, "precision": precision,
@@ -289,9 +303,9 @@ def e2e_suite(opts: Options, src: Source) -> list[dict]:
     """SST-2 training through our data pipeline vs padding every example to max_length, same model.
 
     Ours: dynamic padding (to a multiple of 8 under bf16) + length-grouped batches, as `--group-by-length`.
-    The common recipe: shuffled batches, every row padded to 128 (`padding="max_length"`). On the CPU our
-    model skips most of the padding's cost by itself (the unpadded encoder), so a third side shows the
-    common recipe with the encoder held padded, as it runs on CUDA (and as transformers' model runs).
+    The common recipe: shuffled batches, every row padded to 128 (`padding="max_length"`). Our model skips most
+    of the padding's cost by itself (the unpadded encoder), so a third side shows the common recipe with the
+    encoder held padded (the batches without their layout), as transformers' model runs.
     Each side has its own copy of the model and optimizer; the steps alternate, each timed from fetching
     its batch to the end of its optimizer step.
     """
@@ -311,21 +325,20 @@ def e2e_suite(opts: Options, src: Source) -> list[dict]:
     lengths = D.column(train, "length")
     pad_id = src.tokenizer.token_to_id("[PAD]")
     grouped = BatchSampler(len(train), batch_size, seed=0, lengths=lengths, group_by_length=True)
-    sides = {"ours": (grouped, PadCollator(pad_id, 8 if precision != "fp32" else None), contextlib.nullcontext),
-             "pad-128": (BatchSampler(len(train), batch_size, seed=0), PadCollator(pad_id, max_length),
-                         contextlib.nullcontext)}
-    if device.type == "cpu":
-        sides["pad-128, padded encoder"] = (BatchSampler(len(train), batch_size, seed=0),
-                                            PadCollator(pad_id, max_length), padded_encoder)
+    sides = {"ours": (grouped, PadCollator(pad_id, 8 if precision != "fp32" else None), False),
+             "pad-128": (BatchSampler(len(train), batch_size, seed=0), PadCollator(pad_id, max_length), False),
+             "pad-128, padded encoder": (BatchSampler(len(train), batch_size, seed=0),
+                                         PadCollator(pad_id, max_length), True)}
     cfg = preset(opts.e2e_preset, vocab_size=src.tokenizer.get_vocab_size())
     steppers, counts = {}, {}
-    for name, (sampler, collator, switch) in sides.items():
+    for name, (sampler, collator, padded) in sides.items():
         torch.manual_seed(0)
         model = BertForSequenceClassification(cfg, num_labels=2).to(device).train()
+        kernels.apply(model, opts.cpu_kernels, device)
         optimizer = build_optimizer(model, OptimConfig(), device.type)
         it = iter(DataLoader(train, batch_sampler=sampler, collate_fn=collator))
         counts[name] = {"examples": 0, "tokens": torch.zeros((), dtype=torch.long, device=device), "padded": 0}
-        steppers[name] = _e2e_stepper(model, optimizer, it, counts[name], device, precision, switch)
+        steppers[name] = _e2e_stepper(model, optimizer, it, counts[name], device, precision, padded)
     n_batches = len(grouped)
     steps = min(opts.e2e_steps or n_batches, n_batches) - opts.warmup
     res = interleave(steppers, rounds=steps, warmup=opts.warmup, sync=sync)
@@ -354,13 +367,12 @@ def e2e_suite(opts: Options, src: Source) -> list[dict]:
     return rows
 
 
-def _e2e_stepper(model, optimizer, it, counts, device, precision, switch) -> Callable[[], None]:
+def _e2e_stepper(model, optimizer, it, counts, device, precision, padded) -> Callable[[], None]:
     def step() -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
-        with switch():
-            with autocast(device, precision):
-                loss = model(**batch)["loss"]
-            loss.backward()
+        with autocast(device, precision):
+            loss = model(**(without_layout(batch) if padded else batch))["loss"]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

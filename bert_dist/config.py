@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, get_type_hints
 
 MIN_MAX_LENGTH = 8  # --max-length: [CLS], [SEP] and a few tokens of text (training and predict)
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "error")
+"""Metric name endings for which lower is better (--best-mode's default)."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -117,7 +119,8 @@ class DataConfig:
     eval_batch_size: int = _f(128, "evaluation examples per process per batch")
     group_by_length: bool = _f(False, "batch examples of similar length together (less padding)")
     pad_to_multiple_of: int | None = _f(None, "pad batches to a multiple of this (default: 8 under fp16/bf16; 0 = off)")
-    num_workers: int = _f(0, "DataLoader worker processes")
+    num_workers: int | None = _f(None, "DataLoader worker processes per process (default: up to 4 with CUDA, 0 on "
+                                       "the CPU, where they would take the step's cores)")
     max_train_samples: int | None = _f(None, "use only the first N training examples")
     max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
     doc_stride: int = _f(128, "SQuAD: tokens of overlap between context windows")
@@ -159,10 +162,6 @@ class OptimConfig:
     fused: bool | None = _f(None, "fused AdamW kernel (default: on, for CUDA and the CPU)")
 
 
-CPU_MATMULS = ("auto", "onednn", "torch")
-"""--cpu-matmul: see `bert_dist.model.linear`."""
-
-
 @dataclass
 class TrainConfig:
     """The loop, counted in optimizer steps."""
@@ -178,12 +177,45 @@ class TrainConfig:
     resume: bool = _f(False, "resume from the newest complete checkpoint in --output-dir")
     resume_from: str | None = _f(None, "resume from this checkpoint directory")
     max_bad_steps: int = _f(20, "stop after this many optimizer steps in a row with a non-finite loss or gradient "
-                                "(their updates are zeroed; checked at log and save steps)")
+                                "(their updates are skipped; checked at log and save steps)")
     compile: bool = _f(False, "torch.compile the model")
-    cpu_matmul: str = _f("auto", "fp32 matmuls on the CPU: auto (oneDNN on x86-64) | onednn | torch (F.linear: MKL)")
+    cpu_kernels: str = _f("auto", "the CPU's fast paths (bert_dist.kernels: oneDNN projections, dropout, attention in "
+                                  "chunks): auto (on a CPU device) | off")
     cpu_threads: int | None = _f(None, "torch threads per CPU process (default: torch's own, except under accelerate "
                                         "launch's OMP_NUM_THREADS=1 default: the cores per process)")
     eval_only: bool = _f(False, "skip training: evaluate and predict with the --init weights")
+    tf32: bool = _f(True, "TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs (--no-tf32: full fp32, for "
+                          "reference numbers)")
+    dist_timeout: float = _f(30.0, "minutes a process waits in a collective for the others (the main process alone "
+                                   "trains a tokenizer or prepares data meanwhile) before the run fails")
+    keep_best: bool | None = _f(None, "end with the weights of the best evaluation (every --eval-every steps and the "
+                                      "last step, by --best-metric) as the run's model, its results and predictions, "
+                                      "not the last step's (default: on with --early-stopping-patience, else off)")
+    best_metric: str | None = _f(None, "the evaluation metric --keep-best and early stopping go by (default: the "
+                                       "task's main one: accuracy; f1 for MRPC, QQP and SQuAD; matthews_correlation "
+                                       "for CoLA; pearson for STS-B; mlm_loss for pretraining)")
+    best_mode: str | None = _f(None, "max | min: whether a higher --best-metric is better (default: min for losses, "
+                                     "perplexity and errors: names ending in " + ", ".join(LOWER_IS_BETTER) + "; "
+                                     "else max)")
+    early_stopping_patience: int | None = _f(None, "stop training after this many evaluations in a row without an "
+                                                   "improvement of --best-metric (needs --eval-every; implies "
+                                                   "--keep-best unless --no-keep-best)")
+    early_stopping_delta: float = _f(0.0, "early stopping: an evaluation improves on the best only by more than this "
+                                          "(in --best-metric's units)")
+
+    def keeps_best(self) -> bool:
+        """--keep-best as resolved: given, else on with early stopping."""
+        return self.keep_best if self.keep_best is not None else self.early_stopping_patience is not None
+
+    def tracks_best(self) -> bool:
+        """Whether evaluations are compared (for --keep-best, early stopping, or both)."""
+        return self.keeps_best() or self.early_stopping_patience is not None
+
+    def greater_is_better(self, metric: str) -> bool:
+        """--best-mode as resolved for `metric` (a name such as mlm_loss or validation_matched/accuracy)."""
+        if self.best_mode is not None:
+            return self.best_mode == "max"
+        return not metric.rsplit("/", 1)[-1].lower().endswith(LOWER_IS_BETTER)
 
 
 @dataclass
@@ -232,10 +264,12 @@ class RunConfig:
             raise ValueError(f"--warmup-steps must be 0 or more, got {o.warmup_steps}")
         if not 0 <= o.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
+        if not 0 < t.dist_timeout < math.inf:
+            raise ValueError(f"--dist-timeout must be a positive number of minutes, got {t.dist_timeout}")
         if t.cpu_threads is not None and t.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be at least 1, got {t.cpu_threads}")
-        if t.cpu_matmul not in CPU_MATMULS:
-            raise ValueError(f"--cpu-matmul must be auto, onednn or torch, not {t.cpu_matmul!r}")
+        if t.cpu_kernels not in ("auto", "off"):
+            raise ValueError(f"--cpu-kernels must be auto or off, not {t.cpu_kernels!r}")
         if o.scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"--scheduler must be linear, cosine or constant, not {o.scheduler!r}")
         if not 0 < t.epochs < math.inf:  # also refuses nan (with --max-steps too: a resume may drop it)
@@ -249,6 +283,7 @@ class RunConfig:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if t.keep_checkpoints < 1:
             raise ValueError(f"--keep-checkpoints must be at least 1, got {t.keep_checkpoints}")
+        self.check_best()
         if t.max_bad_steps < 1:
             raise ValueError(f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
         if not 0 <= self.seed < 2**32:  # numpy's range; torch and numpy would fail later without naming the flag
@@ -289,8 +324,35 @@ class RunConfig:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if d.pad_to_multiple_of is not None and d.pad_to_multiple_of < 0:
             raise ValueError(f"--pad-to-multiple-of must be 0 (off) or more, got {d.pad_to_multiple_of}")
-        if d.num_workers < 0:
+        if d.num_workers is not None and d.num_workers < 0:
             raise ValueError(f"--num-workers must be 0 (load in the main process) or more, got {d.num_workers}")
+
+    def check_best(self) -> None:
+        """--keep-best and early stopping: what they need, and flags that would do nothing."""
+        t = self.train
+        if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+            raise ValueError(f"--early-stopping-patience must be at least 1, got {t.early_stopping_patience}")
+        if not 0 <= t.early_stopping_delta < math.inf:
+            raise ValueError(f"--early-stopping-delta must be 0 or a positive finite number, got "
+                             f"{t.early_stopping_delta}")
+        if t.best_mode not in (None, "max", "min"):
+            raise ValueError(f"--best-mode must be max or min, not {t.best_mode!r}")
+        if t.best_metric is not None and not t.best_metric.strip():
+            raise ValueError("--best-metric is empty: name an evaluation metric (e.g. accuracy)")
+        given = [flag for flag, on in (("--keep-best", t.keep_best), ("--early-stopping-patience",
+                                                                       t.early_stopping_patience is not None)) if on]
+        if t.early_stopping_delta and t.early_stopping_patience is None:
+            raise ValueError("--early-stopping-delta applies to early stopping: add --early-stopping-patience K, or "
+                             "drop it")
+        for flag, value in (("--best-metric", t.best_metric), ("--best-mode", t.best_mode)):
+            if value is not None and not t.tracks_best():
+                raise ValueError(f"{flag} picks the best evaluation for --keep-best or --early-stopping-patience, "
+                                 "and neither is given: add one, or drop it")
+        if given and t.eval_only:
+            raise ValueError(f"--eval-only does not train, so {' and '.join(given)} do not apply: drop them")
+        if given and not t.eval_every:
+            raise ValueError(f"{' and '.join(given)} compare the evaluations made every --eval-every steps: give "
+                             "--eval-every N (without it the only evaluation is the last step's)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,7 +32,6 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from bert_dist import data as D
-from bert_dist.checkpoint import InitSource, load_init, load_weights, save_run_model
 from bert_dist.config import BertConfig, DataConfig, RunConfig, TaskSpec, check_model_fits, preset
 from bert_dist.data.collate import PadCollator, pad_multiple
 from bert_dist.data.squad import (
@@ -42,11 +41,13 @@ from bert_dist.data.squad import (
     prepare_train_features,
     write_predictions,
 )
+from bert_dist.distributed import gather_state_dict, main_process_first, share_from_main
 from bert_dist.metrics import load_metric
 from bert_dist.model import BertForQuestionAnswering, BertForSequenceClassification, count_params
 from bert_dist.perf import mfu
 from bert_dist.tokenizer import save_tokenizer, train_shared_tokenizer
-from bert_dist.train import evaluate, gather_state_dict, main_process_first, prepare_training, share_from_main
+from bert_dist.train import evaluate, prepare_training
+from bert_dist.weights import InitSource, load_init, load_weights, save_run_model
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +199,18 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         if accelerator.is_main_process:
             save_run_model(weights, out_dir, bert, meta, tokenizer)
 
-    results = run.fit(accelerator, cfg, out_dir, eval_fn, sampler.set_epoch if sampler else None, save,
-                      tokenizer)
+    results = run.fit(accelerator=accelerator, cfg=cfg, out_dir=out_dir, eval_fn=eval_fn, main_metric=spec.main_metric,
+                      on_set_epoch=sampler.set_epoch if sampler else None, save=save, tokenizer=tokenizer)
     if results.get("interrupted"):
         return results
 
-    # train() ends with an evaluation of the final weights: reuse its predictions rather than predict twice.
+    # train() ends with an evaluation of the final weights: reuse its predictions rather than predict twice, unless
+    # the model is an earlier step's (--keep-best).
+    model_step = results["best_step"] if cfg.train.keeps_best() and results.get("best_step") is not None \
+        else results["steps"]
     for split in splits:
         step, preds = latest.get(split, (-1, None))
-        if step != results["steps"]:
+        if step != model_step:
             preds = predict(split)
         if accelerator.is_main_process:
             kind.write(out_dir, spec, splits[split], preds)

@@ -27,7 +27,7 @@ from bert_dist import data as D
 from bert_dist.config import RunConfig, config_from_overrides
 from bert_dist.console import print_table
 from bert_dist.data.glue import GLUE_TASKS
-from bert_dist.train import main_process_first
+from bert_dist.distributed import main_process_first
 
 log = logging.getLogger(__name__)
 

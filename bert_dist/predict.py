@@ -54,7 +54,7 @@ class Predictor:
         from accelerate import Accelerator
 
         from bert_dist import data as D
-        from bert_dist.checkpoint import load_run_model
+        from bert_dist.weights import load_run_model
 
         self.dir = Path(model_dir)
         model, src = load_run_model(self.dir)
@@ -77,6 +77,9 @@ class Predictor:
 
         self.accelerator = Accelerator(mixed_precision=mixed_precision)
         check_precision(self.accelerator)
+        from bert_dist import kernels
+
+        kernels.apply(model, "auto", self.accelerator.device)
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
 
     def _data_config(self, batch_size: int | None, max_length: int | None) -> DataConfig:

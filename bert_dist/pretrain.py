@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from bert_dist import data as D
-from bert_dist.checkpoint import load_init, load_weights, save_run_model
 from bert_dist.config import RunConfig, check_model_fits, preset
 from bert_dist.data.collate import MLMCollator, pad_multiple
 from bert_dist.data.corpus import corpus_texts
@@ -51,6 +50,7 @@ from bert_dist.data.pretraining import (
     read_manifest,
     tokenizer_sha,
 )
+from bert_dist.distributed import gather_state_dict, share_from_main
 from bert_dist.model import BertForPreTraining, count_params
 from bert_dist.perf import mfu
 from bert_dist.rundir import discard_previous_run, run_inputs
@@ -61,14 +61,14 @@ from bert_dist.tokenizer import (
     save_tokenizer,
     train_shared_tokenizer,
 )
-from bert_dist.train import evaluate, gather_state_dict, prepare_training, share_from_main
+from bert_dist.train import evaluate, prepare_training
+from bert_dist.weights import load_init, load_weights, save_run_model
 
 log = logging.getLogger(__name__)
 
 EVAL_LOGITS_BUDGET = 1 << 26
-"""Most elements of one evaluation batch's (B, T, V) MLM logits. `evaluate()` calls the model with its
-inputs only, so the MLM head scores every position, not only the masked ones; the evaluation batch
-is made small enough that this tensor stays near 256 MB (fp32)."""
+"""Most elements of one evaluation batch's (M, V) MLM logits, M about mlm_probability x T per example: the
+evaluation batch is made small enough that this tensor stays near 256 MB (fp32)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,20 +76,19 @@ is made small enough that this tensor stays near 256 MB (fp32)."""
 
 
 def mlm_collect(batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-example sums, so only (B,)-sized tensors are gathered across processes, never (B, T, V).
+    """Per-example sums, so only (B,)-sized tensors are gathered across processes, never (M, V).
 
-    batch: labels (B, T) with -100 where not masked, next_sentence_label (B,) (mlm-nsp); out: mlm_logits (B, T, V),
-    nsp_logits (B, 2). Returns mlm_loss_sum, mlm_count, mlm_correct (and nsp_correct with NSP labels), each (B,).
+    batch: masked_positions (B, Qm), masked_index and masked_labels (M,), next_sentence_label (B,) (mlm-nsp); out:
+    mlm_logits (M, V), nsp_logits (B, 2). Returns mlm_loss_sum, mlm_count, mlm_correct (and nsp_correct with NSP
+    labels), each (B,).
     """
-    labels = batch["labels"]
-    masked = labels != -100
-    rows = masked.nonzero()[:, 0]  # (M,) the example each masked token belongs to
-    logits = out["mlm_logits"][masked].float()  # (M, V)
-    target = labels[masked]
-    zeros = torch.zeros(labels.shape[0], device=labels.device)
+    B, qm = batch["masked_positions"].shape
+    rows = batch["masked_index"] // max(qm, 1)  # (M,) the example each masked token belongs to
+    logits, target = out["mlm_logits"].float(), batch["masked_labels"]
+    zeros = torch.zeros(B, device=logits.device)
     sums = {
         "mlm_loss_sum": zeros.index_add(0, rows, F.cross_entropy(logits, target, reduction="none")),
-        "mlm_count": masked.sum(1),
+        "mlm_count": zeros.index_add(0, rows, torch.ones_like(target, dtype=zeros.dtype)).long(),
         "mlm_correct": zeros.index_add(0, rows, (logits.argmax(-1) == target).float()),
     }
     if "next_sentence_label" in batch:
@@ -211,7 +210,8 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     collator = MLMCollator(**collator_args, seed=cfg.seed)
     eval_collator = MLMCollator(**collator_args, seed=cfg.seed + 1)  # never set_epoch: the same masks every eval
     loader, sampler = D.train_loader(train_ds, cfg.data, collator, cfg.seed)
-    eval_batch = max(1, min(cfg.data.eval_batch_size, EVAL_LOGITS_BUDGET // (max_length * bert.vocab_size)))
+    masked_per_row = math.ceil(2 * cfg.data.mlm_probability * max_length)  # twice the mean: a margin for the max
+    eval_batch = max(1, min(cfg.data.eval_batch_size, EVAL_LOGITS_BUDGET // (masked_per_row * bert.vocab_size)))
     eval_cfg = dataclasses.replace(cfg.data, eval_batch_size=eval_batch)
     run = prepare_training(
         cfg, accelerator, model, loader, {"validation": D.eval_loader(eval_ds, eval_cfg, eval_collator)}, out_dir
@@ -233,7 +233,9 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
                     "mlm_probability": cfg.data.mlm_probability}
             save_run_model(weights, out_dir, bert, meta, tok)
 
-    results = run.fit(accelerator, cfg, out_dir, eval_fn, set_epoch, save, tok)
+    # --keep-best and early stopping go by the held-out MLM loss (the objective) unless --best-metric says otherwise.
+    results = run.fit(accelerator=accelerator, cfg=cfg, out_dir=out_dir, eval_fn=eval_fn, main_metric="mlm_loss",
+                      on_set_epoch=set_epoch, save=save, tokenizer=tok)
     if results.get("interrupted"):
         return results
     results.update(

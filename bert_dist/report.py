@@ -1,4 +1,4 @@
-"""The run report and model card: `report.html` (charts drawn as inline SVG) and `README.md` in a run directory.
+"""The run report and model card: `report.html` (matplotlib charts, inline SVG) and `README.md` in a run directory.
 
 Written at the end of every run (run.py, main process) and by `bert-dist report RUN_DIR`. Both are read back
 from the run's own files, so an old or copied run directory can be reported on again:
@@ -7,30 +7,29 @@ from the run's own files, so an old or copied run directory can be reported on a
     train_log.jsonl   loss, lr, throughput, gradient norm at each log step (train.py)
     metrics.jsonl     every evaluation       config.json      the architecture and the task
 
-The charts are SVG written here (a few polylines and ticks), so the report is one self-contained file that
-needs no plotting library, no JavaScript and no network to open.
+The charts are matplotlib's SVG, inline in the page, so the report is one self-contained file that needs no
+JavaScript and no network to open.
 """
 
 from __future__ import annotations
 
 import datetime
 import html
+import io
 import json
 import logging
 import math
 import os
 import platform
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bert_dist.config import ArgumentParser
-from bert_dist.console import emit
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
-
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-"""Series colours, in order (matplotlib's tab10, distinguishable for most colour-blind readers)."""
 
 SKIPPED_EVAL_KEYS = ("step", "epoch")
 PIPELINE_TAGS = {"classification": "text-classification", "regression": "text-classification",
@@ -109,21 +108,107 @@ def eval_groups(evals: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Charts: inline SVG
+# Charts: matplotlib's SVG, inline
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About `n` round tick values (1, 2, 2.5 or 5 times a power of ten apart) covering [lo, hi]."""
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(n - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step + 1e-9) * step
-    ticks = [first]
-    while ticks[-1] < hi - step * 1e-9:  # the last tick at or above hi: no point drawn outside the plot
-        ticks.append(first + len(ticks) * step)
-    return [round(t, 12) for t in ticks]
+CHART_STYLE = {
+    "svg.fonttype": "none",  # text stays text: a tenth of the size of glyph paths, selectable, searchable
+    "font.family": "sans-serif", "font.sans-serif": ["DejaVu Sans"], "font.size": 9,
+    "axes.titlesize": 12, "axes.titleweight": "bold", "axes.titlelocation": "left",
+    "axes.spines.top": False, "axes.spines.right": False, "axes.edgecolor": "#888", "axes.labelcolor": "#444",
+    "axes.grid": True, "axes.grid.axis": "y", "grid.color": "#e6e8eb", "xtick.color": "#555", "ytick.color": "#555",
+    "axes.formatter.limits": (-3, 5),  # 2e-5 as 2 under the axis's 1e-5, not 0.00002
+    "legend.frameon": False, "legend.fontsize": 9, "lines.linewidth": 1.8, "lines.markersize": 5,
+}
+"""matplotlib settings of the charts, applied in an `rc_context` (the caller's rcParams are left as they were)."""
+
+
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], x_label: str = "optimizer step",
+               markers: bool | None = None, x_max: float | None = None, y_cap: float | None = None,
+               from_zero: bool = False) -> str:
+    """A `<figure class="chart">` holding an inline SVG line chart of named (x, y) series, drawn by matplotlib:
+    title, axis label, legend (two series or more), markers (up to 40 points a series, or `markers=True`).
+    Each series is an SVG group with the id `chart_id(title, name)`. "" when every series is empty.
+
+    `x_max`: the x axis reaches at least this far (the run's last step); `y_cap`: the axis never goes above it
+    when the data stays below (1 for accuracy); `from_zero`: the axis starts at 0 (throughput).
+    """
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return ""
+    import matplotlib
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
+
+    # matplotlib's own ids (clip paths, markers) are hashes salted with the title: the same on every write, and
+    # distinct between the charts of one page.
+    with matplotlib.rc_context({**CHART_STYLE, "svg.hashsalt": title}):
+        fig = _figure(title, series, x_label, markers, x_max, y_cap, from_zero)
+        out = io.StringIO()
+        FigureCanvasSVG(fig).print_svg(out, metadata={k: None for k in ("Creator", "Date", "Format", "Type")})
+    svg = out.getvalue()
+    return f'<figure class="chart">{svg[svg.index("<svg"):]}</figure>'  # inline in HTML: no XML prolog, DOCTYPE
+
+
+def _figure(title: str, series: dict[str, list[tuple[float, float]]], x_label: str, markers: bool | None,
+            x_max: float | None, y_cap: float | None, from_zero: bool) -> Figure:
+    """The matplotlib figure of `line_chart` (series not empty; drawn under `CHART_STYLE`)."""
+    from matplotlib.figure import Figure  # not pyplot: no global figure list, no interactive backend
+
+    show_markers = markers if markers is not None else max(len(p) for p in series.values()) <= 40
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    # Margins in inches rather than a layout engine (constrained layout doubles the drawing time); the legend,
+    # 4 entries a row, sits between the title and the plot.
+    legend_rows = -(-len(series) // 4) if len(series) > 1 else 0
+    width, height = 5.6, 3.1 + 0.22 * legend_rows
+    fig = Figure(figsize=(width, height))
+    ax = fig.subplots(gridspec_kw=dict(left=0.7 / width, right=1 - 0.3 / width, bottom=0.5 / height,
+                                       top=1 - (0.45 + 0.22 * legend_rows) / height))
+    for name, pts in series.items():
+        line, = ax.plot([x for x, _ in pts], [y for _, y in pts], label=name,
+                        marker="o" if show_markers or len(pts) == 1 else None, clip_on=False)  # whole markers
+        line.set_gid(chart_id(title, name))
+    ax.set_title(title, pad=14 + 0.22 * 72 * legend_rows)  # above the axis's 1e-5
+    ax.set_xlabel(x_label)
+    ax.set_xlim(min(0.0, min(xs)), max(max(xs), x_max or 0.0) or 1.0)
+    lo, hi = ax.get_ylim()
+    if from_zero or min(ys) >= 0 > lo:  # never a negative axis for a quantity that is never negative
+        lo = 0.0
+    if y_cap is not None and max(ys) <= y_cap:
+        hi = min(hi, y_cap)
+    ax.set_ylim(lo, hi)
+    if legend_rows:
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1), ncols=4, borderaxespad=0.3, handlelength=1.5)
+    return fig
+
+
+def chart_id(title: str, name: str) -> str:
+    """The SVG id of series `name` in the chart `title`: "training-loss.loss"."""
+    slug = lambda text: re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return f"{slug(title)}.{slug(name)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML report
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px}
+h1{font-size:26px;margin:0 0 4px} h2{font-size:19px;margin:28px 0 10px} .sub{color:#666;margin:0 0 18px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:10px 16px;min-width:130px}
+.card .v{font-size:24px;font-weight:600} .card .k{color:#666;font-size:13px}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:14px}
+.chart{background:#fff;border:1px solid #dde1e6;border-radius:8px;margin:0;padding:4px}
+.chart svg{display:block;width:100%;height:auto}
+table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;font-size:14px}
+td,th{padding:4px 12px;border-bottom:1px solid #eceef1;text-align:left;vertical-align:top}
+td.n{text-align:right;font-variant-numeric:tabular-nums} th{background:#f0f2f5}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:18px;align-items:start}
+.config{grid-template-columns:repeat(auto-fit,minmax(420px,1fr))} .config td.n{text-align:left}
+.cols table{width:100%} .cols td:first-child{white-space:nowrap;width:1%} .cols td+td{overflow-wrap:anywhere}
+.note{color:#666;font-size:13px} details{margin-top:12px} summary{cursor:pointer} .wide{overflow-x:auto}
+"""
 
 
 def fmt_number(v: float) -> str:
@@ -140,109 +225,6 @@ def fmt_number(v: float) -> str:
     if a < 1e-3:
         return f"{v:.1e}".replace("e-0", "e-")
     return f"{v:.4g}"
-
-
-def tick_labels(ticks: list[float]) -> list[str]:
-    """One format for all the ticks of an axis: 0, 5e-4, 1e-3, 1.5e-3 (not 0.001 beside 5.0e-4)."""
-    top = max(abs(t) for t in ticks)
-    if 0 < top < 0.01:
-        def sci(t: float) -> str:
-            mantissa, exp = f"{t:.1e}".split("e")
-            return "0" if t == 0 else f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
-        return [sci(t) for t in ticks]
-    return [fmt_number(t) for t in ticks]
-
-
-def line_chart(title: str, series: dict[str, list[tuple[float, float]]], x_label: str = "optimizer step",
-               markers: bool | None = None, x_max: float | None = None, y_cap: float | None = None,
-               from_zero: bool = False, width: int = 560, height: int = 300) -> str:
-    """An SVG line chart of named (x, y) series: ticks, grid, axis labels, legend, and a tooltip per point.
-
-    `y_cap`: the axis never goes above it (1 for accuracy); `from_zero`: the axis starts at 0 (throughput).
-    """
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        return ""
-    ml, mr, mb = 64, 18, 44  # margins: tick labels left, axis label below
-    pw = width - ml - mr
-    # Legend: one entry per series under the title, wrapped into rows (13px text is about 7.2px a character).
-    legend, lx, ly = [], 0.0, 0
-    for name in series if len(series) > 1 else []:
-        w = 7.2 * len(name) + 30
-        if lx and lx + w > pw:
-            lx, ly = 0.0, ly + 1
-        legend.append((name, ml + lx, ly))
-        lx += w
-    mt = 40 + (18 * (ly + 1) if legend else 0)
-    height += mt - 40  # the plot keeps its height below the legend
-    ph = height - mt - mb
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts]
-    x_ticks = nice_ticks(min(0.0, min(xs)), max(max(xs), x_max or 0.0), 6)
-    y_lo, y_hi = min(ys), max(ys)
-    pad = (y_hi - y_lo) * 0.08 or abs(y_hi) * 0.1 or 1.0
-    lo, hi = (0.0 if from_zero else y_lo - pad), y_hi + pad
-    if y_cap is not None and y_hi <= y_cap:
-        hi = min(hi, y_cap)
-    y_ticks = nice_ticks(lo, hi, 5)
-    if y_lo >= 0 > y_ticks[0]:  # never a negative axis for a quantity that is never negative
-        y_ticks = nice_ticks(0.0, hi, 5)
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    X = lambda x: ml + (x - x0) / ((x1 - x0) or 1) * pw
-    Y = lambda y: mt + ph - (y - y0) / ((y1 - y0) or 1) * ph
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" role="img" '
-           f'aria-label="{html.escape(title)}">',
-           f'<text x="{ml}" y="20" class="title">{html.escape(title)}</text>']
-    for t, label in zip(y_ticks, tick_labels(y_ticks)):
-        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" class="grid"/>'
-                   f'<text x="{ml - 8}" y="{Y(t) + 4:.1f}" class="tick" text-anchor="end">{label}</text>')
-    for t, label in zip(x_ticks, tick_labels(x_ticks)):
-        out.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{mt + ph}" y2="{mt + ph + 5}" class="axis"/>'
-                   f'<text x="{X(t):.1f}" y="{mt + ph + 19}" class="tick" text-anchor="middle">{label}</text>')
-    out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{mt + ph}" y2="{mt + ph}" class="axis"/>'
-               f'<text x="{ml + pw / 2:.1f}" y="{height - 6}" class="label" text-anchor="middle">'
-               f'{html.escape(x_label)}</text>')
-    for i, (name, x, row) in enumerate(legend):
-        y = 42 + 18 * row
-        out.append(f'<rect x="{x:.1f}" y="{y - 10}" width="11" height="11" fill="{COLORS[i % len(COLORS)]}"/>'
-                   f'<text x="{x + 16:.1f}" y="{y}" class="legend">{html.escape(name)}</text>')
-    show_markers = markers if markers is not None else max(len(p) for p in series.values()) <= 40
-    for i, (name, pts) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
-                   'stroke-linejoin="round"/>')
-        if show_markers or len(pts) == 1:
-            for x, y in pts:
-                out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.5" fill="{color}"><title>'
-                           f'{html.escape(name)} at step {fmt_number(x)}: {y:.6g}</title></circle>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# The HTML report
-
-CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f7f9}
-main{max-width:1180px;margin:0 auto;padding:24px}
-h1{font-size:26px;margin:0 0 4px} h2{font-size:19px;margin:28px 0 10px} .sub{color:#666;margin:0 0 18px}
-.cards{display:flex;flex-wrap:wrap;gap:12px}
-.card{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:10px 16px;min-width:130px}
-.card .v{font-size:24px;font-weight:600} .card .k{color:#666;font-size:13px}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:14px}
-.chart{background:#fff;border:1px solid #dde1e6;border-radius:8px;width:100%;height:auto}
-.chart .title{font-size:16px;font-weight:600;fill:#222} .chart .tick{font-size:12px;fill:#555}
-.chart .label{font-size:13px;fill:#444} .chart .legend{font-size:13px}
-.chart .grid{stroke:#e6e8eb} .chart .axis{stroke:#888}
-table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;font-size:14px}
-td,th{padding:4px 12px;border-bottom:1px solid #eceef1;text-align:left;vertical-align:top}
-td.n{text-align:right;font-variant-numeric:tabular-nums} th{background:#f0f2f5}
-.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:18px;align-items:start}
-.config{grid-template-columns:repeat(auto-fit,minmax(420px,1fr))} .config td.n{text-align:left}
-.cols table{width:100%} .cols td:first-child{white-space:nowrap;width:1%} .cols td+td{overflow-wrap:anywhere}
-.note{color:#666;font-size:13px}
-"""
 
 
 def _metric(v: float) -> str:
@@ -278,6 +260,16 @@ def _table(rows: dict[str, Any], head: tuple[str, str] | None = None,
         cells.append(f"<tr><td>{html.escape(str(k))}</td>{cell}</tr>")
     th = f"<tr><th>{head[0]}</th><th>{head[1]}</th></tr>" if head else ""
     return f"<table>{th}{''.join(cells)}</table>"
+
+
+def _evaluations_table(evals: list[dict[str, Any]], keys: list[str]) -> str:
+    """The numbers behind the evaluation charts: one row per evaluation, folded away under a summary line."""
+    cell = lambda v: _metric(float(v)) if isinstance(v, (int, float)) else ""
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("step", *keys))
+    rows = "".join(f"<tr><td class='n'>{r.get('step', '')}</td>" + "".join(f"<td class='n'>{cell(r.get(k))}</td>"
+                                                                        for k in keys) + "</tr>" for r in evals)
+    return (f"<details><summary>Every evaluation ({len(evals)})</summary>"
+            f"<div class='wide'><table><tr>{head}</tr>{rows}</table></div></details>")
 
 
 def _duration(seconds: float) -> str:
@@ -317,7 +309,8 @@ def render_html(run: dict[str, Any]) -> str:
 
     charts = [line_chart("Training loss", {"loss": _series(logs, "loss")}, x_max=steps),
               line_chart("Learning rate", {"lr": _series(logs, "lr")}, x_max=steps)]
-    for title, keys in eval_groups(evals).items() if len(evals) > 1 else ():  # one evaluation: see Results
+    charted = eval_groups(evals) if len(evals) > 1 else {}  # one evaluation: see Results
+    for title, keys in charted.items():
         series = {k: _series(evals, k) for k in keys}
         ys = [y for pts in series.values() for _, y in pts]
         cap = 1.0 if ys and max(ys) <= 1 else 100.0 if ys and max(ys) <= 100 else None  # a fraction or percent
@@ -364,6 +357,8 @@ def render_html(run: dict[str, Any]) -> str:
     parts += ["<h2>Training</h2>", *[f"<p class='note'>{html.escape(n)}</p>" for n in notes]]
     if charts:
         parts += ["<div class='charts'>", *charts, "</div>"]
+    if charted:
+        parts.append(_evaluations_table(evals, [k for keys in charted.values() for k in keys]))
     parts += ["<div class='cols'>",
               f"<div><h2>Results</h2>{_table(results, ('metric', 'value'), _result_number)}</div>",
               f"<div><h2>Model</h2>{_table({'task': task, 'kind': meta.get('kind'), **arch})}</div>",
@@ -484,15 +479,10 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`bert-dist report RUN_DIR`: (re)write a run's report.html and README.md; a GLUE suite's, for every task."""
-    p = ArgumentParser(prog="bert-dist report", description=main.__doc__)
-    p.add_argument("run_dir", help="a run's --output-dir (or a --task glue output dir: every task in it)")
-    args = p.parse_args(argv)
-    d = Path(args.run_dir)
+def write_reports(run_dir: str | os.PathLike) -> list[Path]:
+    """`bert-dist report RUN_DIR`: (re)write a run's report.html and README.md, or those of every task of a GLUE
+    suite's directory; returns the paths written."""
+    d = Path(run_dir)
     suite = _read_json(d / "glue_results.json")
     dirs = [Path(t["output_dir"]) for t in suite.get("tasks", {}).values() if "output_dir" in t] or [d]
-    for run_dir in dirs:
-        for path in write_report(run_dir).values():
-            emit(str(path))
-    return 0
+    return [path for one in dirs for path in write_report(one).values()]

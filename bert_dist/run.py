@@ -36,8 +36,7 @@ log = logging.getLogger("bert_dist")
 def preflight(cfg: RunConfig) -> None:
     """What can be checked before anything is created or loaded: task, paths, flags against the model."""
     from bert_dist import data as D
-    from bert_dist.checkpoint import check_init
-    from bert_dist.model import set_cpu_matmul
+    from bert_dist.weights import check_init
 
     if cfg.task not in (*D.TASKS, "glue", "tokenizer"):
         raise ValueError(f"--task: unknown task {cfg.task!r}; choose from {', '.join(D.TASKS)}, glue (every GLUE "
@@ -69,7 +68,6 @@ def preflight(cfg: RunConfig) -> None:
     if given and (cfg.data.vocab_size, cfg.data.lowercase) != (defaults.vocab_size, defaults.lowercase):
         log.warning("--vocab-size and --lowercase train a tokenizer; this run uses the one of %s, so they are ignored",
                     "--tokenizer" if cfg.tokenizer else "--init")
-    set_cpu_matmul(cfg.train.cpu_matmul)  # a forced onednn that this torch lacks fails here, before anything starts
     check_trackers(cfg.report_to)
     check_output_dir(cfg)
 
@@ -87,6 +85,74 @@ def check_trackers(report_to: str | None) -> None:
         if name != "all" and name not in installed:
             raise ValueError(f"--report-to {name}: the {name} package is not installed; pip install {name}, "
                              "or drop --report-to")
+
+
+def build_accelerator(cfg: RunConfig):
+    """The run's Accelerator: precision, accumulation, trackers, and what a cluster run needs of the process group,
+    DDP and FSDP (below); TF32 set as --tf32 says."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
+
+    handlers = [
+        # accelerate's default is NCCL's 10 minutes, while the main process alone may train a tokenizer or prepare
+        # data and the others wait in a collective.
+        InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout)),
+        # The model's only buffer (position ids) never changes: no broadcast of it before every forward.
+        DistributedDataParallelKwargs(broadcast_buffers=False),
+    ]
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            log_with=cfg.report_to,
+            project_config=ProjectConfiguration(logging_dir="."),  # set by main, once the output dir is settled
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),  # pinned batches on CUDA
+            kwargs_handlers=handlers,
+            fsdp_plugin=fsdp_plugin(cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")),
+        )
+    except RuntimeError as e:  # accelerate refusing the setup it was launched with (say FSDP on a CPU machine)
+        raise ValueError(f"accelerate cannot set up this run: {str(e).strip().splitlines()[0]} (check the "
+                         "accelerate config or launch flags)") from None
+    set_tf32(cfg.train.tf32)
+    return accelerator
+
+
+def fsdp_plugin(mixed_precision: str):
+    """Under an FSDP launch (accelerate_configs/fsdp*.yaml), its plugin with gradients reduced in fp32, as DDP reduces
+    them (accelerate's own policy reduces them in bf16/fp16: a sum over many ranks in 8 mantissa bits); None
+    otherwise. Every other FSDP setting comes from the launch (its FSDP_* variables)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
+        return None
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if low is None:  # fp32: nothing to cast
+        return FullyShardedDataParallelPlugin()
+    policy = {"param_dtype": low, "reduce_dtype": torch.float32}
+    if os.environ.get("FSDP_VERSION", "1") == "1":
+        policy["buffer_dtype"] = low
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
+
+
+def set_tf32(enabled: bool) -> None:
+    """--tf32: fp32 matmuls (and cuDNN convolutions) on TF32 tensor cores, on Ampere and newer GPUs. On by default:
+    the fp32 throughput users of A100/H100 expect (8x the fp32 rate), with a 10-bit mantissa on the products and fp32
+    accumulation, which BERT trains with unchanged (NVIDIA's own recipes run fp32 as TF32); --no-tf32 for full-fp32
+    reference numbers. Under bf16/fp16 autocast the matmuls are in 16 bits anyway. Logged when it applies."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        log.info("fp32 matmuls %s", "on TF32 tensor cores (--no-tf32 for full fp32)" if enabled else "in full fp32")
 
 
 def set_cpu_threads(threads: int | None, accelerator) -> None:
@@ -128,12 +194,17 @@ def run_task(cfg: RunConfig, accelerator, out_dir: Path) -> dict:
         from bert_dist.finetune import run_finetune as recipe
     results = recipe(cfg, accelerator, out_dir)
     if accelerator.is_main_process and not results.get("interrupted"):
-        from bert_dist.model import cpu_matmul
+        from bert_dist.kernels import cpu_swaps
         from bert_dist.report import describe_hardware, write_report
 
         results["hardware"] = describe_hardware(accelerator)
-        if accelerator.device.type == "cpu":
-            results["hardware"]["cpu_matmul"] = cpu_matmul()  # --cpu-matmul as resolved here
+        if accelerator.device.type == "cpu":  # --cpu-kernels as resolved here
+            on = cfg.train.cpu_kernels == "auto"
+            results["hardware"]["cpu_kernels"] = sorted(k.__name__ for k in cpu_swaps().values()) if on else []
+        else:
+            import torch
+
+            results["hardware"]["tf32"] = torch.backends.cuda.matmul.allow_tf32
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print_table(f"{cfg.task} results", {"final": {k: v for k, v in results.items() if isinstance(v, (int, float))}})
         try:
@@ -150,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = is_main or os.environ.get("LOCAL_RANK") == "0"
     started = time.time()
     accelerator = out_dir = None
-    created = False
-    from bert_dist.train import catch_sigterm
+    created = lost = False
+    from bert_dist.preemption import catch_sigterm
 
     # SIGTERM is a request to stop, not a kill, until the run's outputs are written (results.json, predictions and the
     # report come after training): train() saves a checkpoint at a step boundary, or after the last step the run
@@ -166,20 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                 from bert_dist.data.synthetic import smoke_config
             cfg = smoke_config(cfg)
         preflight(cfg)
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
 
-        try:
-            accelerator = Accelerator(
-                mixed_precision=cfg.mixed_precision,
-                gradient_accumulation_steps=cfg.train.grad_accum,
-                log_with=cfg.report_to,
-                project_config=ProjectConfiguration(logging_dir="."),  # set below, once the output dir is settled
-                dataloader_config=DataLoaderConfiguration(non_blocking=True),  # pinned batches on CUDA
-            )
-        except RuntimeError as e:  # accelerate refusing the setup it was launched with (say FSDP on a CPU machine)
-            raise ValueError(f"accelerate cannot set up this run: {str(e).strip().splitlines()[0]} (check the "
-                             "accelerate config or launch flags)") from None
+        accelerator = build_accelerator(cfg)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and accelerator.num_processes == 1:
             raise ValueError(
@@ -210,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if results.get("interrupted"):
             log.warning("stopped by SIGTERM at step %d with a checkpoint in %s; rerun with --resume to finish",
                         results["steps"], out_dir)
-        from bert_dist.train import sigterm_received
+        from bert_dist.preemption import sigterm_received
 
         if cfg.train.eval_only and sigterm_received():  # nothing to checkpoint: the evaluation ran to its end
             log.warning("SIGTERM during --eval-only: the evaluation was finished and its outputs written")
@@ -240,6 +300,16 @@ def main(argv: list[str] | None = None) -> int:
             if is_main:
                 fail(str(e))
             sys.exit(1)
+        if (reason := lost_contact(e)) is not None:
+            lost = True  # its process group is broken: leave without destroying it (NCCL's destroy can hang)
+            if reports:
+                timeout = cfg.train.dist_timeout
+                fail(f"lost contact with another process of the run ({reason}): a process or host died, or waited "
+                     f"longer than --dist-timeout {timeout:g} min for the others (the main process alone preparing "
+                     f"data?); rerun with --resume" + (f" (checkpoints in {out_dir / 'checkpoints'})"
+                                                       if out_dir is not None and (out_dir / "checkpoints").is_dir()
+                                                       else ""))
+            sys.exit(1)
         if not disk_full(e):
             if is_main and created:  # a bug's traceback follows; a rerun into the same --output-dir is not refused
                 remove_unstarted(out_dir)
@@ -254,10 +324,28 @@ def main(argv: list[str] | None = None) -> int:
             fail("interrupted", 130)  # the shell's status for a job stopped by Ctrl-C
         sys.exit(130)
     finally:
-        if accelerator is not None:
+        if accelerator is not None and not lost:
             accelerator.end_training()  # flush the trackers, also after a failure
         release_locks()
         release_sigterm()
+
+
+def lost_contact(e: BaseException) -> str | None:
+    """Why a collective failed because another process is gone or silent (a dead peer, a timeout), in a few words;
+    None for any other error. gloo raises these as plain RuntimeErrors ("[.../pair.cc:553] Connection closed by
+    peer ..."), NCCL and the rendezvous store as torch.distributed.DistError."""
+    import re
+
+    import torch.distributed as dist
+
+    text = str(e).strip()
+    gloo = isinstance(e, RuntimeError) and "gloo" in text and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                            "Connection refused", "Broken pipe", "Socket Timeout"))
+    if not (gloo or isinstance(e, dist.DistError)):
+        return None
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text.splitlines()[0] if text else type(e).__name__)
+    return first.split(". ")[0][:160]
 
 
 def remove_unstarted(out_dir: Path) -> None:

@@ -9,6 +9,8 @@ checkpoint's run differs from this one in anything but RESUME_MAY_CHANGE (check_
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import json
 import logging
@@ -51,11 +53,12 @@ RUN_CONFIG_FILE = "run_config.json"
 """Every setting of the run (RunConfig.to_dict()), in the output dir and copied into each checkpoint: a resume is
 checked against the checkpoint's own copy (check_resume), also when the checkpoint was moved out of its run."""
 TOKENIZER_FILE = "tokenizer.json"
-"""The run's tokenizer, written into each checkpoint (train.save_checkpoint): a resume's tokenizer is compared with
-the checkpoint's copy (_same_tokenizer), and a moved --init scratch checkpoint resumes with it (resume_tokenizer)."""
+"""The run's tokenizer, written into each checkpoint (checkpointing.Checkpointer.save): a resume's tokenizer is
+compared with the checkpoint's copy (_same_tokenizer), and a moved --init scratch checkpoint resumes with it
+(resume_tokenizer)."""
 LOCK_FILE = ".lock"
 """Held (flock) by the main process for the run's duration (lock_output_dir); never removed, never counted as
-content of the output dir."""
+content of the output dir (nor is its lease, .lock.lease, where the filesystem has no flock)."""
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -79,7 +82,7 @@ def check_output_dir(cfg: RunConfig) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"--output-dir {out}: {parent} is not writable; choose another --output-dir")
     resuming = cfg.train.resume or cfg.train.resume_from
-    content = [p for p in out.iterdir() if p.name != LOCK_FILE] if out is not None and out.is_dir() else []
+    content = [p for p in out.iterdir() if not p.name.startswith(LOCK_FILE)] if out is not None and out.is_dir() else []
     if content and not (cfg.overwrite or resuming):
         raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace it or --resume to continue it")
     if (cfg.train.resume and out is not None and (out / "results.json").is_file()
@@ -109,8 +112,9 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
     locked = [lock_output_dir(out, listing=cfg.overwrite and not resuming) if accelerator.is_main_process else True]
     broadcast_object_list(locked)  # every process refuses alike
     if not locked[0]:
-        raise ValueError(f"--output-dir {out} is in use by another bert-dist run (it holds {out / '.lock'}); wait for "
-                         "it to end, or choose another --output-dir")
+        lock = out / (LEASE_FILE if (out / LEASE_FILE).exists() else LOCK_FILE)
+        raise ValueError(f"--output-dir {out} is in use by another bert-dist run (it holds {lock}); wait for it to "
+                         "end, or choose another --output-dir")
     # --overwrite of a run: its files, run_config.json included, are replaced once this run's data and model have
     # loaded (discard_previous_run), so a run that fails on bad input loses nothing.
     # (--task glue's own directory holds no model: its run_config.json is written now, its tasks' later.)
@@ -123,6 +127,14 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
 
 _held_locks: list[int] = []
 """File descriptors of the output dirs' locks this process holds (closed, so released, when main() ends)."""
+_held_leases: list[tuple[Path, Any]] = []
+"""The lease files this process holds where flock is not supported, with the event that stops their refreshing."""
+NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+"""flock's errors on a filesystem without it (Lustre mounted without -o flock, NFS without lock support)."""
+LEASE_FILE = LOCK_FILE + ".lease"
+LEASE_SECONDS = 90.0
+"""Where flock is not supported: a lease file not refreshed for this long belongs to a run that is gone."""
+LEASE_REFRESH_SECONDS = 15.0
 
 
 def lock_output_dir(out: Path, listing: bool = False) -> bool:
@@ -130,7 +142,8 @@ def lock_output_dir(out: Path, listing: bool = False) -> bool:
     listing (--overwrite): then list the previous run's outputs, which discard_previous_run removes.
 
     Two runs into one directory (say two --resume of the same job) would write over each other's checkpoints and
-    logs. The kernel releases a flock when its process dies, so a killed run's lock file blocks nothing."""
+    logs. The kernel releases a flock when its process dies, so a killed run's lock file blocks nothing. Where the
+    filesystem has no flock (Lustre, NFS without locks: ENOSYS), a lease file instead (`take_lease`)."""
     import fcntl
 
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -139,18 +152,111 @@ def lock_output_dir(out: Path, listing: bool = False) -> bool:
     except BlockingIOError:
         os.close(fd)
         return False
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _held_locks.append(fd)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in NO_FLOCK:
+            raise
+        log.info("%s: the filesystem has no flock (%s); holding a lease file instead", out, os.strerror(e.errno))
+        if not take_lease(out):
+            return False
+    else:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held_locks.append(fd)
     if listing:  # what the directory holds now is the previous run's (removed once this run has loaded)
         PREVIOUS_FILES[out.resolve()] = list_previous_files(out)
     return True
 
 
+def take_lease(out: Path) -> bool:
+    """<out>/.lock.lease, created exclusively (atomic on NFS and Lustre) and refreshed by a thread every
+    LEASE_REFRESH_SECONDS while this process runs; False if a live run holds it.
+
+    A lease is free when its holder is gone: a dead process of this host, or a lease that is not refreshed for
+    LEASE_SECONDS (a killed run on another node: a requeued job waits that long at most). Ages are read against the
+    filesystem's own clock (the mtime of <out>/.lock touched now), never this node's."""
+    import socket
+
+    lease, me = out / LEASE_FILE, f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):  # a lease removed between our look and our create: look again
+        try:
+            fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if not _lease_is_free(out, lease):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                lease.unlink()
+            continue
+        os.write(fd, f"{me}\n".encode())
+        os.close(fd)
+        _held_leases.append((lease, _keep_refreshed(lease)))
+        return True
+    return False
+
+
+def _keep_refreshed(lease: Path) -> Any:
+    """Touch `lease` every LEASE_REFRESH_SECONDS from a daemon thread; returns the Event that stops it."""
+    import threading
+
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(LEASE_REFRESH_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(lease)
+
+    threading.Thread(target=refresh, name="bert-dist-lease", daemon=True).start()
+    return stop
+
+
+def _lease_is_free(out: Path, lease: Path) -> bool:
+    """Whether the existing `lease` belongs to a run that is gone (waiting, at most LEASE_SECONDS, to see whether a
+    lease of another node is still refreshed)."""
+    import socket
+
+    try:
+        host, pid = lease.read_text().split()
+        first = lease.stat().st_mtime
+    except (OSError, ValueError):  # removed meanwhile, or cut short by a kill while being written
+        return True
+    if host == socket.gethostname():
+        return not _alive(int(pid))
+    deadline = time.monotonic() + LEASE_SECONDS
+    while True:
+        os.utime(out / LOCK_FILE)  # the filesystem's clock, not this node's
+        try:
+            mtime = lease.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if mtime != first:
+            return False  # refreshed: its run is alive
+        if (out / LOCK_FILE).stat().st_mtime - mtime > LEASE_SECONDS or time.monotonic() > deadline:
+            return True
+        log.warning("%s is held by %s (pid %s) on another node: waiting up to %.0f s to see whether that run is "
+                    "alive", lease, host, pid, deadline - time.monotonic())
+        time.sleep(min(LEASE_REFRESH_SECONDS, max(0.1, deadline - time.monotonic())))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def release_locks() -> None:
-    """Close, so release, the output dirs' locks this process holds (main() may run again in one process: tests)."""
+    """Close, so release, the output dirs' locks this process holds, and remove its leases (main() may run again in
+    one process: tests)."""
     while _held_locks:
         os.close(_held_locks.pop())
+    while _held_leases:
+        lease, stop = _held_leases.pop()
+        stop.set()
+        with contextlib.suppress(FileNotFoundError):
+            lease.unlink()
 
 
 RESUME_FIXED = ("task", "init", "preset", "seed", "data.batch_size", "data.group_by_length", "data.max_length",
@@ -160,17 +266,17 @@ checkpoints held their run's config (against the run_config.json of its run dire
 
 RESUME_MAY_CHANGE = ("output_dir", "overwrite", "report_to", "train.resume", "train.resume_from",
                      "train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.log_every",
-                     "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_matmul",
-                     "train.cpu_threads", "data.num_workers", "data.num_proc", "data.eval_batch_size",
-                     "data.max_eval_samples", "data.n_best_size", "data.max_answer_length",
+                     "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_kernels",
+                     "train.cpu_threads", "train.tf32", "train.dist_timeout", "data.num_workers", "data.num_proc",
+                     "data.eval_batch_size", "data.max_eval_samples", "data.n_best_size", "data.max_answer_length",
                      "data.null_score_diff_threshold", "mixed_precision")
 """Settings a resume may change: where and how often it logs, evaluates and saves, how long it trains (--max-steps
 or --epochs: not below the checkpoint's step, train() checks; the schedule then decays to the new end from where it
-is), how fast it runs (kernels, threads, loader workers, preparation processes), what only evaluation reads
-(--max-eval-samples, SQuAD's post-processing). Every other setting must be the checkpoint's: the model, data and its
-order, the optimizer and schedule (a new --lr would be overridden by the checkpoint's optimizer and scheduler state
-while run_config.json claimed it). The precision and the tokenizer are compared as what ran (check_resume,
-_same_tokenizer)."""
+is), how fast it runs (kernels, TF32, threads, loader workers, preparation processes, the collectives' timeout), what
+only evaluation reads (--max-eval-samples, SQuAD's post-processing). Every other setting must be the checkpoint's:
+the model, data and its order, the optimizer and schedule (a new --lr would be overridden by the checkpoint's
+optimizer and scheduler state while run_config.json claimed it). The precision and the tokenizer are compared as
+what ran (check_resume, _same_tokenizer)."""
 
 
 def check_resume(cfg: RunConfig, out: Path, num_processes: int, mixed_precision: str) -> None:
@@ -373,9 +479,10 @@ RUN_OUTPUTS = ("run_config.json", "config.json", "model.safetensors", "tokenizer
                "report.html", "README.md", "glue_results.json", "glue_results.md")
 """The files a bert-dist run writes at the top of its output directory, besides predictions_<split>.jsonl and the
 GLUE submission TSVs (SUBMISSION_TSVS), and inside it: checkpoints/step-N, logs/bert-dist (the tracker's),
-submission/<name>.tsv (--task glue)."""
+submission/<name>.tsv (--task glue), checkpoints/best.safetensors (--keep-best)."""
 SUBMISSION_TSVS = {f"{n}.tsv" for spec in GLUE_TASKS.values() for n in spec.submission_names}
-RUN_SUBDIRS = {"checkpoints": lambda name: bool(re.fullmatch(r"step-\d+(\.tmp|\.old)?", name)),
+RUN_SUBDIRS = {"checkpoints": lambda name: bool(re.fullmatch(r"step-\d+(\.tmp|\.old)?|best\.safetensors(\.tmp)?",
+                                                             name)),
                "logs": lambda name: name == "bert-dist", "submission": lambda name: name in SUBMISSION_TSVS}
 
 

@@ -27,8 +27,14 @@
 #   RDZV_BACKEND=c10d      torchrun rendezvous backend (c10d or static)
 #   HEAD_NODE              rendezvous host (default: first host of $SLURM_JOB_NODELIST via scontrol)
 #   NODE_RANK              this node's rank in the node stage (default: $SLURM_NODEID, else $SLURM_PROCID)
-#   NCCL_SOCKET_IFNAME     network interface for NCCL (e.g. ib0); GLOO_SOCKET_IFNAME defaults to it (the
-#                          run's SIGTERM agreement uses a gloo group)
+#   NCCL_SOCKET_IFNAME     NCCL's interfaces, in NCCL's syntax (ib0, a prefix like ib, =ib0 exact, ^lo,docker0 all
+#                          but those); each node turns it into its own interface name for gloo (below)
+#   GLOO_SOCKET_IFNAME     the interface of gloo (the run's per-step SIGTERM agreement, and all of a CPU run);
+#                          default: on each node, the first up interface with a global address that
+#                          NCCL_SOCKET_IFNAME selects, else the one that reaches HEAD_NODE (never the loopback of
+#                          a hostname that resolves to 127.0.x.x); unset when neither can be found (gloo picks)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT=210  seconds torchrun waits for its workers after forwarding a SIGTERM before it
+#                          kills them (torch's default: 30): the --signal lead time below plus SLURM's KillWait
 #   SRUN_ARGS=""           extra srun flags, word-split (e.g. "--gpus-per-node=8 --cpu-bind=none")
 #   SCRIPT=bert_dist/run.py  training entry point
 #   PYTHON                 interpreter for python -m accelerate.commands.launch (default: `accelerate` on PATH)
@@ -44,6 +50,9 @@
 #SBATCH --exclusive                   # whole nodes: no other job competing for NICs/GPUs
 #SBATCH --time=12:00:00               # wall-clock limit (HH:MM:SS)
 #SBATCH --output=%x-%j.out            # log file in the submit dir (%x job name, %j job id)
+#SBATCH --signal=TERM@180             # SIGTERM to every process 180 s before the time limit: the run saves a
+#                                     # checkpoint at its next step and exits 0 (SLURM's own SIGTERM comes only
+#                                     # KillWait, 30 s by default, before its SIGKILL); rerun with --resume
 
 set -euo pipefail
 
@@ -118,21 +127,80 @@ node_command() {
     cmd+=("${extra[@]}")
 }
 
+# The interfaces of this node that an NCCL_SOCKET_IFNAME value ($1) selects, up and holding a global address, one a
+# line. NCCL's syntax: a comma-separated list of name prefixes; '=' before the list: exact names; '^': all but those.
+nccl_interfaces() {
+    local spec="$1" exclude=0 exact=0 path name item match
+    if [[ "$spec" == ^* ]]; then exclude=1 spec="${spec#^}"; fi
+    if [[ "$spec" == =* ]]; then exact=1 spec="${spec#=}"; fi
+    local items=()
+    IFS=, read -r -a items <<<"$spec"
+    for path in /sys/class/net/*; do
+        name="${path##*/}" match=0
+        for item in "${items[@]}"; do
+            item="${item%%:*}"  # a port suffix (NCCL accepts name:port)
+            if ((exact)); then [[ "$name" == "$item" ]] && match=1; else [[ "$name" == "$item"* ]] && match=1; fi
+        done
+        ((match != exclude)) || continue
+        [[ -n "$(ip -o addr show dev "$name" up scope global 2>/dev/null)" ]] && echo "$name"
+    done
+    return 0
+}
+
+# The interface of this node that reaches host $1: the one holding its address if it is this node, else the route's.
+interface_to() {
+    local addr dev
+    addr=$(getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 {print $1}')
+    [[ -n "$addr" ]] || return 0
+    dev=$(ip -o addr show to "$addr" 2>/dev/null | awk 'NR == 1 {print $2}')
+    [[ -n "$dev" ]] || dev=$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
+    echo "$dev"
+}
+
 if [[ "$STAGE" == 1 ]]; then
     # ---- node stage: one srun task per node ----
     NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-${SLURM_PROCID:-}}}"
     [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || die "node rank unknown: SLURM_NODEID/SLURM_PROCID/NODE_RANK not set"
     ((NODE_RANK < NNODES)) || die "node rank $NODE_RANK >= NNODES $NNODES"
+    # gloo takes one exact interface name of this node; NCCL's values (^lo,docker0 =ib0 ib) are none, and without
+    # one gloo binds the address the hostname resolves to (127.0.1.1 on some nodes: a run that hangs).
+    envs=("TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-210}")
+    if [[ -n "${GLOO_SOCKET_IFNAME:-}" ]]; then
+        envs+=("GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME")
+    else
+        gloo_if="" from=""
+        if [[ -n "${NCCL_SOCKET_IFNAME:-}" ]]; then
+            gloo_if=$(nccl_interfaces "$NCCL_SOCKET_IFNAME" | head -n 1 || true)
+            from="NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME"
+            [[ -n "$gloo_if" ]] || echo "# warning: NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME selects no up interface" \
+                "with an address on $(hostname)" >&2
+        fi
+        if [[ -z "$gloo_if" ]]; then
+            gloo_if=$(interface_to "$HEAD_NODE" || true)
+            from="the route to $HEAD_NODE"
+        fi
+        if [[ "$gloo_if" == lo ]] && ((NNODES > 1)); then
+            # The head's name resolves to a loopback address here (Debian's 127.0.1.1 for the own hostname, on the
+            # head node itself): the other nodes cannot reach that. The interface of the default route instead.
+            gloo_if=$(ip -o route show default 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n 1 || true)
+            from="the default route ($HEAD_NODE resolves to a loopback address here)"
+        fi
+        if [[ -n "$gloo_if" ]]; then
+            envs+=("GLOO_SOCKET_IFNAME=$gloo_if")
+            echo "# gloo interface $gloo_if (from $from)" >&2
+        fi
+    fi
     node_command "$NODE_RANK"
     cmd+=("$@")
     echo "# bert-dist node $NODE_RANK/$NNODES on $(hostname): head $HEAD_NODE:$PORT, $NUM_PROCESSES processes" >&2
     if [[ "$DRY_RUN" == 1 ]]; then
+        printf '%s ' "${envs[@]}"
         quote "${cmd[@]}"
         echo
         exit 0
     fi
     cd "$REPO_DIR"
-    exec "${cmd[@]}"
+    exec env "${envs[@]}" "${cmd[@]}"
 fi
 
 # ---- batch stage: resolve everything once, then one task per node ----
@@ -147,19 +215,16 @@ fi
 srun_cmd+=("${srun_extra[@]}" bash "$SELF" "$@")
 
 # Hand the resolved values to every node (srun exports the environment by default)
-# so all nodes agree on the head node, sizes and port.
+# so all nodes agree on the head node, sizes and port. Each node picks its own gloo interface.
 export BERT_DIST_NODE_STAGE=1 HEAD_NODE NNODES GPUS_PER_NODE PORT REPO_DIR
-# The run's per-step stop agreement (SIGTERM) goes over a small gloo group beside NCCL: gloo must bind the same
-# routable interface NCCL uses (where a node's hostname resolves to 127.0.0.1 it would take loopback and hang).
-if [[ -n "${NCCL_SOCKET_IFNAME:-}" && -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
-    export GLOO_SOCKET_IFNAME="$NCCL_SOCKET_IFNAME"
-fi
 
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "# head node $HEAD_NODE:$PORT, $NNODES node(s) x $GPUS_PER_NODE GPU(s) = $NUM_PROCESSES processes, rdzv $RDZV_BACKEND"
     echo "# batch step runs (with BERT_DIST_NODE_STAGE=1 HEAD_NODE=$HEAD_NODE NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE PORT=$PORT exported):"
     quote "${srun_cmd[@]}"
     echo
+    echo "# each node runs its command with TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-210} and" \
+        "GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-<its interface from NCCL_SOCKET_IFNAME or to $HEAD_NODE>}"
     for ((r = 0; r < NNODES; r++)); do
         echo "# node $r runs:"
         node_command "$r"

@@ -17,6 +17,8 @@
 #   PYTHON                 interpreter to run accelerate with (python -m accelerate.commands.launch);
 #                          default: the `accelerate` command on PATH
 #   REPO_DIR               repository root (default: $SLURM_SUBMIT_DIR, else this script's ..)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT=210  seconds torchrun waits for its workers after forwarding a SIGTERM before it
+#                          kills them (torch's default: 30): the --signal lead time below plus SLURM's KillWait
 #   DRY_RUN=1              print the resolved command and exit 0
 #
 # The #SBATCH lines below are defaults; override any of them on the sbatch
@@ -28,6 +30,9 @@
 #SBATCH --cpus-per-task=32            # CPU cores for the task: data loading + ~4 threads per GPU
 #SBATCH --time=04:00:00               # wall-clock limit (HH:MM:SS)
 #SBATCH --output=%x-%j.out            # log file in the submit dir (%x job name, %j job id)
+#SBATCH --signal=TERM@180             # SIGTERM to every process 180 s before the time limit: the run saves a
+#                                     # checkpoint at its next step and exits 0 (SLURM's own SIGTERM comes only
+#                                     # KillWait, 30 s by default, before its SIGKILL); rerun with --resume
 
 set -euo pipefail
 
@@ -79,12 +84,14 @@ fi
 read -r -a extra <<<"$ARGS"
 cmd+=("${extra[@]}" "$@")
 
+envs=("TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-210}")
 echo "# bert-dist single node: $GPUS process(es), job ${SLURM_JOB_ID:-<none>}, cwd $REPO_DIR" >&2
 if [[ "$DRY_RUN" == 1 ]]; then
+    printf '%s ' "${envs[@]}"
     quote "${cmd[@]}"
     echo
     exit 0
 fi
 
 cd "$REPO_DIR"
-exec "${cmd[@]}"
+exec env "${envs[@]}" "${cmd[@]}"

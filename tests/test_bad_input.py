@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import reset_accelerate, run_cli
 
-from bert_dist.checkpoint import save_run_model
 from bert_dist.config import preset
 from bert_dist.data import get_task
 from bert_dist.data.synthetic import make_rows, write_task_data
 from bert_dist.model import BertForSequenceClassification
 from bert_dist.run import main
 from bert_dist.tokenizer import train_tokenizer
+from bert_dist.weights import save_run_model
 
 REPO = Path(__file__).resolve().parents[1]
 SST2, STSB = get_task("sst2"), get_task("stsb")
@@ -29,10 +29,7 @@ SST2, STSB = get_task("sst2"), get_task("stsb")
 
 def _reset_accelerate() -> None:
     """Each main() builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def fails(args: list[str], capsys, *phrases: str, out: Path | None = None) -> str:
@@ -124,7 +121,7 @@ def test_unknown_task(tmp_path, capsys):
     (["--max-train-samples", "0"], ["--max-train-samples", "at least 1"]),
     (["--max-eval-samples", "-1"], ["--max-eval-samples", "at least 1"]),
     (["--num-workers", "-1"], ["--num-workers"]),
-    (["--cpu-matmul", "mkl"], ["--cpu-matmul", "auto, onednn or torch"]),
+    (["--cpu-kernels", "on"], ["--cpu-kernels", "auto or off"]),
     (["--cpu-threads", "0"], ["--cpu-threads", "at least 1"]),
     (["--report-to", "nosuch"], ["--report-to nosuch", "unknown tracker"]),
     (["--mixed-precision", "fp16"], ["--mixed-precision fp16", "CPU", "bf16"]),
@@ -716,14 +713,14 @@ def test_an_evaluation_that_fails_after_training_keeps_the_trained_model(tmp_pat
     and the error line says where the model is."""
     import bert_dist.train as T
 
-    real = T._run_eval
+    real = T.run_eval
 
-    def failing(accelerator, eval_fn, state, out_dir):
+    def failing(*, state, **kw):
         if state.step == 2:
             raise ValueError("the metric could not be computed")
-        return real(accelerator, eval_fn, state, out_dir)
+        return real(state=state, **kw)
 
-    monkeypatch.setattr(T, "_run_eval", failing)
+    monkeypatch.setattr(T, "run_eval", failing)
     out = tmp_path / "o"
     _reset_accelerate()
     with pytest.raises(SystemExit) as e:
@@ -731,7 +728,7 @@ def test_an_evaluation_that_fails_after_training_keeps_the_trained_model(tmp_pat
     err = " ".join(capsys.readouterr().err.split())
     assert e.value.code == 1 and "the metric could not be computed" in err and "--eval-only --init" in err
     assert (out / "model.safetensors").is_file() and not (out / "results.json").exists()
-    monkeypatch.setattr(T, "_run_eval", real)
+    monkeypatch.setattr(T, "run_eval", real)
     _reset_accelerate()
     assert main(args(tmp_path / "e", "--eval-only", "--init", str(out), data=data_dir)) == 0  # it evaluates
 

@@ -266,3 +266,38 @@ def test_batch_sampler_is_a_function_of_seed_and_epoch():
     for epoch in range(6):
         a.set_epoch(epoch)
         assert [len(bt) for bt in a] == [16] * 12 + [8]
+
+
+def test_loader_workers_by_default_where_they_pay_and_the_batches_are_the_same(monkeypatch):
+    """--num-workers by default: none on the CPU (they would take the step's cores), some with CUDA, persistent and
+    pinned there; and with workers the batches (their order and MLM masks) are those of the main process alone."""
+    import torch
+    from datasets import Dataset
+
+    from bert_dist import data as D
+    from bert_dist.config import DataConfig
+    from bert_dist.data.collate import MLMCollator
+
+    assert D.loader_workers(None)["num_workers"] == 0 and not D.loader_workers(None)["pin_memory"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(D, "cpu_count", lambda: 8)
+    on_gpu = D.loader_workers(None)
+    assert on_gpu["num_workers"] == 4 and on_gpu["persistent_workers"] and on_gpu["pin_memory"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # a core per process: none left for workers
+    assert D.loader_workers(None)["num_workers"] == 0 and D.loader_workers(3)["num_workers"] == 3
+    monkeypatch.undo()
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": [2, *torch.randint(5, 90, (int(n),), generator=g).tolist(), 3], "idx": i, "length": int(n)}
+            for i, n in enumerate(torch.randint(3, 30, (70,), generator=g))]
+    ds = Dataset.from_list(rows)
+    collator = MLMCollator(4, 97, [1, 2, 3], seed=7)
+    seen = []
+    for workers in (0, 2):
+        loader, sampler = D.train_loader(ds, DataConfig(batch_size=8, num_workers=workers, group_by_length=True),
+                                         collator, seed=3)
+        sampler.set_epoch(1)
+        seen.append(list(loader))
+    assert len(seen[0]) == len(seen[1]) == 9
+    for a, b in zip(*seen):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import reset_accelerate, run_cli
 from safetensors.torch import load_file
 
-from bert_dist.checkpoint import save_run_model
 from bert_dist.config import preset
 from bert_dist.data import get_task
 from bert_dist.data.synthetic import write_task_data
 from bert_dist.model import BertForSequenceClassification
 from bert_dist.tokenizer import train_tokenizer
+from bert_dist.weights import save_run_model
 
 N_EVAL, N_TEST = 97, 7  # odd, and not a multiple of 2 processes x the eval batch
 
@@ -54,14 +54,11 @@ def predictions(out: Path, split: str = "validation") -> list[dict]:
 @pytest.fixture(scope="module")
 def one_process(setup):
     """The reference: one process, batch 16 (in this process: the comparison has an fp32 tolerance anyway)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from bert_dist.run import main
 
     root, flags = setup
     out = root / "one"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert main([*flags, "--batch-size", "16", "--output-dir", str(out)]) == 0
     return out
 
@@ -128,12 +125,9 @@ def test_two_processes_resume_from_a_checkpoint_bitwise(setup, capsys):
 
     # The same checkpoint with one process: refused (its data position counts each process's micro-batches; it
     # used to resume silently, training batches twice at half the global batch).
-    from accelerate.state import AcceleratorState, GradientState
-
     from bert_dist.run import main
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([*flags, "--batch-size", "8", "--output-dir", str(root / "one-from-two"), "--resume-from", str(ckpt)])
@@ -144,13 +138,10 @@ def test_two_processes_resume_from_a_checkpoint_bitwise(setup, capsys):
 @pytest.mark.slow
 def test_a_one_process_checkpoint_is_refused_by_two_processes(setup, capfd):
     """1 -> 2 processes: one line naming both counts (it was a missing random_states_1.pkl)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from bert_dist.run import main
 
     root, flags = setup
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert main([*flags, "--batch-size", "8", "--max-steps", "2", "--save-every", "2", "--output-dir",
                  str(root / "one-ckpt")]) == 0
     ckpt = root / "one-ckpt" / "checkpoints" / "step-00000002"
@@ -240,7 +231,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from bert_dist.config import preset
 from bert_dist.model import BertForSequenceClassification, BertLayer
-from bert_dist.train import gather_state_dict
+from bert_dist.distributed import gather_state_dict
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -295,8 +286,6 @@ def test_fsdp_model_save_gathers_every_shard_on_every_process(tmp_path):
 def test_grad_accum_equals_one_batch_of_the_group_when_the_epoch_ends_short(setup, n_train):
     """--batch-size 8 --grad-accum 2 is --batch-size 16, also at each epoch's end: the last group, cut short, is the
     mean over its examples (its gradient was k/N of that, and a short micro-batch outweighed its examples)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from bert_dist.run import main
 
     root, flags = setup
@@ -305,8 +294,7 @@ def test_grad_accum_equals_one_batch_of_the_group_when_the_epoch_ends_short(setu
     outs = []
     for extra in (["--batch-size", "16"], ["--batch-size", "8", "--grad-accum", "2"]):
         out = root / f"accum-{n_train}-{len(extra)}"
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate()
         assert main([*common, *extra, "--output-dir", str(out)]) == 0
         outs.append(out)
     logs = [[json.loads(ln) for ln in (o / "train_log.jsonl").read_text().splitlines()] for o in outs]
@@ -324,8 +312,6 @@ def test_two_processes_keep_one_model_when_a_short_batch_falls_mid_epoch(setup, 
     """--group-by-length puts the epoch's short batch anywhere, on one process only: each process weighed its own
     examples, so the processes' copies of the model drifted apart (only the main one's is saved; the others scored
     their shards of the evaluation). Now: the model the run saved gives the run's own predictions."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from bert_dist.run import main
 
     root, flags = setup
@@ -335,8 +321,7 @@ def test_two_processes_keep_one_model_when_a_short_batch_falls_mid_epoch(setup, 
     p = run_cli([*flags, "--max-train-samples", "45", "--batch-size", "4", "--grad-accum", "2", "--group-by-length",
                  "--epochs", "5", "--lr", "5e-3", "--output-dir", str(out)], nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     data = flags[flags.index("--data-dir") + 1]
     assert main(["--task", "sst2", "--data-dir", data, "--init", str(out), "--eval-only", "--eval-batch-size", "8",
                  "--output-dir", str(tmp_path / "again")]) == 0

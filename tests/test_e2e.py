@@ -69,7 +69,7 @@ def test_compiled_run_saves_a_model_that_reloads(tmp_path):
     run's model reloads for prediction and as --init."""
     from safetensors import safe_open
 
-    from bert_dist.checkpoint import load_run_model
+    from bert_dist.weights import load_run_model
 
     out = tmp_path / "compiled"
     p = run_cli(["--task", "sst2", "--smoke", "--compile", "--max-steps", "2", "--output-dir", str(out)])

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from bert_dist.checkpoint import export_hf, save_run_model
 from bert_dist.config import preset
 from bert_dist.model import BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification
 from bert_dist.tokenizer import train_tokenizer
+from bert_dist.weights import export_hf, save_run_model
 
 transformers = pytest.importorskip("transformers")
 

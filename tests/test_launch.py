@@ -1,20 +1,23 @@
 """Launch configs and scripts: accelerate YAMLs load, dry runs print the right commands.
 
 No SLURM, GPU or network needed: the shell scripts are run with DRY_RUN=1 and a
-faked SLURM environment (plus a PATH-shimmed `scontrol`).
-Set BERT_DIST_SLOW_TESTS=1 to also really launch 2 gloo processes on the CPU.
+faked SLURM environment (plus a PATH-shimmed `scontrol`, and an `srun` that runs a step's
+tasks on this machine). The slow tier really launches gloo processes through them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -33,6 +36,7 @@ EXPECTED_CONFIGS = {
     "single_gpu_fp16.yaml": ("NO", 1, "fp16", False),
     "multi_gpu_bf16.yaml": ("MULTI_GPU", 8, "bf16", False),
     "fsdp.yaml": ("FSDP", 8, "bf16", False),
+    "fsdp_multi_node.yaml": ("FSDP", 16, "bf16", False),
     "multi_node.yaml": ("MULTI_GPU", 16, "bf16", False),
 }
 
@@ -41,6 +45,7 @@ SCRIPT_VARS = {
     "TASK", "ARGS", "SCRIPT", "CONFIG", "PRECISION", "PORT", "PYTHON", "REPO_DIR",
     "GPUS", "GPUS_PER_NODE", "NNODES", "NPROC", "DEVICE", "HEAD_NODE", "NODE_RANK",
     "RDZV_BACKEND", "SRUN_ARGS", "DRY_RUN", "BERT_DIST_NODE_STAGE", "ACCELERATE_USE_CPU",
+    "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
 }
 
 
@@ -75,12 +80,52 @@ def test_fsdp_config():
     assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "BertLayer"
 
 
+def fsdp_launch_env(name: str, monkeypatch) -> None:
+    """The environment `accelerate launch --config_file <name>` gives its workers (accelerate's own code), set here;
+    sync_module_states off: FSDP refuses it without a GPU (it only broadcasts the first weights)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(CONFIGS / name),
+                                                                        "--main_process_ip", "h0", "x.py"]))[0]
+    for k, v in prepare_multi_gpu_env(args).items():
+        if k.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+
+
+@pytest.mark.parametrize("name, strategy", [("fsdp.yaml", "FULL_SHARD"), ("fsdp_multi_node.yaml", "HYBRID_SHARD")])
+def test_fsdp_reduces_gradients_in_fp32_under_bf16(name, strategy, monkeypatch):
+    """accelerate's FSDP policy for --mixed_precision bf16 reduces gradients in bf16 (DDP reduces them in fp32): the
+    run's plugin keeps bf16 compute and reduces in fp32, also after accelerate applies the precision to it."""
+    import torch
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from bert_dist.run import fsdp_plugin
+
+    fsdp_launch_env(name, monkeypatch)
+    plugin = fsdp_plugin("bf16")
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does with the run's precision
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert plugin.sharding_strategy == ShardingStrategy[strategy]
+    assert plugin.transformer_cls_names_to_wrap == ["BertLayer"]
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert fsdp_plugin("bf16") is None  # DDP and single-process runs keep accelerate's defaults
+
+
 def test_multi_node_config():
+    import socket
+
     cfg = load("multi_node.yaml")
     assert cfg.num_machines == 2
     assert cfg.num_processes == 16
     assert cfg.rdzv_backend == "c10d"
     assert cfg.main_process_port == 29500
+    # Used by hand without --main_process_ip, a loopback head made each node wait for the others on its own
+    # 127.0.0.1: the placeholder resolves nowhere, and torchrun names it.
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo(cfg.main_process_ip, cfg.main_process_port)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CONFIGS))
@@ -136,9 +181,22 @@ def run(script: str, env: dict, *args: str, check: bool = True) -> subprocess.Co
     return proc
 
 
-def commands(stdout: str) -> list[list[str]]:
-    """Non-comment output lines, shell-split (undoes the scripts' %q quoting)."""
-    return [shlex.split(ln) for ln in stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+def commands(stdout: str, keep_env: bool = False) -> list[list[str]]:
+    """Non-comment output lines, shell-split (undoes the scripts' %q quoting); the SLURM scripts' leading
+    VAR=value words dropped unless keep_env (`environment` reads them)."""
+    cmds = [shlex.split(ln) for ln in stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+    return cmds if keep_env else [c[len(environment(c)):] for c in cmds]
+
+
+def environment(tokens: list[str]) -> dict[str, str]:
+    """The leading VAR=value words of a printed command."""
+    env = {}
+    for t in tokens:
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", t):
+            break
+        k, v = t.split("=", 1)
+        env[k] = v
+    return env
 
 
 def flag(tokens: list[str], name: str) -> str:
@@ -246,7 +304,7 @@ def test_slurm_multi_node_refuses_without_slurm(env):
 def test_local_two_cpu_processes(env):
     env.update(NPROC="2", GPUS="0")
     out = run("local.sh", env, "--max-steps", "5").stdout
-    [cmd] = commands(out)
+    [cmd] = commands(out, keep_env=True)
     assert cmd[:5] == ["ACCELERATE_USE_CPU=1", "accelerate", "launch", "--multi_gpu", "--num_processes"]
     assert flag(cmd, "--num_processes") == "2"
     assert flag(cmd, "--mixed_precision") == "no"
@@ -264,7 +322,7 @@ def test_local_single_cpu_process(env):
 
 def test_local_cpu_config_gets_env_var(env):
     env.update(GPUS="0", CONFIG="accelerate_configs/multi_cpu.yaml")
-    [cmd] = commands(run("local.sh", env).stdout)
+    [cmd] = commands(run("local.sh", env).stdout, keep_env=True)
     assert cmd[0] == "ACCELERATE_USE_CPU=1"
     assert flag(cmd, "--config_file") == "accelerate_configs/multi_cpu.yaml"
     assert "--num_processes" not in cmd  # the config's 2
@@ -285,7 +343,7 @@ def test_shellcheck():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(os.environ.get("BERT_DIST_SLOW_TESTS") != "1", reason="set BERT_DIST_SLOW_TESTS=1")
+@pytest.mark.slow
 def test_local_really_starts_two_gloo_ranks(env, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
@@ -319,3 +377,169 @@ def test_accelerate_launch_default_of_one_thread_becomes_the_cores_unless_told(t
     cores = min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False))
     assert _launched_threads(tmp_path) == cores
     assert _launched_threads(tmp_path, "--cpu-threads", "1") == 1
+
+
+# ---------------------------------------------------------------- interfaces, signals
+
+
+def global_interfaces() -> list[str]:
+    """This machine's interfaces that are up and hold a global address, by name."""
+    out = subprocess.run(["ip", "-o", "addr", "show", "up", "scope", "global"], capture_output=True, text=True,
+                         check=True).stdout
+    return sorted({ln.split()[1] for ln in out.splitlines()})
+
+
+def default_route_interface() -> str:
+    out = subprocess.run(["ip", "-o", "route", "show", "default"], capture_output=True, text=True, check=True).stdout
+    return out.split(" dev ")[1].split()[0]
+
+
+def test_a_head_node_whose_name_resolves_to_loopback_is_reached_by_the_default_route(env):
+    """On the head node itself its own hostname often resolves to 127.0.1.1 (Debian's /etc/hosts): gloo there must not
+    bind the loopback, which the other nodes cannot reach (this machine's hostname resolves to 127.0.0.1)."""
+    import socket
+
+    got, _, err = node_stage(dict(env), HEAD_NODE=socket.gethostname())
+    assert got["GLOO_SOCKET_IFNAME"] == default_route_interface(), err
+
+
+def node_stage(env: dict, **extra: str) -> tuple[dict[str, str], list[str], str]:
+    """What node 0 of a 2-node job runs here (the srun task's stage): (its environment, its command, stderr)."""
+    env.update({"BERT_DIST_NODE_STAGE": "1", "HEAD_NODE": "127.0.0.1", "NNODES": "2", "NODE_RANK": "0",
+                "GPUS_PER_NODE": "1", **extra})
+    proc = run("slurm_multi_node.sh", env)
+    [cmd] = commands(proc.stdout, keep_env=True)
+    return environment(cmd), cmd[len(environment(cmd)):], proc.stderr
+
+
+def test_nccl_style_interface_values_become_this_nodes_interface_names(env):
+    """NCCL_SOCKET_IFNAME's syntax (a prefix, =exact, ^all-but, comma lists) is no interface name for gloo: each node
+    resolves it to one of its own interfaces (it was copied as is: gloo's "Unable to find address for: ^lo")."""
+    ifaces = global_interfaces()
+    assert ifaces, "this machine has no interface with a global address"
+    first = ifaces[0]
+    for nccl, expect in ((f"={first}", first), (first[:-1], next(i for i in ifaces if i.startswith(first[:-1]))),
+                         (f"=nosuch0,{first}", first), (f"{first}:5000", first),
+                         ("^lo,docker0", next(i for i in ifaces if not i.startswith(("lo", "docker0")))),
+                         (f"^={first}", next((i for i in ifaces if i != first), None))):
+        got, _, err = node_stage(dict(env), NCCL_SOCKET_IFNAME=nccl)
+        if expect is None:  # nothing else here: the interface that reaches the head node, never the loopback
+            assert got["GLOO_SOCKET_IFNAME"] == default_route_interface() and "selects no up interface" in err, \
+                (nccl, got, err)
+        else:
+            assert got["GLOO_SOCKET_IFNAME"] == expect, (nccl, got, err)
+    got, _, _ = node_stage(dict(env), NCCL_SOCKET_IFNAME="^lo", GLOO_SOCKET_IFNAME="mine0")
+    assert got["GLOO_SOCKET_IFNAME"] == "mine0"  # the user's own choice is kept
+
+
+def test_without_nccl_socket_ifname_gloo_takes_the_interface_that_reaches_the_head_node(env):
+    """Where a hostname resolves to 127.0.x.x, gloo left to itself binds the loopback and a multi-node run hangs: the
+    interface that holds the head node's address, or routes to it, is named instead."""
+    ifaces = global_interfaces()
+    addr = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", ifaces[0], "scope", "global"],
+                          capture_output=True, text=True, check=True).stdout.split()[3].split("/")[0]
+    got, _, _ = node_stage(dict(env), HEAD_NODE=addr)
+    assert got["GLOO_SOCKET_IFNAME"] == ifaces[0]
+
+
+def test_slurm_scripts_give_the_run_time_to_save_before_the_kill(env):
+    """SLURM's SIGTERM at the time limit comes KillWait (30 s) before its SIGKILL, and torchrun kills its workers 30 s
+    after forwarding a SIGTERM: the scripts ask for it minutes earlier (--signal), and torchrun waits that long."""
+    for script in ("slurm_single_node.sh", "slurm_multi_node.sh"):
+        lead = re.search(r"^#SBATCH --signal=TERM@(\d+)", (LAUNCH / script).read_text(), re.M)
+        assert lead and int(lead.group(1)) >= 120, script
+        e = dict(env)
+        if script == "slurm_multi_node.sh":
+            got, _, _ = node_stage(e)
+        else:
+            e.update(GPUS_PER_NODE="2")
+            [cmd] = commands(run(script, e).stdout, keep_env=True)
+            got = environment(cmd)
+        assert int(got["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= int(lead.group(1)) + 30, script
+
+
+@pytest.fixture
+def fake_srun(tmp_path):
+    """`srun` as SLURM runs a step of one task per node, here: each task with its SLURM_NODEID, node 0 first."""
+    shim = tmp_path / "srun-bin"
+    shim.mkdir()
+    srun = shim / "srun"
+    srun.write_text(
+        '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do case "$1" in --*=*) shift ;; *) shift 2 ;; esac; done\n'
+        'pids=()\nfor ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); '
+        'sleep 3; done\nrc=0\nfor p in "${pids[@]}"; do wait "$p" || rc=$?; done\nexit $rc\n'
+    )
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    return shim
+
+
+PROBE = """
+import os, torch, torch.distributed as dist
+from accelerate import Accelerator
+a = Accelerator()
+t = torch.tensor([a.process_index + 1.0])
+dist.all_reduce(t)
+print("PROBE", a.process_index, a.num_processes, os.environ.get("GLOO_SOCKET_IFNAME"), int(t.item()), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_multi_node_job_with_an_nccl_style_interface_value_starts_gloo(env, tmp_path, fake_srun):
+    """The batch step of a 2-node job (srun: two node stages, here on one machine) with NCCL_SOCKET_IFNAME=^lo,docker0:
+    both nodes' gloo ranks meet (it died before step 1: "Unable to find address for: ^lo")."""
+    from conftest import free_port
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    del env["DRY_RUN"]
+    env.update(PATH=f"{fake_srun}:{env['PATH']}", SLURM_JOB_ID="1", SLURM_NNODES="2", HEAD_NODE="127.0.0.1",
+               GPUS_PER_NODE="1", NCCL_SOCKET_IFNAME="^lo,docker0", PORT=str(free_port()), TASK="",
+               SCRIPT=str(probe), PYTHON=sys.executable, PRECISION="no", ACCELERATE_USE_CPU="1")
+    proc = subprocess.run(["bash", str(LAUNCH / "slurm_multi_node.sh")], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted(ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("PROBE"))
+    iface = next(i for i in global_interfaces() if not i.startswith(("lo", "docker0")))
+    assert ranks == [["0", "2", iface, "3"], ["1", "2", iface, "3"]], proc.stdout + proc.stderr[-2000:]
+
+
+SLOW_SAVER = """
+import signal, sys, time
+from pathlib import Path
+from accelerate import Accelerator
+a = Accelerator()
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append(1))
+Path(sys.argv[1], f"ready-{a.process_index}").touch()
+while not got:
+    time.sleep(0.1)
+time.sleep(40)  # a large gathered save after the SIGTERM
+Path(sys.argv[1], f"saved-{a.process_index}").touch()
+"""
+
+
+@pytest.mark.slow
+def test_a_save_longer_than_torchruns_30_seconds_survives_a_sigterm_to_the_job(env, tmp_path):
+    """SIGTERM to every process of a node's step (as SLURM sends it): the workers take 40 s to save, longer than
+    torchrun's default 30 s before it kills them; launched as the script launches them, they finish."""
+    from conftest import free_port
+
+    saver = tmp_path / "saver.py"
+    saver.write_text(SLOW_SAVER)
+    del env["DRY_RUN"]
+    env.update(BERT_DIST_NODE_STAGE="1", HEAD_NODE="127.0.0.1", NNODES="1", NODE_RANK="0", GPUS_PER_NODE="2",
+               PORT=str(free_port()), TASK="", SCRIPT=str(saver), PYTHON=sys.executable, PRECISION="no",
+               ACCELERATE_USE_CPU="1", ARGS=str(tmp_path))
+    p = subprocess.Popen(["bash", str(LAUNCH / "slurm_multi_node.sh")], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 2 and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert len(list(tmp_path.glob("ready-*"))) == 2, p.communicate(timeout=5)[0][-3000:] if p.poll() else ""
+        os.killpg(p.pid, signal.SIGTERM)
+        out = p.communicate(timeout=120)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert sorted(f.name for f in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"], out[-3000:]

@@ -165,7 +165,7 @@ def test_predict_on_an_export_uses_the_runs_settings(sst2, tmp_path):
     config.json's bert_dist block, so the export predicts as the run does (it took the defaults before)."""
     import shutil
 
-    from bert_dist.checkpoint import export_hf
+    from bert_dist.weights import export_hf
 
     run, data = sst2
     short = tmp_path / "short"

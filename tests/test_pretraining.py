@@ -58,6 +58,15 @@ def _collator(seed: int = 0) -> MLMCollator:
     return MLMCollator(MASK, V, SPECIAL, pad_token_id=PAD, pad_to_multiple_of=8, seed=seed)
 
 
+def labels_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's masked positions as (B, T) labels: the original id where a position was chosen, else -100."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    qm = max(batch["masked_positions"].shape[1], 1)
+    rows = batch["masked_index"] // qm
+    labels[rows, batch["masked_positions"].view(-1)[batch["masked_index"]]] = batch["masked_labels"]
+    return labels
+
+
 # ---------------------------------------------------------------------------------------------
 # Masking
 
@@ -67,7 +76,7 @@ def test_masking_rates_and_special_tokens():
     maskable = chosen = masked = kept = replaced = 0
     for i in range(0, len(rows), 32):
         batch, plain = collator(rows[i : i + 32]), pad(rows[i : i + 32])
-        orig, ids, labels = plain["input_ids"], batch["input_ids"], batch["labels"]
+        orig, ids, labels = plain["input_ids"], batch["input_ids"], labels_of(batch)
         sel = labels != -100
         never = torch.isin(orig, torch.tensor(SPECIAL)) | (plain["attention_mask"] == 0)
         assert not sel[never].any(), "a special or pad token was chosen"
@@ -92,16 +101,16 @@ def test_masking_rates_and_special_tokens():
 def test_masks_are_reproducible_fresh_each_epoch_and_independent_of_the_batch():
     rows = _rows(64, 1)
     a, b = _collator(seed=5)(rows[:32]), _collator(seed=5)(rows[:32])
-    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(labels_of(a), labels_of(b)) and torch.equal(a["input_ids"], b["input_ids"])
     other_seed = _collator(seed=6)(rows[:32])
-    assert not torch.equal(a["labels"], other_seed["labels"])
+    assert not torch.equal(labels_of(a), labels_of(other_seed))
     c = _collator(seed=5)
     c.set_epoch(1)
-    assert not torch.equal(a["labels"], c(rows[:32])["labels"])
+    assert not torch.equal(labels_of(a), labels_of(c(rows[:32])))
     # A row's mask depends on (seed, epoch, row), not on what else is in its batch (nor its padding).
     alone = _collator(seed=5)([rows[3]])
     n = len(rows[3]["input_ids"])
-    assert torch.equal(alone["labels"][0, :n], a["labels"][3, :n])
+    assert torch.equal(labels_of(alone)[0, :n], labels_of(a)[3, :n])
 
 
 def _word_rows(n: int, seed: int) -> list[dict]:
@@ -143,7 +152,7 @@ def test_whole_word_masking_chooses_a_words_pieces_together(whole_word):
     tokens = chosen = words = chosen_words = split = 0
     for i in range(0, len(rows), 32):
         batch = collator(rows[i : i + 32])
-        for r, labels in zip(rows[i : i + 32], batch["labels"]):
+        for r, labels in zip(rows[i : i + 32], labels_of(batch)):
             sel = (labels != -100).tolist()
             for w in _words(r["word_start"], r["input_ids"]):
                 if r["input_ids"][w[0]] in SPECIAL:
@@ -308,10 +317,11 @@ def test_masked_position_logits_equal_full_vocabulary_logits():
     with torch.no_grad():
         masked = model(**batch)
         full = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-    sel = batch["labels"] != -100
+    labels = labels_of(batch)
+    sel = labels != -100
     assert masked["mlm_logits"].shape == (int(sel.sum()), V)
     torch.testing.assert_close(masked["mlm_logits"], full["mlm_logits"][sel], atol=1e-5, rtol=1e-5)
-    assert torch.equal(masked["mlm_labels"], batch["labels"][sel])
+    assert torch.equal(batch["masked_labels"], labels[sel])
     torch.testing.assert_close(masked["nsp_logits"], full["nsp_logits"])
 
 
@@ -402,8 +412,8 @@ def test_a_vocab_size_below_the_alphabet_is_warned_about(tmp_path, capsys):
 
 
 def test_pretrain_then_finetune_through_the_entry_point(tmp_path):
-    from bert_dist.checkpoint import load_init, load_weights
     from bert_dist.run import main
+    from bert_dist.weights import load_init, load_weights
 
     pt, ft, ft_eval = tmp_path / "pt", tmp_path / "ft", tmp_path / "ft_eval"
     assert main(["--task", "pretrain", "--smoke", "--max-steps", "4", "--output-dir", str(pt)]) == 0

@@ -17,11 +17,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import reset_accelerate
 from safetensors.torch import load_file
 
 from bert_dist.data import get_task
@@ -37,17 +39,35 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
     step-N checkpoint (mid-step); {"kill_in_save": N} SIGKILLs halfway through writing step N's checkpoint;
     {"sigterm_at_forward": k} sends SIGTERM on the k-th micro-batch; {"sigterm_in_final_eval": True} sends it as
     the evaluation after the last step starts; {"sigterm_before_results": True} once training has returned, before
-    results.json and the report are written.
+    results.json and the report are written; {"slow_eval": s} makes each evaluation forward pass take s seconds more,
+    {"sigterm_at_eval_forward": k} sends SIGTERM on the k-th one (and writes the time to `trace`.sigterm). With
+    several processes the faults strike the process of rank {"rank": r} (0) alone. Each model built writes a digest of
+    its initial weights to `trace`.init.
     """
     from accelerate import Accelerator
 
     import bert_dist.train as T
+    from bert_dist.checkpointing import Checkpointer
     from bert_dist.model import BertForSequenceClassification
 
-    seen = {"forwards": 0, "countdown": None}
-    forward, save, save_state = BertForSequenceClassification.forward, T.save_checkpoint, Accelerator.save_state
+    seen = {"forwards": 0, "countdown": None, "eval_forwards": 0}
+    forward, save, save_state = BertForSequenceClassification.forward, Checkpointer.save, Accelerator.save_state
+    init = BertForSequenceClassification.__init__
+    struck = int(os.environ.get("RANK", "0")) == fault.get("rank", 0)
+
+    def traced_init(self, *args, **kw):
+        init(self, *args, **kw)
+        weights = b"".join(t.detach().numpy().tobytes() for t in self.state_dict().values())
+        with open(f"{trace}.init", "a") as fh:
+            fh.write(hashlib.sha1(weights).hexdigest()[:16] + "\n")
 
     def traced_forward(self, *args, **kw):
+        if not self.training:
+            seen["eval_forwards"] += 1
+            if struck and fault.get("sigterm_at_eval_forward") == seen["eval_forwards"]:
+                Path(f"{trace}.sigterm").write_text(str(time.time()))
+                os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(fault.get("slow_eval", 0))
         if self.training:
             rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
             ids = hashlib.sha1(kw["input_ids"].numpy().tobytes()).hexdigest()[:16]
@@ -58,24 +78,24 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
                 seen["countdown"] -= 1
                 if seen["countdown"] == 0:
                     os.kill(os.getpid(), signal.SIGKILL)  # mid-step: this micro-batch never finishes
-            if fault.get("sigterm_at_forward") == seen["forwards"]:
+            if struck and fault.get("sigterm_at_forward") == seen["forwards"]:
                 os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args, **kw)
 
-    def save_checkpoint(accelerator, out_dir, step, keep, *state_and_scheduler):
-        path = save(accelerator, out_dir, step, keep, *state_and_scheduler)
-        if fault.get("kill_after_save") == step:
+    def save_checkpoint(self, state):
+        path = save(self, state)
+        if fault.get("kill_after_save") == state.step:
             seen["countdown"] = fault["forwards"]
         return path
 
-    run_eval = T._run_eval
+    run_eval = T.run_eval
 
-    def signalled_eval(accelerator, eval_fn, state, out_dir):
+    def signalled_eval(*, state, **kw):
         if fault.get("sigterm_in_final_eval") and state.step == STEPS:
             os.kill(os.getpid(), signal.SIGTERM)
-        return run_eval(accelerator, eval_fn, state, out_dir)
+        return run_eval(state=state, **kw)
 
-    T._run_eval = signalled_eval
+    T.run_eval = signalled_eval
     import bert_dist.report as R
 
     describe_hardware = R.describe_hardware
@@ -96,12 +116,13 @@ def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
-    BertForSequenceClassification.forward, T.save_checkpoint = traced_forward, save_checkpoint
-    Accelerator.save_state = killed_save_state
+    BertForSequenceClassification.forward, Checkpointer.save = traced_forward, save_checkpoint
+    BertForSequenceClassification.__init__, Accelerator.save_state = traced_init, killed_save_state
 
     def undo() -> None:
-        BertForSequenceClassification.forward, T.save_checkpoint, Accelerator.save_state = forward, save, save_state
-        T._run_eval, R.describe_hardware = run_eval, describe_hardware
+        BertForSequenceClassification.forward, Checkpointer.save, Accelerator.save_state = forward, save, save_state
+        BertForSequenceClassification.__init__ = init
+        T.run_eval, R.describe_hardware = run_eval, describe_hardware
 
     return undo
 
@@ -141,12 +162,9 @@ def run(setup, out: Path, *extra: str, fault: dict | None = None, trace: str = "
         env = {**os.environ, "FAULT": json.dumps(fault or {}), "TRACE": str(trace_file), "OMP_NUM_THREADS": "1"}
         return subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True,
                               timeout=300)
-    from accelerate.state import AcceleratorState, GradientState
-
     from bert_dist.run import main
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     undo = install_faults(fault or {}, trace_file)
@@ -254,6 +272,97 @@ def test_sigterm_while_the_outputs_are_written_finishes_the_run(setup, uninterru
     for f in ("results.json", "report.html", "predictions_test.jsonl"):
         assert (out / f).is_file(), f
     assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+# Evaluations of 9 batches of 4, each forward pass a second longer: 9 s an evaluation.
+SLOW_EVAL = {"slow_eval": 1.0, "sigterm_at_eval_forward": 2}
+
+
+def test_sigterm_during_a_long_evaluation_stops_it_and_saves_at_once(setup, uninterrupted, capsys):
+    """SIGTERM on the 2nd batch of the step-5 evaluation: the evaluation stops there, unscored (no metrics.jsonl
+    line), a step-5 checkpoint is saved and the run exits 0 within seconds (torchrun and SLURM kill 30 s after
+    SIGTERM; it used to finish the evaluation first, 7 s more here, minutes on a real one). The resume runs that
+    evaluation first, then trains on: the uninterrupted run's weights, bit for bit, and evaluations."""
+    out = setup[0] / "sigterm_eval"
+    capsys.readouterr()
+    assert run(setup, out, "--eval-batch-size", "4", fault=SLOW_EVAL) == 0
+    took = time.time() - float((out.parent / f"{out.name}.trace.sigterm").read_text())
+    assert took < 4, took
+    assert not (out / "metrics.jsonl").exists() or not lines(out / "metrics.jsonl")
+    err = logged(capsys)
+    assert "SIGTERM during the evaluation at step 5" in err and "SIGTERM at step 5" in err, err[-2000:]
+    assert json.loads((out / "checkpoints" / "step-00000005" / "train_state.json").read_text())["eval_pending"]
+    assert not (out / "results.json").exists()
+    assert run(setup, out, "--eval-batch-size", "4", "--resume", trace="resumed") == 0
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert [json.loads(ln)["step"] for ln in lines(out / "metrics.jsonl")] == [5, 10, 14]
+    after = lines(out.parent / f"{out.name}.resumed")
+    assert after == lines(uninterrupted.parent / f"{uninterrupted.name}.trace")[-len(after):]
+
+
+def launch(setup, out: Path, *extra: str, fault: dict | None = None, trace: str = "trace",
+           nproc: int = 2) -> subprocess.CompletedProcess:
+    """One run in `nproc` gloo processes (`accelerate launch` of this file): process r records its trajectory to
+    `trace`.r, and `fault` strikes the process of rank fault["rank"] (0) alone."""
+    from conftest import free_port
+
+    root, flags = setup
+    env = {**os.environ, "FAULT": json.dumps(fault or {}), "TRACE": str(out.parent / f"{out.name}.{trace}"),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), __file__, *flags, "--output-dir", str(out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+TWO = ("--eval-batch-size", "2")  # 33 examples: 9 evaluation batches per process
+
+
+@pytest.fixture(scope="module")
+def two_uninterrupted(setup):
+    out = setup[0] / "two-uninterrupted"
+    p = launch(setup, out, *TWO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_each_process_draws_its_own_dropout_masks(setup, two_uninterrupted):
+    """With 2 processes every training forward pass starts from another RNG state on each (dropout: seed + rank, as
+    NVIDIA's BERT seeds), where every process used to draw the same masks; the model each process builds is the same
+    (its init is the seed's alone). The data order stays the seed's: tests/test_distributed.py, 2 processes = 1."""
+    traces = [lines(two_uninterrupted.parent / f"{two_uninterrupted.name}.trace.{rank}") for rank in (0, 1)]
+    assert len(traces[0]) == len(traces[1]) > 0
+    rng = [[ln.split()[0] for ln in t] for t in traces]
+    assert all(a != b for a, b in zip(*rng)), [a == b for a, b in zip(*rng)]
+    inits = [lines(two_uninterrupted.parent / f"{two_uninterrupted.name}.trace.{rank}.init") for rank in (0, 1)]
+    assert inits[0] == inits[1] and len(inits[0]) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_during_an_evaluation_stops_both_at_once(setup, two_uninterrupted):
+    """2 processes, SIGTERM to rank 0 alone on its 2nd batch of the step-5 evaluation: both stop that evaluation at
+    the same batch (they agree before each one; a lone process leaving would hang the other in the next gather),
+    save step 5 and exit 0 within seconds. Resumed with its 2 processes, the run ends with the uninterrupted run's
+    weights, bit for bit, each process on the uninterrupted one's trajectory."""
+    out = setup[0] / "two-sigterm-eval"
+    p = launch(setup, out, *TWO, fault=SLOW_EVAL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sent = float((out.parent / f"{out.name}.trace.0.sigterm").read_text())
+    took = [float((out.parent / f"{out.name}.trace.{rank}.done").read_text()) - sent for rank in (0, 1)]
+    assert max(took) < 4, took
+    assert not (out / "metrics.jsonl").exists() or not lines(out / "metrics.jsonl")
+    err = " ".join(p.stderr.split())
+    assert "SIGTERM during the evaluation at step 5" in err and "SIGTERM at step 5" in err, err[-3000:]
+    assert json.loads((out / "checkpoints" / "step-00000005" / "train_state.json").read_text())["eval_pending"]
+    p = launch(setup, out, *TWO, "--resume", trace="resumed")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "model.safetensors").read_bytes() == (two_uninterrupted / "model.safetensors").read_bytes()
+    assert [json.loads(ln)["step"] for ln in lines(out / "metrics.jsonl")] == [5, 10, 14]
+    for rank in (0, 1):
+        after = lines(out.parent / f"{out.name}.resumed.{rank}")
+        full = lines(two_uninterrupted.parent / f"{two_uninterrupted.name}.trace.{rank}")
+        assert after and after == full[-len(after):]
 
 
 def copy_unfinished(src: Path, dst: Path) -> Path:
@@ -452,12 +561,17 @@ def test_max_bad_steps_stops_the_run_and_keeps_the_last_good_checkpoint(setup, n
     weights = load_file(str(out / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
-if __name__ == "__main__":  # the child process of `run(..., child=True)`
+if __name__ == "__main__":  # the child process of `run(..., child=True)`, or each process of `launch`
     torch.set_num_threads(1)
-    install_faults(json.loads(os.environ["FAULT"]), Path(os.environ["TRACE"]))
+    trace = Path(os.environ["TRACE"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        trace = Path(f"{trace}.{os.environ['RANK']}")
+    install_faults(json.loads(os.environ["FAULT"]), trace)
     from bert_dist.run import main
 
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    Path(f"{trace}.done").write_text(str(time.time()))  # the run's end (2 gloo processes take seconds more to exit)
+    sys.exit(status)
 
 
 class _Trap:

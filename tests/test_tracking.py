@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import reset_accelerate
 
 from bert_dist.data import get_task
 from bert_dist.data.synthetic import write_task_data
@@ -13,10 +14,7 @@ from bert_dist.run import main
 
 
 def _main(argv: list[str]) -> int:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return main(argv)
 
 

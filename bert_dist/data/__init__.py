@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import multiprocessing.context
 import os
 import re
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +151,7 @@ def _find_split_file(data_dir: Path, spec: TaskSpec, split: str) -> Path | None:
 
 
 def _load_hub(spec: TaskSpec) -> DatasetDict:
-    from bert_dist.checkpoint import hub_reachable
+    from bert_dist.weights import hub_reachable
 
     what = spec.hub_path + (f" ({spec.hub_config})" if spec.hub_config else "")
     hint = (f"pass --data-dir DIR holding {spec.data_name or spec.name}/<split>.jsonl "
@@ -447,14 +450,15 @@ def train_loader(ds: Dataset, cfg: DataConfig, collator: Any, seed: int) -> tupl
 
     from bert_dist.data.collate import BatchSampler
 
-    # A numpy view of the Arrow column, not a list: 10 million lengths as Python ints took seconds to make a tensor of.
-    lengths = ds.with_format("arrow")["length"].to_numpy() if cfg.group_by_length else None
+    # A numpy copy of the Arrow column (torch wants it writable), not a list: 10 million lengths as Python ints took
+    # seconds to make a tensor of.
+    lengths = ds.with_format("arrow")["length"].to_numpy().copy() if cfg.group_by_length else None
     sampler = BatchSampler(len(ds), cfg.batch_size, shuffle=True, seed=seed, lengths=lengths,
                            group_by_length=cfg.group_by_length)
     # A generator of its own: otherwise each pass over the loader draws its workers' base seed from the
     # global RNG, which dropout also draws from, and a resumed run would draw it at another point.
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available())
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator().manual_seed(seed),
+                        **loader_workers(cfg.num_workers))
     return loader, sampler
 
 
@@ -466,5 +470,57 @@ def eval_loader(ds: Dataset, cfg: DataConfig, collator: Any) -> Any:
     # Its own generator, as for training: evaluating never moves the global RNG (so --eval-every does not
     # change the training run's dropout).
     return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator,
-                      num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(0),
-                      pin_memory=torch.cuda.is_available())
+                      generator=torch.Generator().manual_seed(0), **loader_workers(cfg.num_workers))
+
+
+def loader_workers(num_workers: int | None) -> dict[str, Any]:
+    """DataLoader arguments for --num-workers: as given, or by default (None) workers where they pay: with CUDA,
+    reading rows, collating and pinning then overlap the GPU's step (up to 4 per process, a core left to the process
+    itself); on the CPU they would take cores from the step, so none. Workers persist across epochs and evaluations
+    (no new processes each time), live through a SIGTERM (`sigterm_proof_workers`), and change nothing in the data:
+    batches are made by index (the sampler) and masks by example (the collator), both functions of the seed."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if num_workers is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        num_workers = min(4, cpu_count() // max(1, local) - 1) if cuda else 0
+    num_workers = max(0, num_workers)
+    return {"num_workers": num_workers, "pin_memory": cuda, "persistent_workers": num_workers > 0,
+            **sigterm_proof_workers(num_workers)}
+
+
+def sigterm_proof_workers(num_workers: int) -> dict[str, Any]:
+    """DataLoader arguments for worker processes that live through a SIGTERM to the whole process group (SLURM signals
+    every process of the job): the main process stops at the step's end and saves, then shuts its workers down.
+
+    torch's workers die of a SIGTERM from anyone but their parent, and the main process then fails mid-step
+    ("DataLoader worker ... killed by signal"). On Linux a worker is forked with SIGTERM blocked, so there is no
+    window before its init function runs; the init function ignores it (elsewhere, that alone)."""
+    if num_workers == 0:
+        return {}
+    kwargs: dict[str, Any] = {"worker_init_fn": _ignore_sigterm}
+    if sys.platform == "linux":  # fork: torch's own default there
+        kwargs["multiprocessing_context"] = _SigtermBlockedForkContext()
+    return kwargs
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # also discards one that arrived while it was blocked
+
+
+if sys.platform == "linux":
+
+    class _SigtermBlockedForkProcess(multiprocessing.context.ForkProcess):
+        def start(self) -> None:
+            # Blocked in this thread for the fork only: a SIGTERM meanwhile goes to another thread, or waits.
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    class _SigtermBlockedForkContext(multiprocessing.context.ForkContext):
+        """The fork start method, its children born with SIGTERM blocked."""
+
+        Process = _SigtermBlockedForkProcess

@@ -1,6 +1,11 @@
 """Batch collation: pad per batch (never to a fixed length), and the batch orders it draws from.
 
-Shape legend: B batch size, T longest sequence in the batch (rounded up to `pad_to_multiple_of`).
+A batch also carries what the training step needs to know about itself, computed here on the host so that the step
+never reads the device to learn it: where the real tokens are (`bert_dist.padding.layout_of`) and, for MLM, the
+masked positions.
+
+Shape legend: B batch size, T longest sequence in the batch (rounded up to `pad_to_multiple_of`), N real tokens in
+the batch, Qm masked positions per row at most, M masked positions in the batch.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import Sampler
+
+from bert_dist.padding import layout_of
 
 SEQUENCE_KEYS = ("input_ids", "token_type_ids")
 
@@ -26,9 +33,9 @@ def pad_multiple(pad_to_multiple_of: int | None, mixed_precision: str | None) ->
 class PadCollator:
     """Rows of {"input_ids": [...], "token_type_ids": [...], <scalar fields>} -> a padded batch.
 
-    Output: input_ids, token_type_ids, attention_mask (B, T) long; each name in `scalar_keys` as (B,)
-    (float32 when the values are floats, e.g. regression labels; int64 otherwise). Other fields are
-    dropped, so bookkeeping columns (idx, lengths, offsets) never reach the model.
+    Output: input_ids, token_type_ids, attention_mask (B, T) long; the layout, indices (N,) long and cu_seqlens
+    (B + 1,) int32; each name in `scalar_keys` as (B,) (float32 when the values are floats, e.g. regression labels;
+    int64 otherwise). Other fields are dropped, so bookkeeping columns (idx, lengths, offsets) never reach the model.
     """
 
     def __init__(
@@ -60,7 +67,8 @@ class PadCollator:
             if "token_type_ids" in r:
                 token_type_ids[i, :n] = torch.as_tensor(r["token_type_ids"])
             attention_mask[i, :n] = 1
-        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
+                 **layout_of(attention_mask)}
         for k in self.scalar_keys:
             if k in rows[0]:
                 values = [r[k] for r in rows]
@@ -74,8 +82,8 @@ class MLMCollator(PadCollator):
 
     Of the tokens that are neither special nor padding, each is chosen with `mlm_probability`;
     a chosen token becomes [MASK] 80% of the time, a random non-special token 10%, and stays as
-    it is 10%. Output: input_ids (masked), token_type_ids, attention_mask, labels (B, T) long with
-    the original id at chosen positions and -100 elsewhere; next_sentence_label (B,) when present.
+    it is 10%. Output: PadCollator's (input_ids masked), the chosen positions (`masked_positions`) and
+    next_sentence_label (B,) when present.
 
     Randomness: each row's draws come from its own `torch.Generator`, seeded from (seed, epoch, the
     row's `idx`, or a CRC of its token ids when it has none). A mask is thus a function of the seed,
@@ -134,7 +142,7 @@ class MLMCollator(PadCollator):
             for i, r in enumerate(rows):
                 word_start[i, : len(r["word_start"])] = torch.as_tensor(r["word_start"])
         chosen = choose_for_mlm(u[0], maskable, self.mlm_probability, word_start)
-        batch["labels"] = torch.where(chosen, ids, -100)
+        batch.update(masked_positions(chosen, ids))
         n_repl = len(self.replacements)
         pick = (u[2] * n_repl).long().clamp_(max=n_repl - 1)
         random_ids = self.replacements.index_select(0, pick.view(-1)).view(B, T)
@@ -161,6 +169,19 @@ def choose_for_mlm(u: torch.Tensor, maskable: torch.Tensor, probability: float,
     pos = torch.arange(T).expand(B, T)
     first = torch.where(starts, pos, 0).cummax(1).values  # (B, T) where each token's word begins
     return (u.gather(1, first) < probability) & maskable
+
+
+def masked_positions(chosen: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """chosen (B, T) bool, the positions to predict; ids (B, T), the original tokens ->
+    {"masked_positions": (B, Qm) each row's chosen positions in order, then 0s (Qm = the most any row has),
+    "masked_index": (M,) where the M chosen ones sit in the flattened (B * Qm), "masked_labels": (M,) their ids}."""
+    counts = chosen.sum(1)
+    qm = int(counts.max()) if chosen.numel() else 0
+    # A stable sort on "not chosen" puts each row's chosen positions first, in position order.
+    order = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices[:, :qm]  # (B, Qm)
+    valid = torch.arange(qm) < counts[:, None]  # (B, Qm)
+    return {"masked_positions": order.masked_fill(~valid, 0), "masked_index": valid.view(-1).nonzero().squeeze(1),
+            "masked_labels": ids[chosen]}
 
 
 _M64 = (1 << 64) - 1

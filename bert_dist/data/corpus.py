@@ -343,7 +343,7 @@ def open_hub(s: Source):
     what = s.hub + (f" ({s.config})" if s.config else "")
     where = f"{s.flag}: " if s.flag else ""
     if not Path(s.hub).exists():
-        from bert_dist.checkpoint import hub_reachable
+        from bert_dist.weights import hub_reachable
 
         if not hub_reachable():
             raise ValueError(f"{where}cannot reach the Hugging Face hub to stream {what}; pass --train-file "

@@ -713,7 +713,7 @@ def prepare_main(cfg: RunConfig) -> Path:
     spec = get_task("pretrain")
     corpus = corpus_splits(cfg, spec)
     if cfg.tokenizer or cfg.init != "scratch":
-        from bert_dist.checkpoint import resolve_init
+        from bert_dist.weights import resolve_init
 
         source = cfg.tokenizer or resolve_init(cfg.init)
         tok = load_tokenizer(source)

@@ -1,4 +1,4 @@
-"""Checkpoints as data: safetensors + config.json + tokenizer.json, and Hugging Face BERT import and export.
+"""Model weights as data (safetensors + config.json + tokenizer.json), and Hugging Face BERT import and export.
 
 A bert-dist output directory and a Hugging Face BERT directory share one layout (config.json with
 Google/HF field names, model.safetensors, a tokenizer), so `--init` reads both the same way.
@@ -248,20 +248,27 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
 def save_model(model: nn.Module | dict[str, torch.Tensor], out_dir: Path, config: BertConfig,
                meta: dict[str, Any]) -> None:
     """model.safetensors (tied tensors once) and config.json (BertConfig fields + `bert_dist` metadata). `model`: the
-    module, or its whole state dict (what train.gather_state_dict gives under FSDP, where the module holds shards)."""
+    module, or its whole state dict (what distributed.gather_state_dict gives under FSDP, where the module holds
+    shards)."""
     _save_weights(model, out_dir)
     cfg = {"model_type": "bert", **config.to_dict(), "bert_dist": meta}
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _save_weights(model: nn.Module | dict[str, torch.Tensor], out_dir: Path) -> None:
-    # The tied decoder is left out, as transformers' own save_pretrained does: its loaders tie it again.
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out_dir / "model.safetensors")
+
+
+def save_weights(model: nn.Module | dict[str, torch.Tensor], path: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """`model`'s weights (the module, or its whole state dict) as safetensors at `path`, with `metadata`. The tied
+    decoder is left out, as transformers' own save_pretrained does: its loaders tie it again."""
     weights = model.state_dict() if isinstance(model, nn.Module) else model
     sd = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in TIED_KEYS}
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")  # never a half-written model under the real name
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)  # never a half-written file under the real name
 
 
 @dataclass
