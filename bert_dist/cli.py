@@ -1,6 +1,7 @@
 """The `bert-dist` console script: `bert-dist [train] --task ...` runs a job (same flags as run.py).
 
 `bert-dist pretrain ...` and `bert-dist tokenizer ...` are `--task pretrain` and `--task tokenizer`.
+`bert-dist prepare ...` (the pretraining run's flags) prepares its corpus ahead of the run, and prints where.
 After a run:
 
     bert-dist predict --model RUN_DIR [--text T [--text-pair P]] [--file F.jsonl|.csv|.tsv]   (or stdin)
@@ -77,6 +78,26 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare(argv: list[str]) -> int:
+    """`bert-dist prepare`: the pretraining run's flags -> its prepared corpus
+    (`bert_dist.data.pretraining.prepare_main`); its directory on stdout, progress on stderr."""
+    from bert_dist.config import config_from_args
+
+    setup_logging(True)  # progress: preparing a large corpus takes a while
+    try:
+        cfg = config_from_args([*argv, "--task", "pretrain"])  # last: this is a pretraining run's corpus
+        if cfg.smoke:  # the corpus of `bert-dist pretrain --smoke`
+            from bert_dist.data.synthetic import smoke_config
+
+            cfg = smoke_config(cfg)
+        from bert_dist.data.pretraining import prepare_main
+
+        emit(str(prepare_main(cfg)))
+    except ValueError as e:  # a bad flag or corpus: one red line, no traceback
+        fail(str(e))
+    return 0
+
+
 def report_parser() -> ArgumentParser:
     p = ArgumentParser(prog="bert-dist report", description="(Re)write a run's report.html and README.md (model "
                                 "card) from its files; a GLUE suite's, for every task.")
@@ -119,6 +140,8 @@ TOOLS: dict[str, tuple[Callable[[], ArgumentParser], Callable[[argparse.Namespac
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:  # before a run, with its flags
+        return prepare(argv[1:])
     if argv[:1] and argv[0] in TOOLS:
         setup_logging(True, logging.WARNING)  # stdout is the output: only problems go to stderr
         parser, tool = TOOLS[argv[0]]

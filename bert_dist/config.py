@@ -129,6 +129,19 @@ class DataConfig:
     max_answer_length: int = _f(30, "SQuAD: longest answer span in tokens")
     null_score_diff_threshold: float = _f(0.0, "SQuAD v2: predict no answer when null - best > this")
     mlm_probability: float = _f(0.15, "pretraining: fraction of tokens chosen for MLM")
+    whole_word_mask: bool = _f(False, "pretraining: choose whole words for MLM (a word's pieces masked together)")
+    objective: str | None = _f(None, "pretraining: mlm-nsp (Google's sentence pairs, MLM + next sentence prediction) "
+                                     "| mlm (full-length sequences packed from consecutive documents, MLM only) "
+                                     "(default: mlm-nsp, or the --prepared-dir's)")
+    dataset: str | None = _f(None, "pretraining: a Hugging Face dataset to stream, NAME or NAME:CONFIG (a local "
+                                   "dataset folder too); its validation split is held out if it has one")
+    prepared_dir: str | None = _f(None, "pretraining: the prepared corpus's directory (default: a cache keyed by the "
+                                        "corpus and settings, under HF_HOME); with no corpus flag, train on it")
+    num_proc: int | None = _f(None, "pretraining: processes that prepare the corpus (default: the CPU count)")
+    shard_mb: float = _f(8.0, "pretraining: MB of text per unit of preparation work (and per shard on disk)")
+    dupe_factor: int | None = _f(None, "pretraining: passes over the corpus when preparing it: NSP pairs the "
+                                       "documents anew each pass, MLM packs them in a new order (default: 5 for "
+                                       "mlm-nsp, 1 for mlm)")
     vocab_size: int = _f(30522, "tokenizer training: vocabulary size")
     lowercase: bool = _f(True, "tokenizer training: lowercase and strip accents")
 
@@ -292,6 +305,16 @@ class RunConfig:
             raise ValueError(f"--vocab-size must be in [1, {2**24:,}], got {d.vocab_size}")
         if not 0 < d.mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {d.mlm_probability}")
+        if d.objective not in (None, "mlm-nsp", "mlm"):
+            raise ValueError(f"--objective must be mlm-nsp or mlm, not {d.objective!r}")
+        if d.dataset and (d.train_file or d.validation_file or d.data_dir):
+            raise ValueError("--dataset and --train-file/--validation-file/--data-dir all say where the corpus is: "
+                             "give one")
+        if not 0 < d.shard_mb < math.inf:
+            raise ValueError(f"--shard-mb must be a positive number, got {d.shard_mb}")
+        for flag, value in (("--num-proc", d.num_proc), ("--dupe-factor", d.dupe_factor)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
         if d.doc_stride < 0:
             raise ValueError(f"--doc-stride must be 0 (windows that do not overlap) or more, got {d.doc_stride}")
         for flag, value in (("--max-query-length", d.max_query_length),
@@ -370,7 +393,8 @@ def build_parser(prog: str = "bert-dist") -> argparse.ArgumentParser:
     """The argparse parser generated from `RunConfig` (flags are field names with dashes)."""
     p = ArgumentParser(prog=prog, description="Fine-tune or pretrain BERT with Accelerate.",
                        epilog="commands: bert-dist [train] FLAGS (this list); bert-dist pretrain / tokenizer FLAGS "
-                              "(--task pretrain / tokenizer); bert-dist predict | export | report | score-squad "
+                              "(--task pretrain / tokenizer); bert-dist prepare FLAGS (a pretraining run's corpus, "
+                              "ahead of it); bert-dist predict | export | report | score-squad "
                               "(on a finished run: each has its own --help)")
     defaults = RunConfig()
     for group, f, typ in _leaf_fields(RunConfig):

@@ -90,7 +90,8 @@ def render() -> str:
              "bert_dist/run.py`, `bert-dist [train]`, and " + ", ".join(words) + ". Each flag is a field of a "
              "config dataclass in `bert_dist/config.py`, and `bert-dist --help` prints the same list; an on/off flag "
              "also takes a `--no-` form (`--no-smoke`). A flag without a default is "
-             "unset unless given (the text says what the run does then).", "",
+             "unset unless given (the text says what the run does then). `bert-dist prepare` takes a pretraining "
+             "run's flags and prepares its corpus ahead of the run (it prints where).", "",
              *flags_markdown(),
              "## Commands on a finished run", ""]
     for name, (parser, _) in TOOLS.items():

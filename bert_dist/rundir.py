@@ -267,16 +267,16 @@ checkpoints held their run's config (against the run_config.json of its run dire
 RESUME_MAY_CHANGE = ("output_dir", "overwrite", "report_to", "train.resume", "train.resume_from",
                      "train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.log_every",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.compile", "train.cpu_kernels",
-                     "train.cpu_threads", "train.tf32", "train.dist_timeout", "data.num_workers",
+                     "train.cpu_threads", "train.tf32", "train.dist_timeout", "data.num_workers", "data.num_proc",
                      "data.eval_batch_size", "data.max_eval_samples", "data.n_best_size", "data.max_answer_length",
                      "data.null_score_diff_threshold", "mixed_precision")
 """Settings a resume may change: where and how often it logs, evaluates and saves, how long it trains (--max-steps
 or --epochs: not below the checkpoint's step, train() checks; the schedule then decays to the new end from where it
-is), how fast it runs (kernels, TF32, threads, loader workers, the collectives' timeout), what only evaluation
-reads (--max-eval-samples, SQuAD's post-processing). Every other setting must be the checkpoint's: the model, data
-and its order, the optimizer and schedule (a new --lr would be overridden by the checkpoint's optimizer and scheduler
-state while run_config.json claimed it). The precision and the tokenizer are compared as what ran (check_resume,
-_same_tokenizer)."""
+is), how fast it runs (kernels, TF32, threads, loader workers, preparation processes, the collectives' timeout), what
+only evaluation reads (--max-eval-samples, SQuAD's post-processing). Every other setting must be the checkpoint's:
+the model, data and its order, the optimizer and schedule (a new --lr would be overridden by the checkpoint's
+optimizer and scheduler state while run_config.json claimed it). The precision and the tokenizer are compared as
+what ran (check_resume, _same_tokenizer)."""
 
 
 def check_resume(cfg: RunConfig, out: Path, num_processes: int, mixed_precision: str) -> None:
@@ -339,7 +339,7 @@ def check_same_run(cfg: RunConfig, saved: Path, fixed: tuple[str, ...] | None, r
 
 TOKENIZER_TRAINING = ("data.vocab_size", "data.lowercase")
 """Settings that only train a tokenizer (--init scratch without --tokenizer, --task tokenizer)."""
-PATH_SETTINGS = ("init", "tokenizer", "data.data_dir", "data.train_file", "data.validation_file")
+PATH_SETTINGS = ("init", "tokenizer", "data.data_dir", "data.train_file", "data.validation_file", "data.prepared_dir")
 
 
 def _same_path(a: str | None, b: str | None) -> bool:
@@ -392,8 +392,9 @@ def read_json(path: Path) -> dict:
 
 
 def resume_tokenizer(cfg: RunConfig, out_dir: Path) -> RunConfig:
-    """A resumed --init scratch run must reuse the tokenizer it trained: WordPiece training is not
-    deterministic (huggingface/tokenizers#1794), and the checkpoint's embeddings fit only its own ids."""
+    """A resumed --init scratch run reuses the tokenizer it trained, the copy its checkpoint's embeddings were trained
+    with: training it again would give the same one (`train_tokenizer` is deterministic), but only if the corpus and
+    the `tokenizers` library are unchanged, and it costs two passes over the corpus."""
     t = cfg.train
     if cfg.init != "scratch" or cfg.tokenizer or not (t.resume or t.resume_from):
         return cfg

@@ -114,20 +114,73 @@ def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None) -> To
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 30522, lowercase: bool = True) -> Tokenizer:
-    """Train a BERT WordPiece tokenizer on `texts` (special tokens at ids 0-4)."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None if lowercase else False, lowercase=lowercase
-    )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##", show_progress=False
-    )
-    tok.train_from_iterator(_batched(texts), trainer=trainer)
-    tok.post_processor = _bert_post_processor(tok)
-    return tok
+def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_size: int = 30522,
+                    lowercase: bool = True) -> Tokenizer:
+    """Train a BERT WordPiece tokenizer on `texts` (special tokens at ids 0-4), the same vocab.txt byte for byte
+    from the same texts and flags.
+
+    `texts`: a zero-argument callable that returns a fresh iterator over the corpus (it is read twice, streamed:
+    memory grows with the corpus's distinct words, not its size), or an iterable (a one-shot iterator is kept in
+    memory for the second pass: small corpora only).
+
+    Why two passes: the `tokenizers` trainer gives each continuation piece `##c` its id in the order it meets them
+    in a hash map whose seed is drawn per process, and it breaks ties between merges of equal count by those ids;
+    so the ids, and at the vocabulary's edge the tokens themselves, change from run to run. The first pass collects
+    the characters that can continue a word; their `##c` pieces are handed to the trainer up front, in code point
+    order, as it hands out the special tokens, so every id and tie is fixed before the merges start. (A `##c` for a
+    character that never continues a word in the corpus may then be in the vocabulary: never produced, harmless.)
+    """
+    if not callable(texts):
+        items = texts if isinstance(texts, (list, tuple)) else list(texts)
+        texts = lambda: iter(items)  # noqa: E731
+
+    def untrained() -> Tokenizer:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None if lowercase else False, lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        return tok
+
+    chars = continuation_chars(_characters(texts()), untrained())
+    while True:
+        tok = untrained()
+        specials = SPECIAL_TOKENS + [f"##{c}" for c in chars]
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                            continuing_subword_prefix="##", show_progress=False)
+        tok.train_from_iterator(_batched(texts()), trainer=trainer)
+        # A character the first pass did not foresee (normalization in context) got its id in hash order: train
+        # again with it among the others (its presence is a function of the corpus, so this is deterministic too).
+        unforeseen = sorted(t[2:] for t in tok.get_vocab() if t.startswith("##") and len(t) == 3 and t[2:] not in chars)
+        if not unforeseen:
+            break
+        chars = sorted({*chars, *unforeseen})
+    # The same vocabulary without the `##c` pieces as added tokens (which would match raw text before splitting).
+    trained = Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]", continuing_subword_prefix="##"))
+    trained.normalizer, trained.pre_tokenizer = tok.normalizer, tok.pre_tokenizer
+    trained.decoder = decoders.WordPiece(prefix="##")
+    trained.add_special_tokens(SPECIAL_TOKENS)
+    trained.post_processor = _bert_post_processor(trained)
+    return trained
+
+
+def _characters(texts: Iterable[str]) -> set[str]:
+    chars: set[str] = set()
+    for batch in _batched(texts, 10_000):
+        chars.update("".join(batch))
+    return chars
+
+
+def continuation_chars(chars: Iterable[str], tok: Tokenizer) -> list[str]:
+    """The characters, after `tok`'s normalizer, that can follow another inside one word of `tok`'s pre-tokenizer
+    (not whitespace, punctuation or CJK, which stand alone), in code point order."""
+    out: set[str] = set()
+    norm = tok.normalizer.normalize_str
+    for c in chars:
+        for d in {c, *norm(c), *norm("a" + c)[1:]}:  # context matters to some (a final sigma lowercases to ς)
+            s = norm("a" + d)
+            if len(s) > 1 and [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(s)] == [s]:
+                out.update(s[1:])
+    return sorted(out)
 
 
 def _batched(texts: Iterable[str], n: int = 1000) -> Iterator[list[str]]:
@@ -159,8 +212,8 @@ def train_shared_tokenizer(
     """Train on the main process and give every other process the very same tokenizer: `share` broadcasts the main
     process's tokenizer.json text (None elsewhere) and returns it on every process.
 
-    WordPiece training is not deterministic across runs (huggingface/tokenizers#1794), so one training
-    per process could give the processes different vocabularies; one copy handed to all cannot. Nothing is
+    Training is deterministic (`train_tokenizer`), but it is the longest step before the data: one process trains
+    and the others wait for its copy rather than each spending the time. Nothing is
     written here: the run saves it into its output directory once a previous run there has been discarded
     (`--overwrite`; before that the previous model would sit beside a tokenizer that is not its own).
     """

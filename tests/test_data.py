@@ -216,6 +216,38 @@ def test_bad_rows_are_named(tmp_path, rows, message):
         D.check_raw(D.load_raw(spec, DataConfig(data_dir=str(tmp_path))), spec, "test")
 
 
+def _reference_batches(s: BatchSampler) -> list[list[int]]:
+    """The batches as BatchSampler defines them, spelled out over a list of every batch."""
+    g = torch.Generator().manual_seed(s.seed + s.epoch)
+    order = torch.randperm(s.num_examples, generator=g) if s.shuffle else torch.arange(s.num_examples)
+    if s.group_by_length:
+        chunks = [order[i : i + s.batch_size * 50] for i in range(0, len(order), s.batch_size * 50)]
+        order = torch.cat([c[torch.argsort(s.lengths[c], descending=True, stable=True)] for c in chunks])
+    batches = list(torch.split(order, s.batch_size))
+    if s.drop_last and batches and len(batches[-1]) < s.batch_size:
+        batches.pop()
+    if s.group_by_length and s.shuffle and batches:
+        short = [batches.pop()] if len(batches[-1]) < s.batch_size else []
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if batches:
+            longest = max(range(len(batches)), key=lambda i: int(s.lengths[batches[i]].max()))
+            batches[0], batches[longest] = batches[longest], batches[0]
+        batches += short
+    return [b.tolist() for b in batches]
+
+
+@pytest.mark.parametrize("n, grouped, shuffle, drop_last", [
+    (200, True, True, False), (200, True, True, True), (200, False, True, False), (200, True, False, False),
+    (5000, True, True, False), (10, True, True, False), (10, True, True, True), (192, True, True, False)])
+def test_batch_sampler_yields_the_batches_of_its_definition(n, grouped, shuffle, drop_last):
+    lengths = [(i * 7919) % 101 for i in range(n)]  # many ties: the longest batch is the first of equals
+    s = BatchSampler(n, 16, shuffle=shuffle, seed=5, lengths=lengths, group_by_length=grouped, drop_last=drop_last)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        assert list(s) == _reference_batches(s)
+        assert len(list(s)) == len(s)
+
+
 def test_batch_sampler_is_a_function_of_seed_and_epoch():
     lengths = [i % 17 for i in range(200)]
     a = BatchSampler(200, 16, seed=3, lengths=lengths, group_by_length=True)

@@ -10,13 +10,14 @@ import json
 import os
 import random
 
+import pyarrow as pa
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from datasets import Dataset  # noqa: E402
+import numpy as np  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from bert_dist.config import preset  # noqa: E402
@@ -24,11 +25,12 @@ from bert_dist.data.collate import MLMCollator, PadCollator  # noqa: E402
 from bert_dist.data.pretraining import (  # noqa: E402
     IS_NEXT,
     IS_RANDOM,
-    CorpusFile,
-    corpus_documents,
-    hold_out_documents,
-    make_pairs,
-    pairs_from_texts,
+    cut_long_sentences,
+    documents,
+    hold_out,
+    nsp_pairs,
+    pair_batch,
+    schema,
     split_sentences,
 )
 from bert_dist.model import BertForPreTraining, BertForSequenceClassification  # noqa: E402
@@ -111,18 +113,71 @@ def test_masks_are_reproducible_fresh_each_epoch_and_independent_of_the_batch():
     assert torch.equal(labels_of(alone)[0, :n], labels_of(a)[3, :n])
 
 
+def _word_rows(n: int, seed: int) -> list[dict]:
+    """[CLS] words [SEP] words [SEP] rows, words of 1-4 pieces, with their word_start flags (True at a first piece);
+    B starts with a word's tail half the time (a truncated front)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        ids, starts = [CLS], [True]
+        for segment in range(2):
+            if segment and rng.random() < 0.5:
+                ids += [rng.randrange(5, V)] * 2
+                starts += [False, False]
+            for _ in range(rng.randint(3, 25)):
+                k = rng.randint(1, 4)
+                ids += [rng.randrange(5, V) for _ in range(k)]
+                starts += [True] + [False] * (k - 1)
+            ids.append(SEP)
+            starts.append(True)
+        rows.append({"input_ids": ids, "word_start": starts, "idx": i})
+    return rows
+
+
+def _words(starts: list[bool], ids: list[int]) -> list[list[int]]:
+    """Positions of each word: a start, its continuations; specials alone; a tail after a special is its own."""
+    words: list[list[int]] = []
+    for p, (s, t) in enumerate(zip(starts, ids)):
+        if s or t in SPECIAL or ids[p - 1] in SPECIAL:
+            words.append([p])
+        else:
+            words[-1].append(p)
+    return words
+
+
+@pytest.mark.parametrize("whole_word", [True, False])
+def test_whole_word_masking_chooses_a_words_pieces_together(whole_word):
+    rows = _word_rows(1500, 0)
+    collator = MLMCollator(MASK, V, SPECIAL, pad_token_id=PAD, pad_to_multiple_of=8, seed=0, whole_word=whole_word)
+    tokens = chosen = words = chosen_words = split = 0
+    for i in range(0, len(rows), 32):
+        batch = collator(rows[i : i + 32])
+        for r, labels in zip(rows[i : i + 32], labels_of(batch)):
+            sel = (labels != -100).tolist()
+            for w in _words(r["word_start"], r["input_ids"]):
+                if r["input_ids"][w[0]] in SPECIAL:
+                    assert not sel[w[0]]
+                    continue
+                picked = [sel[p] for p in w]
+                words += 1
+                chosen_words += all(picked)
+                split += any(picked) and not all(picked)
+                tokens += len(w)
+                chosen += sum(picked)
+    assert tokens > 50_000
+    assert abs(chosen / tokens - 0.15) < 0.01  # the share of tokens is the same either way
+    if whole_word:
+        assert split == 0, "a word's pieces were chosen apart"
+        assert abs(chosen_words / words - 0.15) < 0.01
+    else:
+        assert split > 1000  # per token, words are split: the check above can fail
+
+
 # ---------------------------------------------------------------------------------------------
 # Documents and NSP pairs
 
 
-class _Ids:
-    """Just the two ids make_pairs asks a tokenizer for."""
-
-    def token_to_id(self, token: str) -> int:
-        return {"[CLS]": CLS, "[SEP]": SEP}[token]
-
-
-def _documents(n_docs: int = 40, seed: int = 0) -> list[list[list[int]]]:
+def _documents(n_docs: int = 40, seed: int = 0) -> list[list[np.ndarray]]:
     """Document d's tokens are consecutive integers from 10_000 * (d + 1): the source of any token is known."""
     rng = random.Random(seed)
     docs = []
@@ -130,20 +185,29 @@ def _documents(n_docs: int = 40, seed: int = 0) -> list[list[list[int]]]:
         nxt, doc = 10_000 * (d + 1), []
         for _ in range(rng.randint(4, 30)):
             k = rng.randint(3, 40)
-            doc.append(list(range(nxt, nxt + k)))
+            doc.append(np.arange(nxt, nxt + k, dtype=np.int32))
             nxt += k
         docs.append(doc)
     return docs
 
 
+def _pair_rows(docs, max_length: int, seed: int, dupe_factor: int) -> list[dict]:
+    """NSP pairs of `docs` as the prepared rows (through the Arrow batch a shard holds)."""
+    continues = np.zeros(500_000, dtype=bool)
+    sch = schema("mlm-nsp", pa.uint32())
+    passes = nsp_pairs([cut_long_sentences(d, max_length) for d in docs], max_length, random.Random(seed),
+                       dupe_factor)
+    return [row for pairs in passes for row in pair_batch(pairs, 0, CLS, SEP, continues, sch).to_pylist()]
+
+
 def test_nsp_pairs_are_balanced_and_never_pair_a_segment_with_itself():
-    docs = Dataset.from_dict({"segments": _documents()})
-    pairs = make_pairs(docs, _Ids(), max_length=64, seed=0, dupe_factor=3)
-    labels = pairs["next_sentence_label"]
-    assert len(pairs) > 500
+    rows = _pair_rows(_documents(), max_length=64, seed=0, dupe_factor=3)
+    labels = [r["next_sentence_label"] for r in rows]
+    assert len(rows) > 500
     assert 0.42 < labels.count(IS_NEXT) / len(labels) < 0.58
-    for ids, types, label, length in zip(pairs["input_ids"], pairs["token_type_ids"], labels, pairs["length"]):
-        assert len(ids) == length <= 64
+    for r in rows:
+        ids, types, label = r["input_ids"], r["token_type_ids"], r["next_sentence_label"]
+        assert len(ids) == r["length"] <= 64
         assert ids[0] == CLS and ids[-1] == SEP and ids.count(SEP) == 2
         cut = ids.index(SEP)
         a, b = ids[1:cut], ids[cut + 1 : -1]
@@ -156,9 +220,10 @@ def test_nsp_pairs_are_balanced_and_never_pair_a_segment_with_itself():
             assert doc_a == doc_b and a[-1] < b[0], "B must follow A in the same document"
         else:
             assert label == IS_RANDOM and doc_a != doc_b, "a random B must come from another document"
-    again = make_pairs(docs, _Ids(), max_length=64, seed=0, dupe_factor=3)
-    assert again["input_ids"] == pairs["input_ids"]
-    assert make_pairs(docs, _Ids(), max_length=64, seed=1, dupe_factor=3)["input_ids"] != pairs["input_ids"]
+    again = _pair_rows(_documents(), max_length=64, seed=0, dupe_factor=3)
+    assert [r["input_ids"] for r in again] == [r["input_ids"] for r in rows]
+    assert [r["input_ids"] for r in _pair_rows(_documents(), 64, seed=1, dupe_factor=3)] != \
+        [r["input_ids"] for r in rows]
 
 
 def test_document_rules_and_sentences():
@@ -169,15 +234,13 @@ def test_document_rules_and_sentences():
     blank = ["first one here .", "second one there .", "", "", "third one .", "", "fourth one ."]
     rows = ["first one here . Second one there .", "third one .", "fourth one ."]
     tok = train_tokenizer(wiki + blank + rows, vocab_size=120)
-    sentences = [[len(d) for d in corpus_documents([Dataset.from_dict({"text": t})], tok)["segments"]]
-                 for t in (wiki, blank, rows)]
+    sentences = [[len(d) for d in documents(t, tok)] for t in (wiki, blank, rows)]
     # WikiText: articles start at ` = Title = `; headings are dropped. Else blank rows, else one row each.
     assert sentences == [[3, 1], [2, 1, 1], [2, 1, 1]]
-    tokens = corpus_documents([Dataset.from_dict({"text": wiki})], tok)["segments"]
-    assert tok.decode(tokens[0][0]) == "first one here."  # the heading row is not a sentence
-    train, held = hold_out_documents(Dataset.from_dict({"segments": _documents(40)}))
+    assert tok.decode(documents(wiki, tok)[0][0].tolist()) == "first one here."  # the heading row is no sentence
+    train, held = hold_out(_documents(40))
     assert (len(train), len(held)) == (38, 2)
-    assert not set(map(str, train["segments"])) & set(map(str, held["segments"]))
+    assert not {id(d) for d in train} & {id(d) for d in held}
 
 
 def test_document_rules_are_not_switched_by_one_stray_row():
@@ -186,13 +249,12 @@ def test_document_rules_are_not_switched_by_one_stray_row():
     articles = [" ".join(f"Sentence {j} of article {i} is here." for j in range(3)) for i in range(12)]
     articles[5] = ""
     tok = train_tokenizer(articles, vocab_size=120)
-    docs = corpus_documents([CorpusFile(Dataset.from_dict({"text": articles}), lines=False)], tok)
-    assert len(docs) == 11 and all(len(d) == 3 for d in docs["segments"])
+    docs = documents(articles, tok, lines=False)
+    assert len(docs) == 11 and all(len(d) == 3 for d in docs)
     text = []
     for d in range(6):
         text += [f"First line of doc {d} .", f"Second line of doc {d} ."] + (["= x + y ="] if d == 3 else []) + [""]
-    docs = corpus_documents([Dataset.from_dict({"text": text})], tok)  # a text file's lines
-    assert len(docs) == 6
+    assert len(documents(text, tok)) == 6  # a text file's lines
 
 
 def test_long_unsplit_text_keeps_its_tokens_and_real_next_sentences():
@@ -205,12 +267,12 @@ def test_long_unsplit_text_keeps_its_tokens_and_real_next_sentences():
     for d in range(8):
         rows += [" ".join(f"this is lower case text number {j} of doc {d} and it goes on" for j in range(10)), ""]
     tok = train_tokenizer(rows, vocab_size=150)
-    docs = corpus_documents([Dataset.from_dict({"text": rows})], tok)
-    total = sum(len(s) for d in docs["segments"] for s in d)
-    pairs = make_pairs(docs, tok, max_length=32, seed=0, dupe_factor=1, short_seq_prob=0.0)
-    kept = sum(n - 3 for n in pairs["length"])
+    docs = documents(rows, tok)
+    total = sum(len(s) for d in docs for s in d)
+    pairs = next(iter(nsp_pairs([cut_long_sentences(d, 32) for d in docs], 32, random.Random(0), 1, 0.0)))
+    kept = sum(len(a) + len(b) for a, b, _ in pairs)
     assert kept > 0.6 * total  # was about a third: each row a chunk of one sentence, truncated
-    assert IS_NEXT in pairs["next_sentence_label"]
+    assert IS_NEXT in [label for _, _, label in pairs]
 
 
 def test_pairs_from_real_text():
@@ -219,9 +281,9 @@ def test_pairs_from_real_text():
     texts += ["", " = Beta = \n", ""] + [" ".join(f"Other{i} stays put ." for i in range(j, j + 5)) + "\n"
                                         for j in range(0, 50, 5)]
     tok = train_tokenizer(texts, vocab_size=200)
-    pairs = pairs_from_texts(texts, tok, max_length=32, seed=0)
-    assert len(pairs) > 10 and max(pairs["length"]) <= 32
-    assert set(pairs["next_sentence_label"]) == {IS_NEXT, IS_RANDOM}
+    pairs = next(iter(nsp_pairs([cut_long_sentences(d, 32) for d in documents(texts, tok)], 32, random.Random(0))))
+    assert len(pairs) > 10 and max(len(a) + len(b) + 3 for a, b, _ in pairs) <= 32
+    assert {label for _, _, label in pairs} == {IS_NEXT, IS_RANDOM}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +375,28 @@ def test_tokenizer_task_writes_tokenizer_files(tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "vocab.txt").is_file()
     assert (out / "vocab.txt").read_text().splitlines()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert "Quick" in load_tokenizer(out).encode("Quick").tokens  # --no-lowercase kept the case
+
+
+def test_the_tokenizer_command_twice_gives_byte_identical_files(tmp_path):
+    """The `tokenizers` trainer numbers the `##x` pieces in a per-process hash order and breaks ties between equal merge
+    counts by those numbers: two trainings on one corpus gave the same tokens in another order (and at the edge of
+    the vocabulary other tokens). Now vocab.txt and tokenizer.json are the same, byte for byte."""
+    from bert_dist.run import main
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyzéüßΣ"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(500)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(" ".join(rng.choice(words) for _ in range(12)) + ".\n" for _ in range(400)))
+    outs = [tmp_path / f"tok{i}" for i in range(2)]
+    for out in outs:
+        assert main(["--task", "tokenizer", "--train-file", str(corpus), "--vocab-size", "400", "--output-dir",
+                     str(out)]) == 0
+    for name in ("vocab.txt", "tokenizer.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    vocab = (outs[0] / "vocab.txt").read_text().splitlines()
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(vocab) == 400
+    assert {"##a", "##ß", "##σ"} <= set(vocab) and "##ü" not in vocab  # lowercased, accents stripped
 
 
 def test_a_vocab_size_below_the_alphabet_is_warned_about(tmp_path, capsys):

@@ -450,7 +450,9 @@ def train_loader(ds: Dataset, cfg: DataConfig, collator: Any, seed: int) -> tupl
 
     from bert_dist.data.collate import BatchSampler
 
-    lengths = column(ds, "length") if cfg.group_by_length else None
+    # A numpy copy of the Arrow column (torch wants it writable), not a list: 10 million lengths as Python ints took
+    # seconds to make a tensor of.
+    lengths = ds.with_format("arrow")["length"].to_numpy().copy() if cfg.group_by_length else None
     sampler = BatchSampler(len(ds), cfg.batch_size, shuffle=True, seed=seed, lengths=lengths,
                            group_by_length=cfg.group_by_length)
     # A generator of its own: otherwise each pass over the loader draws its workers' base seed from the

@@ -92,6 +92,9 @@ class MLMCollator(PadCollator):
     processes because they hold different examples. The global RNG (seeded identically on every
     process by accelerate's `set_seed`, and consumed by dropout) is never touched. Call
     `set_epoch(e)` with the sampler's so each epoch masks each example anew.
+
+    `whole_word`: a word is chosen whole, all its pieces or none (`choose_for_mlm`); rows then carry `word_start`,
+    True at each token that begins a word (the prepared pretraining corpus has it).
     """
 
     def __init__(
@@ -104,8 +107,10 @@ class MLMCollator(PadCollator):
         pad_to_multiple_of: int | None = None,
         seed: int = 0,
         max_length: int | None = None,
+        whole_word: bool = False,
     ):
         super().__init__(pad_token_id, pad_to_multiple_of, scalar_keys=("next_sentence_label",), max_length=max_length)
+        self.whole_word = whole_word
         if not 0 < mlm_probability < 1:
             raise ValueError(f"--mlm-probability must be in (0, 1), got {mlm_probability}")
         self.mask_token_id, self.mlm_probability, self.seed = mask_token_id, mlm_probability, seed
@@ -130,7 +135,13 @@ class MLMCollator(PadCollator):
             u[:, i, :n] = torch.rand(3, n, generator=g)  # drawn for the row's own length: batch-independent
         # index_select, not table[ids]: advanced indexing runs a threaded kernel that stalls on a busy CPU.
         special = self.special.index_select(0, ids.view(-1)).view(B, T)
-        chosen = (u[0] < self.mlm_probability) & ~special & batch["attention_mask"].bool()
+        maskable = ~special & batch["attention_mask"].bool()
+        word_start = None
+        if self.whole_word:
+            word_start = torch.ones(B, T, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                word_start[i, : len(r["word_start"])] = torch.as_tensor(r["word_start"])
+        chosen = choose_for_mlm(u[0], maskable, self.mlm_probability, word_start)
         batch.update(masked_positions(chosen, ids))
         n_repl = len(self.replacements)
         pick = (u[2] * n_repl).long().clamp_(max=n_repl - 1)
@@ -138,6 +149,26 @@ class MLMCollator(PadCollator):
         ids = torch.where(chosen & (u[1] < 0.8), self.mask_token_id, ids)
         batch["input_ids"] = torch.where(chosen & (u[1] >= 0.8) & (u[1] < 0.9), random_ids, ids)
         return batch
+
+
+def choose_for_mlm(u: torch.Tensor, maskable: torch.Tensor, probability: float,
+                   word_start: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool: the positions chosen for MLM, each token with `probability` (u (B, T) uniforms below it) among the
+    `maskable` ones (B, T) (real, non-special tokens).
+
+    With `word_start` (B, T) bool (True where a word begins): whole words, as Google's whole-word masking: a word is
+    chosen by its first piece's uniform, and its `##` pieces with it, so words (not pieces) are chosen with
+    `probability` and the expected share of chosen tokens is unchanged. A run of pieces after a special token (a word
+    truncated at its front) is a word of its own.
+    """
+    if word_start is None:
+        return (u < probability) & maskable
+    B, T = u.shape
+    starts = word_start | ~maskable
+    starts[:, 1:] |= ~maskable[:, :-1]
+    pos = torch.arange(T).expand(B, T)
+    first = torch.where(starts, pos, 0).cummax(1).values  # (B, T) where each token's word begins
+    return (u.gather(1, first) < probability) & maskable
 
 
 def masked_positions(chosen: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -207,19 +238,20 @@ class BatchSampler(Sampler[list[int]]):
             mega = self.batch_size * 50
             chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
             order = torch.cat([c[torch.argsort(self.lengths[c], descending=True, stable=True)] for c in chunks])
-        batches = list(torch.split(order, self.batch_size))
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        if self.group_by_length and self.shuffle and batches:
+        # Batches as start offsets into `order`, sliced as they are yielded: a list of every batch's tensor took 10 s
+        # before the first step of a 10-million-example corpus.
+        b = self.batch_size
+        full, rest = divmod(self.num_examples, b)
+        starts = list(range(0, full * b, b))
+        short = [full * b] if rest and not self.drop_last else []
+        if self.group_by_length and self.shuffle and starts:
             # The short batch (if any) stays last: accelerate's sharding across processes expects only the final
             # batch to be short (it fills that one from the epoch's start); a short batch mid-epoch went to one
             # process alone, or made it skip a whole round of batches.
-            short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
-            perm = torch.randperm(len(batches), generator=g).tolist()
-            batches = [batches[i] for i in perm]
-            if batches:
-                longest = max(range(len(batches)), key=lambda i: int(self.lengths[batches[i]].max()))
-                batches[0], batches[longest] = batches[longest], batches[0]
-            batches += short
-        for b in batches:
-            yield b.tolist()
+            perm = torch.randperm(len(starts), generator=g)
+            starts = [starts[i] for i in perm.tolist()]
+            longest = self.lengths[order[: full * b]].view(full, b).amax(1)[perm].tolist()
+            top = longest.index(max(longest))
+            starts[0], starts[top] = starts[top], starts[0]
+        for start in starts + short:
+            yield order[start : start + b].tolist()
