@@ -120,9 +120,6 @@ def set_cpu_threads(threads: int | None, accelerator) -> None:
 
 def run_task(cfg: RunConfig, accelerator, out_dir: Path) -> dict:
     """One recipe into a prepared `out_dir`; then (main process) results.json, the results table and the report."""
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)  # each run of a suite (tasks, --seeds) a function of its own seed, not of the runs before it
     cfg = resume_tokenizer(cfg, out_dir)
     log.info("%s on %d process(es), %s, mixed precision %s -> %s", cfg.task, accelerator.num_processes,
              accelerator.device, accelerator.mixed_precision, out_dir)

@@ -296,7 +296,7 @@ GOOD = [["a fine film", "good"], ["a poor film", "bad"], ["fine again", "good"],
     ("empty text", [["", "good"], ["  ", "bad"]], GOOD, [], ["the text column 'text' is empty (every row is blank)"]),
     ("empty labels", [["a", ""], ["b", ""]], GOOD, [], ["the label column 'label' is empty"]),
     ("one class", [["a", "good"], ["b", "good"]], GOOD, [], ["every row of the training split has the label 'good'"]),
-    ("fractional", [["a", "1"], ["b", "2.5"]], GOOD, [], ["the label '2.5' at row 2 is fractional"]),
+    ("fractional", [["a", "1"], ["b", "2.5"]], GOOD, [], ["the label 2.5 at row 2 is fractional"]),
     ("no text column", GOOD, GOOD, ["--text-columns", "review"], ["has no text column 'review' (columns: text, "
                                                                    "label); give --text-columns"]),
     ("no label column", GOOD, GOOD, ["--label-column", "stars"], ["has no label column 'stars' (columns: text, "
@@ -318,6 +318,13 @@ def test_a_multi_label_cell_that_is_not_a_list_is_one_line(tmp_path, capsys):
     fails(["--task", "multi_label", "--train-file", str(t), "--validation-file", str(t), "--preset", "tiny",
            "--output-dir", str(tmp_path / "o")], capsys, "the labels at row 2 are 'x; y', not a list",
           "CSV/TSV: a JSON list in the cell", out=tmp_path / "o")
+
+
+def test_a_list_of_labels_for_classification_points_to_multi_label(tmp_path, capsys):
+    t = _jsonl(tmp_path / "train.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": ["x", "y"]}])
+    fails(["--task", "classification", "--train-file", str(t), "--validation-file", str(t), "--preset", "tiny",
+           "--output-dir", str(tmp_path / "o")], capsys, "the label at row 2 is a list (['x', 'y']); for rows with "
+          "several labels use --task multi_label", out=tmp_path / "o")
 
 
 def test_regression_labels_that_are_half_numbers_are_one_line(tmp_path, capsys):
@@ -346,7 +353,7 @@ def test_a_named_dataset_with_an_unknown_config_is_one_line(tmp_path, capsys):
     write_hub_dataset(tmp_path / "acme" / "reviews")
     fails(["--task", "classification", "--data-dir", str(tmp_path), "--dataset-name", "acme/reviews",
            "--dataset-config", "nope", "--preset", "tiny", "--output-dir", str(tmp_path / "o")], capsys,
-          "--dataset-config nope: no such config", "Available: ['other', 'stars']", out=tmp_path / "o")
+          "--dataset-config nope: no such config", "Available: ['stars', 'other']", out=tmp_path / "o")
     fails(["--task", "classification", "--data-dir", str(tmp_path), "--dataset-name", "acme/missing",
            "--preset", "tiny", "--output-dir", str(tmp_path / "o")], capsys,
           "no folder for --dataset-name acme/missing", out=tmp_path / "o")
@@ -423,3 +430,21 @@ def test_config_keeps_own_data_flags():
     assert spec.text_columns == ("a", "b") and spec.label_column == "y" and spec.hub_path == "org/x"
     assert spec.hub_config == "c" and spec.from_flags and spec.metric == "classification"
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.slow
+def test_multi_label_on_two_processes_scores_every_row_once(tmp_path):
+    """gloo, 2 processes: each validation row is predicted once (gather_for_metrics drops the repeated padding rows),
+    so the run's exact match is that of its own predictions file."""
+    train = write_topics_jsonl(tmp_path / "train.jsonl", 200, 0)
+    valid = write_topics_jsonl(tmp_path / "validation.jsonl", 37, 1)  # odd: the last batch is evened out
+    out = tmp_path / "run"
+    p = run_cli(["--task", "multi_label", "--train-file", str(train), "--validation-file", str(valid),
+                 "--label-column", "topics", *TINY, "--eval-batch-size", "8", "--max-steps", "10", "--output-dir",
+                 str(out)], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    written = [json.loads(line) for line in (out / "predictions_validation.jsonl").read_text().splitlines()]
+    assert [r["idx"] for r in written] == list(range(37))
+    gold = [json.loads(line)["topics"] for line in valid.read_text().splitlines()]
+    exact = np.mean([sorted(r["label"]) == sorted(g) for r, g in zip(written, gold)])
+    assert exact == pytest.approx(json.loads((out / "results.json").read_text())["exact_match"], abs=1e-6)

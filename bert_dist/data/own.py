@@ -192,6 +192,9 @@ def _label_rows(ds: Dataset, spec: TaskSpec, where: str) -> list[tuple[str, ...]
             if items is None:
                 raise ValueError(f"{where}: the labels at row {r + 1} are {_short(v)}, not a list; a multi-label row "
                                  'holds a list of labels (JSON Lines: ["a", "b"]; CSV/TSV: a JSON list in the cell)')
+        elif isinstance(v, (list, tuple)):
+            raise ValueError(f"{where}: the label at row {r + 1} is a list ({_short(v)}); for rows with several labels "
+                             "use --task multi_label")
         else:
             items = [v]
         names = []
