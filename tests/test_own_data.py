@@ -170,6 +170,7 @@ def test_five_class_csv_trains_predicts_and_exports(tmp_path):
     _check_export(run, hf_dir, texts, names, "single_label_classification")
     pipe = transformers.pipeline("text-classification", model=str(hf_dir), device="cpu")
     assert [o["label"] for o in pipe(texts)] == [p["label"] for p in predicted[:8]]
+    assert _predict(hf_dir, valid) == predicted  # the export keeps the task (columns, label names) for predict too
 
 
 def test_multi_label_jsonl_trains_predicts_and_exports(tmp_path):
@@ -181,6 +182,9 @@ def test_multi_label_jsonl_trains_predicts_and_exports(tmp_path):
     assert json.loads((run / "config.json").read_text())["bert_dist"]["label_names"] == names
     results = json.loads((run / "results.json").read_text())
     assert {"micro_f1", "macro_f1", "exact_match"} <= set(results) and results["main_metric"] == "micro_f1"
+    card = (run / "README.md").read_text()  # the report and model card, as for a GLUE run
+    assert (run / "report.html").is_file() and "pipeline_tag: text-classification" in card
+    assert "Labels (3, by id): `politics`, `science`, `sports`" in card and "sigmoid > 0.5" in card
 
     written = [json.loads(line) for line in (run / "predictions_validation.jsonl").read_text().splitlines()]
     predicted = _predict(run, valid)
