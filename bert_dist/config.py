@@ -306,7 +306,7 @@ class RunConfig:
                 raise ValueError(f"--text-columns names {cols[0].strip()!r} twice; a pair is two columns")
         if d.label_column is not None and (not d.label_column.strip() or "," in d.label_column):
             raise ValueError(f"--label-column takes one column name, not {d.label_column!r}")
-        text = [c.strip() for c in (d.text_columns or "").split(",")]
+        text = [c.strip() for c in (d.text_columns or "text").split(",")]  # own.task_from_flags's default
         if d.label_column and d.label_column.strip() in text:
             raise ValueError(f"--label-column {d.label_column} is also one of --text-columns; the label is not text")
 

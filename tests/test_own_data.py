@@ -343,6 +343,7 @@ def test_regression_labels_that_are_half_numbers_are_one_line(tmp_path, capsys):
     (["--task", "sst2", "--text-columns", "review"], "--text-columns describes your own data"),
     (["--task", "regression", "--text-columns", "a,b,c"], "--text-columns takes one column name, or two"),
     (["--task", "regression", "--dataset-config", "x"], "--dataset-config picks a config of --dataset-name"),
+    (["--task", "classification", "--label-column", "text"], "--label-column text is also one of --text-columns"),
     (["--task", "classification", "--dataset-name", "./nowhere"], "--dataset-name ./nowhere: no such directory"),
     (["--task", "multi_label", "--smoke"], "--smoke runs a GLUE, SQuAD or pretraining task"),
     (["--task", "sst2", "--seeds", "1,x"], "--seeds: 'x' is not an integer"),
