@@ -1,4 +1,5 @@
-"""GLUE accuracy side by side: bert-dist's real entry point vs transformers' BertForSequenceClassification.
+"""GLUE (and own-data) accuracy side by side: bert-dist's real entry point vs transformers'
+BertForSequenceClassification.
 
 Both sides start from the same weights and see the same batches in the same order (the reference
 uses bert-dist's batch sampler and collator on features from transformers' own tokenizer, which the
@@ -9,6 +10,8 @@ What differs is the model code and the training loop: ours is `python -m bert_di
         --tasks sst2,cola,mrpc,stsb,rte --mixed-precision bf16 --out benchmarks/results/glue_minilm.json
     # more seeds of the small, noisy tasks (added to the same file, one entry per seed)
     python benchmarks/glue_accuracy.py ... --tasks mrpc,rte --seeds 43,44 --out benchmarks/results/glue_minilm.json
+    # a task on own data (OWN_TASKS: STS-B's scores cut into 5 classes), through --task classification
+    python benchmarks/glue_accuracy.py ... --tasks stsb5 --out benchmarks/results/own_stsb5_minilm.json
 
 The seed sets the classifier head's initialisation and the batch order, the same on both sides.
 Prints a markdown table: per task and metric, the mean over the seeds that have both sides (ours /
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bert_dist import data as D
-from bert_dist.config import DataConfig, OptimConfig
+from bert_dist.config import DataConfig, OptimConfig, TaskSpec
 from bert_dist.data.collate import BatchSampler, PadCollator
 from bert_dist.metrics import load_metric
 from bert_dist.optim import param_groups
@@ -49,6 +52,52 @@ RECIPES = {
 }
 BATCH, MAX_LEN, WARMUP = 32, 128, 0.1
 
+OWN_TASKS = {
+    # STS-B's similarity scores (0-5) cut into 5 classes by their integer part: [0, 1) is "0-1", ..., [4, 5] is "4-5"
+    # (a score of 5 joins [4, 5)). Train 891 / 882 / 982 / 1,588 / 1,406, validation 344 / 254 / 273 / 365 / 264.
+    "stsb5": dict(source="stsb", text_columns=("sentence1", "sentence2"), label_column="similarity"),
+}
+"""Tasks on own data: files written from ../shared data, run as `--task classification` on both sides."""
+RECIPES["stsb5"] = dict(epochs=3, lr=5e-5)
+
+
+def stsb5_row(row: dict) -> dict:
+    b = min(int(row["label"]), 4)
+    return {"sentence1": row["sentence1"], "sentence2": row["sentence2"], "similarity": f"{b}-{b + 1}"}
+
+
+def own_files(task: str, args: argparse.Namespace) -> dict[str, Path]:
+    """Write the own-data task's train/validation JSON Lines (from --data-dir's copy of its source) once."""
+    src = Path(args.data_dir) / "glue" / OWN_TASKS[task]["source"]
+    if not src.is_dir():
+        src = Path(args.data_dir) / OWN_TASKS[task]["source"]
+    out = Path(args.work_dir) / f"{task}-data"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in ("train", "validation"):
+        files[split] = out / f"{split}.jsonl"
+        rows = [stsb5_row(json.loads(line)) for line in (src / f"{split}.jsonl").read_text().splitlines()]
+        files[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return files
+
+
+def task_data(task: str, args: argparse.Namespace) -> tuple[TaskSpec, object, list[str]]:
+    """(the task's spec, its checked rows, the flags that give ours the same data)."""
+    if task not in OWN_TASKS:
+        spec = D.get_task(task)
+        raw = D.check_raw(D.load_raw(spec, DataConfig(data_dir=args.data_dir)), spec, args.data_dir)
+        return spec, raw, ["--task", task, "--data-dir", args.data_dir]
+    own = OWN_TASKS[task]
+    files = own_files(task, args)
+    cfg = DataConfig(train_file=str(files["train"]), validation_file=str(files["validation"]),
+                     text_columns=",".join(own["text_columns"]), label_column=own["label_column"])
+    spec = D.own.task_from_flags("classification", cfg)
+    raw = D.load_raw(spec, cfg)
+    spec = D.own.settle_labels(raw, spec, str(files["train"]))
+    raw = D.check_raw(raw, spec, str(files["train"]))
+    return spec, raw, ["--task", "classification", "--train-file", cfg.train_file, "--validation-file",
+                       cfg.validation_file, "--text-columns", cfg.text_columns, "--label-column", cfg.label_column]
+
 
 def run_ours(task: str, args: argparse.Namespace, recipe: dict, seed: int) -> dict:
     out = Path(args.work_dir) / f"{task}-ours-seed{seed}"
@@ -56,12 +105,9 @@ def run_ours(task: str, args: argparse.Namespace, recipe: dict, seed: int) -> di
         sys.executable,
         "-m",
         "bert_dist.run",
-        "--task",
-        task,
+        *task_data(task, args)[2],
         "--init",
         args.init,
-        "--data-dir",
-        args.data_dir,
         "--output-dir",
         str(out),
         "--overwrite",
@@ -96,8 +142,7 @@ def run_ours(task: str, args: argparse.Namespace, recipe: dict, seed: int) -> di
 def run_reference(task: str, args: argparse.Namespace, recipe: dict, seed: int) -> dict:
     from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-    spec = D.get_task(task)
-    raw = D.check_raw(D.load_raw(spec, DataConfig(data_dir=args.data_dir)), spec, args.data_dir)
+    spec, raw, _ = task_data(task, args)
     hf_tok = AutoTokenizer.from_pretrained(args.init)
     ours_tok = load_tokenizer(args.init)
     ours_feats = D.tokenize_classification(raw, spec, ours_tok, MAX_LEN)
@@ -109,7 +154,7 @@ def run_reference(task: str, args: argparse.Namespace, recipe: dict, seed: int) 
             "input_ids": enc["input_ids"],
             "token_type_ids": enc["token_type_ids"],
             "length": [len(x) for x in enc["input_ids"]],
-            "labels": batch["label"],
+            "labels": batch[spec.label_column],
         }
 
     feats = raw.map(hf_encode, batched=True, remove_columns=raw[spec.train_split].column_names)
@@ -235,7 +280,7 @@ def print_table(results: dict) -> None:
         runs = [r for _, r in sorted(e.get("seeds", {}).items()) if "ours" in r and "reference" in r]
         if not runs:
             continue
-        main_metric = D.get_task(task).main_metric
+        main_metric = "accuracy" if task in OWN_TASKS else D.get_task(task).main_metric
         skip = ("steps", "train_seconds", "examples_per_second")
         metrics = [k for k in runs[0]["reference"] if k in runs[0]["ours"] and k not in skip]
         ours_speed = statistics.mean(r["ours"]["examples_per_second"] for r in runs)

@@ -112,8 +112,14 @@ class DataConfig:
     """Where the data comes from and how it is batched."""
 
     data_dir: str | None = _f(None, "read DIR/<task>/<split>.jsonl|csv|tsv|parquet instead of the hub")
-    train_file: str | None = _f(None, "custom training data (CSV or JSON Lines)")
-    validation_file: str | None = _f(None, "custom validation data (CSV or JSON Lines)")
+    train_file: str | None = _f(None, "custom training data (.csv, .tsv, .jsonl or .parquet)")
+    validation_file: str | None = _f(None, "custom validation data (.csv, .tsv, .jsonl or .parquet)")
+    dataset_name: str | None = _f(None, "own data (--task classification|multi_label|regression): a hub dataset id, or "
+                                        "a directory in the hub's layout; with --data-dir DIR, read DIR/<name> offline")
+    dataset_config: str | None = _f(None, "own data: the config (subset) of --dataset-name")
+    text_columns: str | None = _f(None, "own data: the text column, or two comma-separated for pairs (default: text)")
+    label_column: str | None = _f(None, "own data: the label column (default: label); for multi_label a list of "
+                                        "labels per row")
     max_length: int | None = _f(None, "max tokens per sequence (default: 128, or 384 for SQuAD)")
     batch_size: int = _f(32, "training examples per process per micro-batch")
     eval_batch_size: int = _f(128, "evaluation examples per process per batch")
@@ -160,6 +166,10 @@ class OptimConfig:
     scheduler: str = _f("linear", "after warmup: linear | cosine | constant")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     fused: bool | None = _f(None, "fused AdamW kernel (default: on, for CUDA and the CPU)")
+
+
+OWN_TASKS = ("classification", "multi_label", "regression")
+"""--task values that build a task from flags on the user's own data (data/own.py)."""
 
 
 @dataclass
@@ -224,9 +234,15 @@ class RunConfig:
 
     task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), glue (every GLUE task, one "
                            "after another, each with the BERT paper's recipe unless a flag is given), squad, "
-                           "squad_v2, pretrain, tokenizer (train a WordPiece vocabulary only)")
+                           "squad_v2, pretrain, tokenizer (train a WordPiece vocabulary only), or a task on your own "
+                           "data: classification (labels inferred from the training split), multi_label (a list of "
+                           "labels per row), regression (a number per row)")
     tasks: str | None = _f(None, "--task glue: comma-separated GLUE tasks to run, e.g. cola,sst2 (implies --task glue; "
                                  "default: all nine)")
+    seeds: str | None = _f(None, "comma-separated seeds, e.g. 1,2,3: one run per seed (and --lrs value), the learning "
+                                 "rate picked by its mean dev score, mean and sd reported (--task glue: per task)")
+    lrs: str | None = _f(None, "comma-separated peak learning rates to pick from by dev score, e.g. 2e-5,3e-5,5e-5 "
+                               "(each run with every --seeds value)")
     init: str = _f("scratch", "weights: scratch | HF-format dir | bert-dist run dir | hub id")
     preset: str = _f("base", "architecture for --init scratch: " + " | ".join(PRESETS))
     tokenizer: str | None = _f(None, "tokenizer.json, vocab.txt or a dir holding one (default: from --init)")
@@ -299,6 +315,8 @@ class RunConfig:
             raise ValueError("--eval-only evaluates the --init weights: pass --init DIR (not scratch)")
         if self.tasks and self.task != "glue":
             raise ValueError(f"--tasks picks the tasks of --task glue, not of --task {self.task}: drop one of them")
+        self._check_own_data()
+        self._check_sweep()
         if d.train_file and d.data_dir:
             raise ValueError("--train-file/--validation-file and --data-dir both say where the data is: give one")
         if not 1 <= d.vocab_size <= 2**24:  # the tokenizers library allocates for it: 5e9 aborted the process
@@ -353,6 +371,61 @@ class RunConfig:
         if given and not t.eval_every:
             raise ValueError(f"{' and '.join(given)} compare the evaluations made every --eval-every steps: give "
                              "--eval-every N (without it the only evaluation is the last step's)")
+
+    def _check_own_data(self) -> None:
+        d = self.data
+        own = [f for f, v in (("--text-columns", d.text_columns), ("--label-column", d.label_column),
+                              ("--dataset-name", d.dataset_name), ("--dataset-config", d.dataset_config)) if v]
+        if own and self.task not in OWN_TASKS:
+            raise ValueError(f"{own[0]} describes your own data, for --task {' | '.join(OWN_TASKS)}; --task "
+                             f"{self.task} has its own columns: drop {own[0]}")
+        if d.dataset_config and not d.dataset_name:
+            raise ValueError("--dataset-config picks a config of --dataset-name: give --dataset-name too")
+        if d.dataset_name and (d.train_file or d.validation_file):
+            raise ValueError("--dataset-name and --train-file/--validation-file both say where the data is: give one")
+        if d.text_columns is not None:
+            cols = d.text_columns.split(",")
+            if not 1 <= len(cols) <= 2 or not all(c.strip() for c in cols):
+                raise ValueError(f"--text-columns takes one column name, or two comma-separated (a pair), not "
+                                 f"{d.text_columns!r}")
+            if len({c.strip() for c in cols}) < len(cols):
+                raise ValueError(f"--text-columns names {cols[0].strip()!r} twice; a pair is two columns")
+        if d.label_column is not None and (not d.label_column.strip() or "," in d.label_column):
+            raise ValueError(f"--label-column takes one column name, not {d.label_column!r}")
+        text = [c.strip() for c in (d.text_columns or "text").split(",")]  # own.task_from_flags's default
+        if d.label_column and d.label_column.strip() in text:
+            raise ValueError(f"--label-column {d.label_column} is also one of --text-columns; the label is not text")
+
+    def seed_list(self) -> list[int]:
+        """--seeds as integers (just --seed without it)."""
+        return _number_list(self.seeds, int, "--seeds") if self.seeds else [self.seed]
+
+    def lr_list(self) -> list[float]:
+        """--lrs as floats (just --lr without it)."""
+        return _number_list(self.lrs, float, "--lrs") if self.lrs else [self.optim.lr]
+
+    def is_sweep(self) -> bool:
+        """Several runs of one recipe (--seeds, --lrs), summarised in one table."""
+        return bool(self.seeds or self.lrs)
+
+    def _check_sweep(self) -> None:
+        if not self.is_sweep():
+            return
+        what = "--seeds" if self.seeds else "--lrs"
+        for seed in self.seed_list():
+            if not 0 <= seed < 2**32:
+                raise ValueError(f"--seeds: {seed} is not in [0, 2**32)")
+        for lr in self.lr_list():
+            if not 0 < lr < math.inf:
+                raise ValueError(f"--lrs: {lr} is not a positive finite learning rate")
+        if self.task in ("pretrain", "tokenizer"):
+            raise ValueError(f"{what} picks a fine-tuning run by its dev score; --task {self.task} has none: drop "
+                             f"{what}")
+        if self.train.eval_only:
+            raise ValueError(f"{what} trains several runs to pick from; --eval-only trains none: drop one")
+        if self.train.resume_from:
+            raise ValueError(f"{what} runs several runs, each in its own directory: continue them with --resume "
+                             "(not --resume-from one checkpoint)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -437,6 +510,21 @@ def config_from_overrides(given: dict[str, Any], base: RunConfig | None = None) 
     return RunConfig.from_dict(d)
 
 
+def _number_list(text: str, kind: type, flag: str) -> list:
+    """'1,2,3' -> [1, 2, 3] (ValueError naming `flag`); repeats are dropped, the order kept."""
+    out = []
+    for item in text.split(","):
+        try:
+            value = kind(item.strip())
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{flag}: {item.strip()!r} is not {what} (give a comma-separated list, e.g. "
+                             f"{'1,2,3' if kind is int else '2e-5,3e-5,5e-5'})") from None
+        if value not in out:
+            out.append(value)
+    return out
+
+
 def dump(cfg: Any) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=False)
 
@@ -447,7 +535,7 @@ class TaskSpec:
 
     name: str
     kind: str
-    """classification | regression | qa | pretrain: picks the head, the loss and the features."""
+    """classification | multi_label | regression | qa | pretrain: picks the head, the loss and the features."""
     hub_path: str
     """Hugging Face dataset id (nyu-mll/glue, rajpurkar/squad, ...)."""
     hub_config: str | None = None
@@ -473,6 +561,21 @@ class TaskSpec:
     other_splits: tuple[tuple[str, str, str], ...] = ()
     """Test splits kept in another hub config: (split name here, that config, its split there), read from
     --data-dir's folder of that name. MNLI's `ax`: GLUE's diagnostic set (AX.tsv), predicted by the MNLI model."""
+    from_flags: bool = False
+    """A task on the user's own data (data/own.py): its label names come from the training split, and labels are
+    matched to them by value (a label 5 is the class named "5", not id 5)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
+        """The inverse of `to_dict` through JSON (lists back to tuples); unknown keys are ignored."""
+        def tuples(v: Any) -> Any:
+            return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuples(v) for k, v in d.items() if k in names})
 
     def split_location(self, split: str) -> tuple[str, str]:
         """(--data-dir folder, file stem) of `split`: <task>/<split>, or another config's folder and split."""

@@ -10,7 +10,8 @@ kind of task is five small steps, picked from `KINDS` by `spec.kind`:
     score      predictions -> metrics (the GLUE metric, or the official SQuAD v1.1/v2.0 scoring)
     write      predictions -> files (predictions_<split>.jsonl + GLUE TSVs, or the SQuAD JSON files)
 
-GLUE tasks differ only in their TaskSpec data; SQuAD v1.1 and v2.0 differ only in `spec.metric`.
+GLUE tasks differ only in their TaskSpec data, and so do tasks on one's own data (a TaskSpec built from flags,
+whose label names come from its training split); SQuAD v1.1 and v2.0 differ only in `spec.metric`.
 """
 
 from __future__ import annotations
@@ -109,14 +110,17 @@ def check_max_length(cfg: RunConfig, spec: TaskSpec, bert: BertConfig) -> int:
 
 
 def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
-    spec = D.get_task(cfg.task)
+    spec = D.task_spec(cfg)
     if spec.kind not in KINDS:
         raise ValueError(f"--task {spec.name}: the fine-tuning recipe has no {spec.kind!r} tasks")
     kind = KINDS[spec.kind]
     source = D.describe_source(spec, cfg.data)
     src = load_init(cfg.init, cfg.tokenizer)
+    known, labels_from = own_labels(spec, src, cfg)
     with main_process_first(accelerator):
-        raw = D.check_raw(D.load_raw(spec, cfg.data, need_train=not cfg.train.eval_only), spec, source)
+        raw = D.load_raw(spec, cfg.data, need_train=not cfg.train.eval_only)
+        spec = D.own.settle_labels(raw, spec, source, known)
+        raw = D.check_raw(raw, spec, source, labels_from)
     if cfg.data.max_train_samples and spec.train_split in raw:
         raw[spec.train_split] = raw[spec.train_split].select(
             range(min(cfg.data.max_train_samples, len(raw[spec.train_split])))
@@ -193,6 +197,8 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         return metrics
 
     meta = {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels, "label_names": list(spec.label_names)}
+    if spec.from_flags:  # not in the registry: predict and export rebuild the task from this
+        meta["spec"] = spec.to_dict()
 
     def save() -> None:  # on every process (FSDP gathers the weights)
         weights = gather_state_dict(accelerator, run.model)
@@ -225,18 +231,31 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     return results
 
 
+def own_labels(spec: TaskSpec, src: InitSource, cfg: RunConfig) -> tuple[tuple[str, ...], str]:
+    """(label names, where they come from) for an own-data task: under --eval-only the --init model's (no training
+    split is read), else none yet (the training split's, `own.settle_labels`)."""
+    if not (spec.from_flags and cfg.train.eval_only) or spec.kind == "regression":
+        return (), "the training split"
+    if src.meta.get("kind") != spec.kind or not src.meta.get("label_names"):
+        raise ValueError(f"--eval-only --task {spec.name}: {cfg.init} is not a fine-tuned {spec.name} model (its "
+                         "label names come from its config.json); --init the run that trained it")
+    return tuple(src.meta["label_names"]), f"the model {cfg.init}"
+
+
 # ---------------------------------------------------------------------------------------------
-# GLUE: classification and regression
+# GLUE and own data: classification, multi-label classification and regression
 
 
 def classification_head(bert: BertConfig, spec: TaskSpec) -> nn.Module:
-    return BertForSequenceClassification(bert, spec.num_labels, regression=spec.kind == "regression")
+    return BertForSequenceClassification(bert, spec.num_labels, regression=spec.kind == "regression",
+                                         multi_label=spec.kind == "multi_label")
 
 
 def classification_predict(spec: TaskSpec, cfg: DataConfig, split: Split, outs: dict[str, np.ndarray]) -> dict:
-    """logits (N, C), or (N,) scores for regression -> {"logits", "predictions": (N,) class ids or scores}."""
+    """logits (N, C), or (N,) scores for regression -> {"logits", "predictions": (N,) class ids or scores, or (N, C)
+    0/1 for multi_label}."""
     logits = outs["logits"]
-    return {"logits": logits, "predictions": logits if spec.kind == "regression" else logits.argmax(-1)}
+    return {"logits": logits, "predictions": D.predictions_of(spec, logits)}
 
 
 def classification_score(spec: TaskSpec, cfg: DataConfig, metric: Any, split: Split, preds: dict) -> dict:
@@ -245,16 +264,11 @@ def classification_score(spec: TaskSpec, cfg: DataConfig, metric: Any, split: Sp
 
 def classification_write(out_dir: Path, spec: TaskSpec, split: Split, preds: dict) -> None:
     """predictions_<split>.jsonl for every split; <GLUE name>.tsv (the submission format) for test splits."""
-    rows, logits, labels = split.rows, preds["logits"], preds["predictions"]
+    rows, labels = split.rows, preds["predictions"]
     idx = D.column(rows, "idx") if "idx" in rows.column_names else list(range(len(rows)))
-    with open(out_dir / f"predictions_{split.name}.jsonl", "w") as fh:
-        for i, p, lg in zip(idx, labels.tolist(), logits):
-            row: dict[str, Any] = {"idx": i, "prediction": p}
-            if spec.kind == "classification":
-                row["label"] = spec.label_names[p]
-                e = np.exp(lg - lg.max())
-                row["probabilities"] = [round(float(x), 6) for x in e / e.sum()]
-            fh.write(json.dumps(row) + "\n")
+    with open(out_dir / f"predictions_{split.name}.jsonl", "w", encoding="utf-8") as fh:
+        for i, row in zip(idx, D.prediction_rows(spec, preds["logits"])):
+            fh.write(json.dumps({"idx": i, **row}, ensure_ascii=False) + "\n")
     if split.name in spec.test_splits and spec.submission_names:
         name = spec.submission_names[spec.test_splits.index(split.name)]
         with open(out_dir / f"{name}.tsv", "w", newline="") as fh:
@@ -395,4 +409,5 @@ QUESTION_ANSWERING = Kind(
     write=qa_write,
 )
 
-KINDS: dict[str, Kind] = {"classification": CLASSIFICATION, "regression": CLASSIFICATION, "qa": QUESTION_ANSWERING}
+KINDS: dict[str, Kind] = {"classification": CLASSIFICATION, "multi_label": CLASSIFICATION, "regression": CLASSIFICATION,
+                          "qa": QUESTION_ANSWERING}

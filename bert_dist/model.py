@@ -260,19 +260,22 @@ class _BertWithHead(nn.Module):
 
 
 class BertForSequenceClassification(_BertWithHead):
-    """Classification (cross-entropy over `num_labels`) or regression (MSE, `num_labels == 1`).
+    """Classification (cross-entropy over `num_labels`), multi-label classification (a sigmoid and binary
+    cross-entropy per label) or regression (MSE, `num_labels == 1`).
 
-    The loss is chosen here, at build time: `regression=True` for STS-B-style scores.
+    The loss is chosen here, at build time: `regression=True` for STS-B-style scores, `multi_label=True` for rows
+    with any number of labels.
     """
 
-    def __init__(self, config: BertConfig, num_labels: int, regression: bool = False):
+    def __init__(self, config: BertConfig, num_labels: int, regression: bool = False, multi_label: bool = False):
         super().__init__(config)
         if regression and num_labels != 1:
             raise ValueError("a regression head has num_labels == 1")
         self.num_labels = num_labels
         self.regression = regression
         self.classifier = nn.Linear(config.hidden_size, num_labels)
-        self.loss_fn = nn.MSELoss() if regression else nn.CrossEntropyLoss()
+        self.loss_fn = nn.MSELoss() if regression else nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
+        self.float_labels = regression or multi_label  # MSE and BCE take float targets, cross-entropy class ids
         self.init_weights()
 
     def forward(
@@ -284,7 +287,8 @@ class BertForSequenceClassification(_BertWithHead):
         indices: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """(B, T) inputs, labels (B,), the layout (BertModel) -> {"logits": (B, C) or (B,) for regression, "loss"}.
+        """(B, T) inputs, labels (B,), or (B, C) 0/1 for multi-label, the layout (BertModel) -> {"logits": (B, C) or
+        (B,) for regression, "loss": ()}.
 
         The head reads [CLS] only, so the last layer runs on that row alone (`keep`): the same logits for
         1/num_layers x 10/12 less work.
@@ -297,7 +301,7 @@ class BertForSequenceClassification(_BertWithHead):
         out = {"logits": logits}
         if labels is not None:
             # The loss in fp32 even under autocast: MSE/CE on bf16 logits loses precision.
-            out["loss"] = self.loss_fn(logits.float(), labels.float() if self.regression else labels)
+            out["loss"] = self.loss_fn(logits.float(), labels.float() if self.float_labels else labels)
         return out
 
 

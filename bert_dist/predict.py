@@ -11,7 +11,8 @@ predictions_validation.jsonl line for line, with the run's precision: `--mixed-p
 (the default, fp32, differs from a bf16 run's figures in the last digits). Output, per input:
 
     GLUE-style   {"idx"?, "prediction": class id, "label": name, "probabilities": [...]} as in
-                 predictions_<split>.jsonl; regression (STS-B): {"idx"?, "prediction": score}
+                 predictions_<split>.jsonl; regression (STS-B): {"idx"?, "prediction": score}; multi-label:
+                 {"idx"?, "prediction": [ids], "label": [names], "probabilities": [each label's sigmoid]}
     SQuAD        {"id"?, "answer": text, "start", "end": character span in the context, "score": the n-best
                  probability}; a v2 model that finds no answer gives "answer": "", start/end null
 """
@@ -59,10 +60,10 @@ class Predictor:
         self.dir = Path(model_dir)
         model, src = load_run_model(self.dir)
         self.meta, self.tokenizer = src.meta, src.tokenizer
-        if self.meta["kind"] not in ("classification", "regression", "qa"):
+        if self.meta["kind"] not in ("classification", "multi_label", "regression", "qa"):
             raise ValueError(f"--model: {self.dir} is a {self.meta['kind']} model; predict takes a fine-tuned "
-                             "(GLUE-style or SQuAD) one")
-        self.spec: TaskSpec = D.get_task(self.meta["task"])
+                             "(GLUE-style, own-data or SQuAD) one")
+        self.spec: TaskSpec = D.spec_from_meta(self.meta)
         self.data = self._data_config(batch_size, max_length)
         if self.data.max_length > src.config.max_position_embeddings:
             raise ValueError(f"--max-length {self.data.max_length} is above the model's "
@@ -147,18 +148,9 @@ class Predictor:
         feats = D.tokenize_classification(DatasetDict({"predict": texts}), self.spec, self.tokenizer,
                                           self.data.max_length)["predict"]
         logits = self._run(feats, ("logits",))["logits"]  # (N, C), or (N,) scores for regression
-        regression = self.meta["kind"] == "regression"
-        out = []
-        # As finetune's predictions_<split>.jsonl, key for key: the two must agree line for line.
-        for r, p, lg in zip(rows, (logits if regression else logits.argmax(-1)).tolist(), logits):
-            row: dict[str, Any] = {"idx": r["idx"]} if "idx" in r else {}
-            row["prediction"] = p
-            if not regression:
-                row["label"] = self.spec.label_names[p]
-                e = np.exp(lg - lg.max())
-                row["probabilities"] = [round(float(x), 6) for x in e / e.sum()]
-            out.append(row)
-        return out
+        # As finetune's predictions_<split>.jsonl (the same function): the two agree line for line.
+        return [{**({"idx": r["idx"]} if "idx" in r else {}), **row}
+                for r, row in zip(rows, D.prediction_rows(self.spec, logits))]
 
     def _answer(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from datasets import Dataset

@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SKIPPED_EVAL_KEYS = ("step", "epoch")
-PIPELINE_TAGS = {"classification": "text-classification", "regression": "text-classification",
-                 "qa": "question-answering", "pretrain": "fill-mask"}
+PIPELINE_TAGS = {"classification": "text-classification", "multi_label": "text-classification",
+                 "regression": "text-classification", "qa": "question-answering", "pretrain": "fill-mask"}
 HF_CLASSES = {"classification": "AutoModelForSequenceClassification",
+              "multi_label": "AutoModelForSequenceClassification",
               "regression": "AutoModelForSequenceClassification",
               "qa": "AutoModelForQuestionAnswering", "pretrain": "BertForPreTraining"}
 
@@ -381,7 +382,9 @@ def render_model_card(run: dict[str, Any]) -> str:
     data, optim, train = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("train", {})
     task, kind = meta.get("task") or res.get("task") or cfg.get("task", "?"), meta.get("kind", "")
     hub_path = _hub_path(task)
-    source = (f"`--data-dir {data['data_dir']}`" if data.get("data_dir") else
+    named = data.get("dataset_name")
+    source = (_named_source(data) if named else
+              f"`--data-dir {data['data_dir']}`" if data.get("data_dir") else
               f"`--train-file {data['train_file']}`" if data.get("train_file") else
               f"the Hugging Face hub (`{hub_path}`)" if hub_path else "?")
     if cfg.get("smoke"):
@@ -393,6 +396,8 @@ def render_model_card(run: dict[str, Any]) -> str:
         front.append(f"pipeline_tag: {PIPELINE_TAGS[kind]}")
     if hub_path and not cfg.get("smoke") and not data.get("train_file"):
         front.append(f"datasets: [{hub_path}]")
+    elif named and not data.get("data_dir") and not Path(named).expanduser().is_dir():  # a hub id
+        front.append(f"datasets: [{named}]")
     if res.get("main_metric"):
         front.append(f"metrics: [{res['main_metric']}]")
     front.append("---")
@@ -404,6 +409,10 @@ def render_model_card(run: dict[str, Any]) -> str:
         what = f"fine-tuned from `{init}`"
     lines = [*front, "", f"# {task}: BERT {what}", "",
              f"A BERT model ({kind or 'encoder'} head) trained with bert-dist on {task}, data from {source}.", ""]
+    names = meta.get("label_names") or []
+    if kind in ("classification", "multi_label") and names:
+        shown = ", ".join(f"`{n}`" for n in names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+        lines += [f"Labels ({len(names)}, by id): {shown}.", ""]
     metrics = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                and k not in SPEED_KEYS}
     if metrics:
@@ -430,7 +439,7 @@ def render_model_card(run: dict[str, Any]) -> str:
         lines += ["## Hardware", "", f"{hw.get('num_processes', 1)} process(es) on {hw.get('device')} "
                   f"({hw.get('device_type')}), torch {hw.get('torch')}" + (f"; {speed}." if speed else "."), ""]
     lines += ["## How to use", "", "With bert-dist:", "", "```bash"]
-    if kind in ("classification", "regression"):
+    if kind in ("classification", "multi_label", "regression"):
         lines.append(f'bert-dist predict --model {run_dir} --text "A sentence to classify."')
     elif kind == "qa":
         lines.append(f'bert-dist predict --model {run_dir} --text "Who wrote it?" --text-pair "It was written by Ada."')
@@ -445,6 +454,9 @@ def render_model_card(run: dict[str, Any]) -> str:
         if kind == "classification":
             lines += ['logits = model(**tokenizer("A sentence to classify.", return_tensors="pt")).logits',
                       "print(model.config.id2label[logits.argmax(-1).item()])"]
+        elif kind == "multi_label":
+            lines += ['logits = model(**tokenizer("A sentence to classify.", return_tensors="pt")).logits[0]',
+                      "print([model.config.id2label[i] for i, x in enumerate(logits) if x > 0])  # sigmoid > 0.5"]
         elif kind == "regression":
             lines += ['print(model(**tokenizer("A sentence.", "Another one.", return_tensors="pt")).logits.item())']
         elif kind == "qa":
@@ -454,6 +466,14 @@ def render_model_card(run: dict[str, Any]) -> str:
                       "print(tokenizer.decode(inputs.input_ids[0, start : end + 1]))"]
         lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _named_source(data: dict[str, Any]) -> str:
+    """--dataset-name (own data) as the model card names it."""
+    text = f"`--dataset-name {data['dataset_name']}`"
+    if data.get("dataset_config"):
+        text += f" (config `{data['dataset_config']}`)"
+    return text + (f" in `--data-dir {data['data_dir']}`" if data.get("data_dir") else "")
 
 
 def _hub_path(task: str) -> str | None:
@@ -480,9 +500,10 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def write_reports(run_dir: str | os.PathLike) -> list[Path]:
-    """`bert-dist report RUN_DIR`: (re)write a run's report.html and README.md, or those of every task of a GLUE
-    suite's directory; returns the paths written."""
+    """`bert-dist report RUN_DIR`: (re)write a run's report.html and README.md; a suite's (--task glue, --seeds), for
+    every run in it; returns the paths written."""
     d = Path(run_dir)
-    suite = _read_json(d / "glue_results.json")
-    dirs = [Path(t["output_dir"]) for t in suite.get("tasks", {}).values() if "output_dir" in t] or [d]
+    sweep = _read_json(d / "sweep_results.json")
+    entries = [*_read_json(d / "glue_results.json").get("tasks", {}).values(), *([sweep] if sweep else [])]
+    dirs = [Path(r["output_dir"]) for t in entries for r in t.get("runs") or [t] if "output_dir" in r] or [d]
     return [path for one in dirs for path in write_report(one).values()]

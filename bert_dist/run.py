@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bert_dist.config import RunConfig, config_from_args, flags_given, preset
+from bert_dist.config import OWN_TASKS, RunConfig, config_from_args, flags_given, preset
 from bert_dist.console import fail, print_table, setup_logging
 from bert_dist.rundir import (
     TRAIN_LOG,
@@ -38,9 +38,10 @@ def preflight(cfg: RunConfig) -> None:
     from bert_dist import data as D
     from bert_dist.weights import check_init
 
-    if cfg.task not in (*D.TASKS, "glue", "tokenizer"):
+    if cfg.task not in (*D.TASKS, *OWN_TASKS, "glue", "tokenizer"):
         raise ValueError(f"--task: unknown task {cfg.task!r}; choose from {', '.join(D.TASKS)}, glue (every GLUE "
-                         "task in turn), tokenizer (train a WordPiece vocabulary only)")
+                         f"task in turn), tokenizer (train a WordPiece vocabulary only), {', '.join(OWN_TASKS)} (your "
+                         "own data)")
     if cfg.task == "tokenizer" and (cfg.tokenizer or cfg.init != "scratch"):
         raise ValueError("--task tokenizer trains a new WordPiece vocabulary from the corpus: --init and --tokenizer "
                          "do not apply; drop them")
@@ -49,7 +50,7 @@ def preflight(cfg: RunConfig) -> None:
 
         spec = D.get_task(suite_tasks(cfg)[0])
     else:
-        spec = D.get_task("pretrain" if cfg.task == "tokenizer" else cfg.task)
+        spec = D.get_task("pretrain") if cfg.task == "tokenizer" else D.task_spec(cfg)
         if spec.kind != "pretrain":  # the pretraining recipe reads its corpus its own way
             D.source_files(spec, cfg.data, need_train=not cfg.train.eval_only)
     bert = check_init(cfg.init, cfg.tokenizer, need_mask=spec.kind == "pretrain")
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         if cfg.smoke:
+            if cfg.task in OWN_TASKS:
+                raise ValueError(f"--smoke runs a GLUE, SQuAD or pretraining task on data the project makes; --task "
+                                 f"{cfg.task} is for your own data: drop --smoke")
             if cfg.task == "glue":
                 from bert_dist.glue_suite import smoke_suite as smoke_config
             else:
@@ -259,12 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.project_configuration.logging_dir = str(out_dir / "logs")
             accelerator.init_trackers("bert-dist", config=flat_settings(cfg.to_dict()),
                                       init_kwargs={"wandb": {"name": out_dir.name}})
-        if cfg.task == "glue":
-            from bert_dist.glue_suite import run_glue
+        if cfg.task == "glue" or cfg.is_sweep():
+            from bert_dist.glue_suite import run_glue, run_sweep
 
-            results = run_glue(cfg, accelerator, out_dir,
-                               lambda c: run_task(c, accelerator, prepare_output_dir(c, accelerator)[0]),
-                               flags_given(argv))
+            def one_run(c: RunConfig) -> dict:
+                return run_task(c, accelerator, prepare_output_dir(c, accelerator)[0])
+
+            results = (run_glue(cfg, accelerator, out_dir, one_run, flags_given(argv)) if cfg.task == "glue"
+                       else run_sweep(cfg, accelerator, out_dir, one_run))
         else:
             results = run_task(cfg, accelerator, out_dir)
         if results.get("interrupted"):

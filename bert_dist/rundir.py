@@ -117,8 +117,10 @@ def prepare_output_dir(cfg: RunConfig, accelerator) -> tuple[Path, bool]:
                          "end, or choose another --output-dir")
     # --overwrite of a run: its files, run_config.json included, are replaced once this run's data and model have
     # loaded (discard_previous_run), so a run that fails on bad input loses nothing.
-    # (--task glue's own directory holds no model: its run_config.json is written now, its tasks' later.)
-    replacing = cfg.overwrite and not resuming and cfg.task != "glue" and (out / "run_config.json").is_file()
+    # (A suite's own directory, --task glue or --seeds/--lrs, holds no model: its run_config.json is written now, its
+    # runs' later.)
+    suite = cfg.task == "glue" or cfg.is_sweep()
+    replacing = cfg.overwrite and not resuming and not suite and (out / "run_config.json").is_file()
     if accelerator.is_main_process and not replacing:
         write_run_config(out, cfg.to_dict())
     accelerator.wait_for_everyone()
@@ -476,7 +478,8 @@ discard_previous_run removes."""
 
 RUN_OUTPUTS = ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "results.json",
                "metrics.jsonl", TRAIN_LOG, "predictions.json", "nbest_predictions.json", "null_odds.json",
-               "report.html", "README.md", "glue_results.json", "glue_results.md")
+               "report.html", "README.md", "glue_results.json", "glue_results.md", "sweep_results.json",
+               "sweep_results.md")
 """The files a bert-dist run writes at the top of its output directory, besides predictions_<split>.jsonl and the
 GLUE submission TSVs (SUBMISSION_TSVS), and inside it: checkpoints/step-N, logs/bert-dist (the tracker's),
 submission/<name>.tsv (--task glue), checkpoints/best.safetensors (--keep-best)."""

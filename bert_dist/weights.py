@@ -313,15 +313,17 @@ def save_run_model(model: nn.Module | dict[str, torch.Tensor], out_dir: Path, co
 # A finished run as a model: rebuild its head, and export it for transformers
 
 HF_ARCHITECTURES = {"classification": "BertForSequenceClassification", "regression": "BertForSequenceClassification",
-                    "qa": "BertForQuestionAnswering", "pretrain": "BertForPreTraining"}
+                    "multi_label": "BertForSequenceClassification", "qa": "BertForQuestionAnswering",
+                    "pretrain": "BertForPreTraining"}
 """bert_dist.kind -> the transformers class whose parameter names (and so whose checkpoint) ours are."""
 
 
 def build_model(config: BertConfig, meta: dict[str, Any], source: str) -> nn.Module:
     """The model class a run saved, from its `bert_dist` metadata (kind, num_labels)."""
     kind = meta.get("kind")
-    if kind in ("classification", "regression"):
-        return BertForSequenceClassification(config, meta["num_labels"], regression=kind == "regression")
+    if kind in ("classification", "multi_label", "regression"):
+        return BertForSequenceClassification(config, meta["num_labels"], regression=kind == "regression",
+                                             multi_label=kind == "multi_label")
     if kind == "qa":
         return BertForQuestionAnswering(config)
     if kind == "pretrain":
@@ -364,6 +366,11 @@ HF_SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[
                      "mask_token": "[MASK]"}
 
 
+HF_PROBLEM_TYPES = {"classification": "single_label_classification", "multi_label": "multi_label_classification",
+                    "regression": "regression"}
+"""bert_dist.kind -> transformers' `problem_type` (which picks its loss, and the pipeline's softmax or sigmoid)."""
+
+
 EXPORTED_DATA_SETTINGS = ("max_length", "doc_stride", "max_query_length", "n_best_size", "max_answer_length",
                           "null_score_diff_threshold", "eval_batch_size")
 """The run's settings `bert-dist predict` reads, kept in an export's `bert_dist` metadata (no run_config.json there)."""
@@ -373,7 +380,8 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a run as a Hugging Face model directory that transformers' Auto classes load.
 
     config.json: `architectures`, `model_type`, the BertConfig fields, id2label/label2id from the task's
-    label names, problem_type (regression for STS-B-style heads), and the `bert_dist` metadata (so `--init`
+    label names (so `pipeline("text-classification")` names the classes), problem_type (regression for STS-B-style
+    heads, multi_label_classification for a sigmoid per label), and the `bert_dist` metadata (so `--init`
     and `predict` read the export as they read the run). model.safetensors: the run's tensors under the
     same keys, which are transformers' (the tied MLM decoder left out, as save_pretrained leaves it out).
     Tokenizer: tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json. The run's
@@ -386,10 +394,10 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     meta, kind = src.meta, src.meta["kind"]
     _save_weights(model, out)
     cfg: dict[str, Any] = {"architectures": [HF_ARCHITECTURES[kind]], "model_type": "bert", **src.config.to_dict()}
-    if kind in ("classification", "regression"):
+    if kind in HF_PROBLEM_TYPES:
         names = meta.get("label_names") or [f"LABEL_{i}" for i in range(meta["num_labels"])]
         cfg.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
-                   problem_type="regression" if kind == "regression" else "single_label_classification")
+                   problem_type=HF_PROBLEM_TYPES[kind])
     if kind == "pretrain":
         cfg["tie_word_embeddings"] = True
     run_config = Path(run_dir) / "run_config.json"

@@ -141,7 +141,7 @@ def test_submission_folder_holds_this_suites_tasks_only(tmp_path):
     (tmp_path / "submission" / "RTE.tsv").write_text("old")
     (tmp_path / "wnli").mkdir()
     (tmp_path / "wnli" / "WNLI.tsv").write_text("index\tprediction\n")
-    got = collect_submission(tmp_path, ["wnli"])
+    got = collect_submission(tmp_path, {"wnli": tmp_path / "wnli"})
     assert got["files"] == ["WNLI.tsv"] and sorted(p.name for p in (tmp_path / "submission").iterdir()) == ["WNLI.tsv"]
 
 

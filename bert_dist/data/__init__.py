@@ -1,7 +1,8 @@
-"""Tasks, dataset loading (hub, --data-dir, or custom files), checks, tokenization and dataloaders.
+"""Tasks, dataset loading (hub, --data-dir, custom files, or a named dataset), checks, tokenization and dataloaders.
 
 Every task goes through the same path: rows in the hub's schema -> checked -> tokenized once with
-`datasets.map` (batched, cached) -> a DataLoader that pads per batch.
+`datasets.map` (batched, cached) -> a DataLoader that pads per batch. A task on one's own data is a TaskSpec built
+from flags (`own.py`), on that same path.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer
 
-from bert_dist.config import DataConfig, TaskSpec
+from bert_dist.config import OWN_TASKS, DataConfig, RunConfig, TaskSpec
+from bert_dist.data import own
 from bert_dist.data.glue import GLUE_TASKS
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,19 @@ DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise ValueError(f"--task: unknown task {name!r}; choose from {', '.join(TASKS)}")
+        raise ValueError(f"--task: unknown task {name!r}; choose from {', '.join(TASKS)}, {', '.join(OWN_TASKS)}")
     return TASKS[name]
+
+
+def task_spec(cfg: RunConfig) -> TaskSpec:
+    """The run's task: a registered one (GLUE, SQuAD, pretraining), or one built from flags on own data."""
+    return own.task_from_flags(cfg.task, cfg.data) if cfg.task in OWN_TASKS else get_task(cfg.task)
+
+
+def spec_from_meta(meta: dict[str, Any]) -> TaskSpec:
+    """The task a saved model was trained on (its config.json's `bert_dist` metadata): an own-data task's spec is
+    kept there whole (its columns and label names come from flags and data), a registered one's by name."""
+    return TaskSpec.from_dict(meta["spec"]) if "spec" in meta else get_task(meta["task"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,20 +105,51 @@ def _read_file(path: Path, split: str, flag: str = "", kind: str | None = None,
     try:
         ds = datasets.load_dataset(kind, data_files={split: str(path)}, split=split, **kw)
     except Exception as e:  # pyarrow/pandas parse errors have many types; all mean a bad file
-        while (e.__cause__ or e.__context__) is not None and "error occurred while generating" in str(e):
-            e = e.__cause__ or e.__context__  # datasets wraps the parser's error: the inner one says what is wrong
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if isinstance(e, UnicodeDecodeError) or "utf-8" in msg.lower() or "utf8" in msg.lower():
-            raise ValueError(f"{where}: not UTF-8 text; re-encode it as UTF-8") from None
-        if "corresponds to no data" in msg:  # a CSV with a header and no rows
-            raise ValueError(f"{where}: the file has no rows") from None
-        raise ValueError(f"{where}: cannot be read as {kind} ({msg[:200]}); fix or remove the malformed rows") from None
+        raise _load_error(e, where, f"cannot be read as {kind}") from None
     finally:
         lib.setLevel(level)
+    _check_utf8(ds, where)
+    return ds
+
+
+def _load_error(e: Exception, where: str, what: str) -> ValueError:
+    """A datasets/pyarrow/pandas loading error as one line naming `where`."""
+    while (e.__cause__ or e.__context__) is not None and "error occurred while generating" in str(e):
+        e = e.__cause__ or e.__context__  # datasets wraps the parser's error: the inner one says what is wrong
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, UnicodeDecodeError) or "utf-8" in msg.lower() or "utf8" in msg.lower():
+        return ValueError(f"{where}: not UTF-8 text; re-encode it as UTF-8")
+    if "corresponds to no data" in msg:  # a CSV with a header and no rows
+        return ValueError(f"{where}: the file has no rows")
+    return ValueError(f"{where}: {what} ({msg[:200]}); fix or remove the malformed rows")
+
+
+def _check_utf8(ds: Dataset, where: str) -> None:
     bad = _first_invalid_utf8(ds)
     if bad is not None:
         raise ValueError(f"{where}: not UTF-8 text (column {bad[0]!r}, row {bad[1] + 1}); re-encode it as UTF-8")
-    return ds
+
+
+def load_folder(folder: Path, config: str | None, where: str) -> DatasetDict:
+    """A local directory in the hub's layout (a dataset repository's files: README.md's `configs`, data/*.parquet,
+    train.csv, ...) as datasets reads it from the hub, with no network; ValueError naming `where`."""
+    lib = logging.getLogger("datasets")
+    level = lib.level
+    lib.setLevel(logging.CRITICAL)
+    try:
+        raw = datasets.load_dataset(str(folder), config)
+    except Exception as e:  # an unknown config, no data files, a malformed file: each one line
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "BuilderConfig" in msg or "config" in msg.lower() and "not found" in msg.lower():
+            raise ValueError(f"{where}: no such config ({msg[:200]})") from None
+        raise _load_error(e, where, "cannot be read as a dataset") from None
+    finally:
+        lib.setLevel(level)
+    if not isinstance(raw, DatasetDict):
+        raise ValueError(f"{where}: not a dataset with splits (train, validation, ...)")
+    for split, ds in raw.items():
+        _check_utf8(ds, f"{where}, {split} split")
+    return raw
 
 
 def check_fields(path: Path, where: str, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL) -> None:
@@ -156,6 +201,9 @@ def _load_hub(spec: TaskSpec) -> DatasetDict:
     what = spec.hub_path + (f" ({spec.hub_config})" if spec.hub_config else "")
     hint = (f"pass --data-dir DIR holding {spec.data_name or spec.name}/<split>.jsonl "
             "(or --train-file/--validation-file)")
+    if spec.from_flags:
+        hint = (f"pass --data-dir DIR holding DIR/{spec.hub_path} (a copy of the dataset repository's files), or "
+                "--train-file/--validation-file")
     if not hub_reachable():
         # Without a network, fail in seconds, not after datasets' ~25 s of retries; a cached copy still works.
         import huggingface_hub.constants
@@ -184,10 +232,11 @@ def load_raw(spec: TaskSpec, cfg: DataConfig, need_train: bool = True) -> Datase
         raw = DatasetDict({split: _read_file(f, split, flag, text_columns=spec.text_columns)
                            for split, (flag, f) in files.items()})
     else:
-        raw = _load_hub(spec)
+        raw = own.load_named(spec, cfg) if spec.from_flags else _load_hub(spec)
         missing = [s for s in wanted if s not in raw]
         if missing:
-            raise ValueError(f"{spec.hub_path} has no split {missing[0]}; available: {', '.join(raw)}")
+            name = cfg.dataset_name if spec.from_flags else spec.hub_path
+            raise ValueError(f"{name} has no split {missing[0]}; available: {', '.join(raw)}")
         for split, config, theirs in spec.other_splits:  # optional, as every test split: skipped if unreachable
             try:
                 raw[split] = datasets.load_dataset(spec.hub_path, config, split=theirs)
@@ -205,6 +254,10 @@ def source_files(spec: TaskSpec, cfg: DataConfig, need_train: bool = True) -> di
     need_train False (--eval-only): the train split is neither needed nor listed; --validation-file may come alone.
     Checks only paths (cheap), so the entry point can call it before it creates anything.
     """
+    if spec.from_flags:
+        own.check_source(spec, cfg)
+        if cfg.dataset_name:
+            return None
     if cfg.train_file or cfg.validation_file:
         if need_train and not (cfg.train_file and cfg.validation_file):
             raise ValueError("--train-file and --validation-file go together: give both")
@@ -236,11 +289,13 @@ def source_files(spec: TaskSpec, cfg: DataConfig, need_train: bool = True) -> di
     return files
 
 
-def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
+def check_raw(raw: DatasetDict, spec: TaskSpec, source: str,
+              labels_from: str = "the training split") -> DatasetDict:
     """Columns present, datasets non-empty, no missing values, labels of the right type and range;
     label names -> ids. Each problem is one ValueError naming the file (or `source`), split and row.
 
-    Test splits may carry -1 (no label), as on the hub. Rows are counted from 1 (a CSV header excluded).
+    Test splits may carry -1 (no label), as on the hub. Rows are counted from 1 (a CSV header excluded). An own-data
+    task's labels go through `own.encode_labels` (`labels_from`: where its label names came from, for messages).
     """
     files = getattr(raw, "source_files", {})
     for split, ds in raw.items():
@@ -249,13 +304,20 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
             raise ValueError(f"{where} is empty")
         for col in spec.text_columns:
             if col not in ds.column_names:
-                raise ValueError(f"{where} has no text column {col!r} (columns: {', '.join(ds.column_names)})")
+                raise ValueError(f"{where} has no text column {col!r} (columns: {', '.join(ds.column_names)})"
+                                 + ("; give --text-columns" if spec.from_flags else ""))
+            if ds.features[col] == datasets.Value("null"):  # JSON Lines whose every value is null
+                raise ValueError(f"{where}: the text column {col!r} is empty (no row has a value)")
             if ds.features[col] not in (datasets.Value("string"), datasets.Value("large_string")):
                 raise ValueError(f"{where}: column {col!r} holds {ds.features[col]}, not text")
-            nulls = pc.is_null(ds.with_format("arrow")[col])
+            texts = ds.with_format("arrow")[col]
+            nulls = pc.is_null(texts)
             if pc.any(nulls).as_py():
                 raise ValueError(f"{where} has no {col!r} text at row {pc.index(nulls, True).as_py() + 1} "
                                  "(a malformed row?)")
+            if not pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)).as_py():
+                raise ValueError(f"{where}: the text column {col!r} is empty (every row is blank); check "
+                                 + ("--text-columns" if spec.from_flags else "the file"))
         if spec.kind == "qa":
             ds = raw[split] = _check_answers(ds, where)
             if "id" in ds.column_names and ds.features["id"] != datasets.Value("string"):
@@ -269,9 +331,15 @@ def check_raw(raw: DatasetDict, spec: TaskSpec, source: str) -> DatasetDict:
                                      "answer; SQuAD v1.1 trains and scores every question on one (for unanswerable "
                                      "questions use --task squad_v2)")
             continue
-        if spec.kind not in ("classification", "regression"):
+        if spec.kind not in ("classification", "multi_label", "regression"):
             continue
         is_test = split in spec.test_splits
+        if spec.from_flags and spec.kind != "regression":
+            raw[split] = own.encode_labels(ds, spec, where, is_test, labels_from)
+            continue
+        if spec.from_flags and is_test and spec.label_column in ds.column_names:
+            raw[split] = ds.remove_columns(spec.label_column)  # predicted, not scored: its labels are not checked
+            continue
         if spec.label_column not in ds.column_names:
             if is_test:
                 raw[split] = ds.add_column(spec.label_column, [-1] * len(ds))
@@ -379,6 +447,9 @@ def _answers_from_list(row: list | None) -> dict | None:
 def describe_source(spec: TaskSpec, cfg: DataConfig) -> str:
     if cfg.train_file:
         return f"--train-file {cfg.train_file}"
+    if spec.from_flags and cfg.dataset_name:
+        return f"--dataset-name {cfg.dataset_name}" + (f" --dataset-config {cfg.dataset_config}"
+                                                       if cfg.dataset_config else "")
     return f"--data-dir {cfg.data_dir}" if cfg.data_dir else spec.hub_path
 
 
@@ -419,6 +490,35 @@ def tokenize_classification(raw: DatasetDict, spec: TaskSpec, tokenizer: Tokeniz
     return DatasetDict({split: ds.map(_encode_batch, batched=True, batch_size=1000, fn_kwargs=kw,
                                       remove_columns=ds.column_names, num_proc=num_proc, desc="tokenizing")
                         for split, ds in raw.items()})
+
+
+def predictions_of(spec: TaskSpec, logits: np.ndarray) -> np.ndarray:
+    """A sequence head's logits -> its predictions: (N,) scores for regression, (N,) class ids, or (N, C) 0/1 for
+    multi_label (a label is on where its sigmoid passes 0.5: its logit is positive)."""
+    if spec.kind == "regression":
+        return logits
+    return (logits > 0).astype(np.int64) if spec.kind == "multi_label" else logits.argmax(-1)
+
+
+def prediction_rows(spec: TaskSpec, logits: np.ndarray) -> list[dict[str, Any]]:
+    """One dict per row, as predictions_<split>.jsonl and `bert-dist predict` write them: {"prediction": class id,
+    "label": name, "probabilities": softmax}; multi_label {"prediction": [ids], "label": [names], "probabilities":
+    each label's sigmoid}; regression {"prediction": score}."""
+    preds = predictions_of(spec, logits).tolist()
+    if spec.kind == "regression":
+        return [{"prediction": p} for p in preds]
+    rows = []
+    for p, lg in zip(preds, logits):
+        if spec.kind == "multi_label":
+            on = [i for i, x in enumerate(p) if x]
+            probs = 1 / (1 + np.exp(-lg))
+            rows.append({"prediction": on, "label": [spec.label_names[i] for i in on]})
+        else:
+            e = np.exp(lg - lg.max())
+            probs = e / e.sum()
+            rows.append({"prediction": p, "label": spec.label_names[p]})
+        rows[-1]["probabilities"] = [round(float(x), 6) for x in probs]
+    return rows
 
 
 def task_texts(raw: DatasetDict, spec: TaskSpec, split: str | None = None):

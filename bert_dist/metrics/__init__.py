@@ -1,6 +1,7 @@
-"""Offline evaluation metrics for GLUE and SQuAD.
+"""Offline evaluation metrics for GLUE, SQuAD and tasks on one's own data.
 
-The metric modules live next to this file (``glue/glue.py``, ``squad/squad.py``, ``squad_v2/squad_v2.py``)
+The metric modules live next to this file (``glue/glue.py``, ``squad/squad.py``, ``squad_v2/squad_v2.py``,
+``classification/classification.py``)
 and are loaded by path, so ``evaluate`` never has to reach the Hugging Face Hub.
 """
 
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import evaluate
 
-AVAILABLE_METRICS = ("glue", "squad", "squad_v2")
+AVAILABLE_METRICS = ("glue", "squad", "squad_v2", "classification")
 
 _METRICS_DIR = Path(__file__).resolve().parent
 
@@ -26,17 +27,19 @@ def load_metric(name: str, config_name: str | None = None) -> evaluate.Evaluatio
     files shared between processes that evaluate at the same time.
 
     Args:
-        name: One of ``AVAILABLE_METRICS``: ``"glue"``, ``"squad"`` or ``"squad_v2"``.
+        name: One of ``AVAILABLE_METRICS``: ``"glue"``, ``"squad"``, ``"squad_v2"`` or ``"classification"``.
         config_name: The metric configuration; for ``"glue"`` the task name (``"cola"``, ``"sst2"``,
             ``"mrpc"``, ``"qqp"``, ``"stsb"``, ``"mnli"``, ``"mnli_matched"``, ``"mnli_mismatched"``,
-            ``"qnli"``, ``"rte"``, ``"wnli"`` or ``"ax"``). The SQuAD metrics take none.
+            ``"qnli"``, ``"rte"``, ``"wnli"`` or ``"ax"``); for ``"classification"`` the kind of task
+            (``"classification"``, ``"multi_label"``, ``"regression"``). The SQuAD metrics take none.
 
     Returns:
         The loaded metric, ready for ``add_batch`` / ``compute``.
 
     Raises:
         ValueError: If ``name`` is not one of ``AVAILABLE_METRICS``.
-        KeyError: If ``name`` is ``"glue"`` and ``config_name`` is not a GLUE task (same as the Hub metric).
+        KeyError: If ``name`` is ``"glue"`` and ``config_name`` is not a GLUE task (same as the Hub metric), or
+            ``name`` is ``"classification"`` and ``config_name`` is not a kind of task.
     """
     # Imported here because importing evaluate takes seconds, which e.g. a CLI failing on a bad path or a
     # module that merely imports this package should not pay.
