@@ -230,7 +230,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything that reproduces a run; written to <output_dir>/config.json."""
+    """Everything that reproduces a run; written to <output_dir>/run_config.json."""
 
     task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), glue (every GLUE task, one "
                            "after another, each with the BERT paper's recipe unless a flag is given), squad, "
@@ -259,13 +259,43 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        self._check_loop()
+        self._check_optim()
+        self._check_data()
+        self._check_windows()
+        self.check_best()
+        self._check_mode()
+        self._check_own_data()
+        self._check_sweep()
+
+    def _check_loop(self) -> None:
         d, o, t = self.data, self.optim, self.train
-        if d.max_length is not None and d.max_length < MIN_MAX_LENGTH:
-            raise ValueError(f"--max-length must be at least {MIN_MAX_LENGTH}, got {d.max_length}")
         for flag, value in (("--batch-size", d.batch_size), ("--eval-batch-size", d.eval_batch_size),
                             ("--grad-accum", t.grad_accum), ("--log-every", t.log_every)):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
+        if not 0 < t.dist_timeout < math.inf:
+            raise ValueError(f"--dist-timeout must be a positive number of minutes, got {t.dist_timeout}")
+        if t.cpu_threads is not None and t.cpu_threads < 1:
+            raise ValueError(f"--cpu-threads must be at least 1, got {t.cpu_threads}")
+        if t.cpu_kernels not in ("auto", "off"):
+            raise ValueError(f"--cpu-kernels must be auto or off, not {t.cpu_kernels!r}")
+        if o.scheduler not in ("linear", "cosine", "constant"):
+            raise ValueError(f"--scheduler must be linear, cosine or constant, not {o.scheduler!r}")
+        if not 0 < t.epochs < math.inf:  # also refuses nan (with --max-steps too: a resume may drop it)
+            raise ValueError(f"--epochs must be a positive finite number, got {t.epochs}")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {t.max_steps}")
+        for flag, value in (("--save-every", t.save_every), ("--eval-every", t.eval_every)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        if t.keep_checkpoints < 1:
+            raise ValueError(f"--keep-checkpoints must be at least 1, got {t.keep_checkpoints}")
+        if t.max_bad_steps < 1:
+            raise ValueError(f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
+
+    def _check_optim(self) -> None:
+        o = self.optim
         if not 0 < o.lr < math.inf:  # also refuses nan
             raise ValueError(f"--lr must be a positive finite number, got {o.lr}")
         for flag, value, ok, what in (
@@ -280,28 +310,10 @@ class RunConfig:
             raise ValueError(f"--warmup-steps must be 0 or more, got {o.warmup_steps}")
         if not 0 <= o.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
-        if not 0 < t.dist_timeout < math.inf:
-            raise ValueError(f"--dist-timeout must be a positive number of minutes, got {t.dist_timeout}")
-        if t.cpu_threads is not None and t.cpu_threads < 1:
-            raise ValueError(f"--cpu-threads must be at least 1, got {t.cpu_threads}")
-        if t.cpu_kernels not in ("auto", "off"):
-            raise ValueError(f"--cpu-kernels must be auto or off, not {t.cpu_kernels!r}")
-        if o.scheduler not in ("linear", "cosine", "constant"):
-            raise ValueError(f"--scheduler must be linear, cosine or constant, not {o.scheduler!r}")
-        if not 0 < t.epochs < math.inf:  # also refuses nan (with --max-steps too: a resume may drop it)
-            raise ValueError(f"--epochs must be a positive finite number, got {t.epochs}")
-        if not math.isfinite(d.null_score_diff_threshold):
-            raise ValueError(f"--null-score-diff-threshold must be a finite number, got {d.null_score_diff_threshold}")
-        if t.max_steps is not None and t.max_steps < 1:
-            raise ValueError(f"--max-steps must be at least 1, got {t.max_steps}")
-        for flag, value in (("--save-every", t.save_every), ("--eval-every", t.eval_every)):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
-        if t.keep_checkpoints < 1:
-            raise ValueError(f"--keep-checkpoints must be at least 1, got {t.keep_checkpoints}")
-        self.check_best()
-        if t.max_bad_steps < 1:
-            raise ValueError(f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
+
+    def _check_mode(self) -> None:
+        """Flags that contradict each other about what the run does."""
+        t = self.train
         if not 0 <= self.seed < 2**32:  # numpy's range; torch and numpy would fail later without naming the flag
             raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         if t.resume and t.resume_from:
@@ -315,8 +327,13 @@ class RunConfig:
             raise ValueError("--eval-only evaluates the --init weights: pass --init DIR (not scratch)")
         if self.tasks and self.task != "glue":
             raise ValueError(f"--tasks picks the tasks of --task glue, not of --task {self.task}: drop one of them")
-        self._check_own_data()
-        self._check_sweep()
+
+    def _check_data(self) -> None:
+        d = self.data
+        if d.max_length is not None and d.max_length < MIN_MAX_LENGTH:
+            raise ValueError(f"--max-length must be at least {MIN_MAX_LENGTH}, got {d.max_length}")
+        if not math.isfinite(d.null_score_diff_threshold):
+            raise ValueError(f"--null-score-diff-threshold must be a finite number, got {d.null_score_diff_threshold}")
         if d.train_file and d.data_dir:
             raise ValueError("--train-file/--validation-file and --data-dir both say where the data is: give one")
         if not 1 <= d.vocab_size <= 2**24:  # the tokenizers library allocates for it: 5e9 aborted the process
@@ -333,6 +350,10 @@ class RunConfig:
         for flag, value in (("--num-proc", d.num_proc), ("--dupe-factor", d.dupe_factor)):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
+
+    def _check_windows(self) -> None:
+        """SQuAD windows, sample caps, padding and loading."""
+        d = self.data
         if d.doc_stride < 0:
             raise ValueError(f"--doc-stride must be 0 (windows that do not overlap) or more, got {d.doc_stride}")
         for flag, value in (("--max-query-length", d.max_query_length),

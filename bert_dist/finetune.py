@@ -109,6 +109,28 @@ def check_max_length(cfg: RunConfig, spec: TaskSpec, bert: BertConfig) -> int:
     return max_length
 
 
+def cap_splits(raw: DatasetDict, spec: TaskSpec, data: DataConfig) -> None:
+    """--max-train-samples / --max-eval-samples: each split cut to its first rows, in place; a regression dev split
+    of fewer than 2 rows refused before training (its correlations need 2)."""
+    if data.max_train_samples and spec.train_split in raw:
+        raw[spec.train_split] = raw[spec.train_split].select(
+            range(min(data.max_train_samples, len(raw[spec.train_split])))
+        )
+    if data.max_eval_samples:
+        for s in [*spec.eval_splits, *spec.test_splits]:
+            if s in raw:
+                if s in spec.test_splits and len(raw[s]) > data.max_eval_samples:
+                    n = data.max_eval_samples
+                    log.warning("--max-eval-samples %d: the %s predictions cover %d of its %d rows (not a full "
+                                "submission file)", n, s, n, len(raw[s]))
+                raw[s] = raw[s].select(range(min(data.max_eval_samples, len(raw[s]))))
+    if spec.kind == "regression":  # scipy refuses a correlation of one pair, after the whole training
+        for s in spec.eval_splits:
+            if s in raw and len(raw[s]) < 2:
+                raise ValueError(f"{spec.name}: the {s} split has {len(raw[s])} row(s) and its Pearson/Spearman "
+                                 "correlations need at least 2 (raise --max-eval-samples, or add rows to the file)")
+
+
 def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
     spec = D.task_spec(cfg)
     if spec.kind not in KINDS:
@@ -121,23 +143,7 @@ def run_finetune(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         raw = D.load_raw(spec, cfg.data, need_train=not cfg.train.eval_only)
         spec = D.own.settle_labels(raw, spec, source, known)
         raw = D.check_raw(raw, spec, source, labels_from)
-    if cfg.data.max_train_samples and spec.train_split in raw:
-        raw[spec.train_split] = raw[spec.train_split].select(
-            range(min(cfg.data.max_train_samples, len(raw[spec.train_split])))
-        )
-    if cfg.data.max_eval_samples:
-        for s in [*spec.eval_splits, *spec.test_splits]:
-            if s in raw:
-                if s in spec.test_splits and len(raw[s]) > cfg.data.max_eval_samples:
-                    n = cfg.data.max_eval_samples
-                    log.warning("--max-eval-samples %d: the %s predictions cover %d of its %d rows (not a full "
-                                "submission file)", n, s, n, len(raw[s]))
-                raw[s] = raw[s].select(range(min(cfg.data.max_eval_samples, len(raw[s]))))
-    if spec.kind == "regression":  # scipy refuses a correlation of one pair, after the whole training
-        for s in spec.eval_splits:
-            if s in raw and len(raw[s]) < 2:
-                raise ValueError(f"{spec.name}: the {s} split has {len(raw[s])} row(s) and its Pearson/Spearman "
-                                 "correlations need at least 2 (raise --max-eval-samples, or add rows to the file)")
+    cap_splits(raw, spec, cfg.data)
     bert, tokenizer = resolve_model(cfg, src, lambda: D.task_texts(raw, spec), accelerator, out_dir)
     max_length = check_max_length(cfg, spec, bert)
     with main_process_first(accelerator):  # the main process writes the datasets cache, the others read it

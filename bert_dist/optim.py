@@ -27,8 +27,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"
     """AdamW over `param_groups`; the fused kernel by default on CUDA and on the CPU.
 
     On the CPU, torch's own default is a Python loop over the parameters (one small kernel per op per
-    tensor); the fused kernel (torch >= 2.4) does each tensor's whole update in one pass: 3.3-4.6x faster
-    there for minilm's 22.7M parameters, where foreach=True gives 1.0-1.3x (BENCHMARKS.md, "Speed (CPU)").
+    tensor); the fused kernel (torch >= 2.4) does each tensor's whole update in one pass, several times faster
+    there, and faster than foreach=True (BENCHMARKS.md, "Fast paths": the adamw row).
     Elsewhere (mps, ...) torch picks.
     """
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")

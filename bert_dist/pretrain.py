@@ -30,14 +30,14 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
 from bert_dist import data as D
-from bert_dist.config import RunConfig, check_model_fits, preset
+from bert_dist.config import RunConfig, TaskSpec, check_model_fits, preset
 from bert_dist.data.collate import MLMCollator, pad_multiple
 from bert_dist.data.corpus import corpus_texts
 from bert_dist.data.pretraining import (
@@ -63,6 +63,11 @@ from bert_dist.tokenizer import (
 )
 from bert_dist.train import evaluate, prepare_training
 from bert_dist.weights import load_init, load_weights, save_run_model
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from bert_dist.weights import InitSource
 
 log = logging.getLogger(__name__)
 
@@ -118,24 +123,24 @@ def mlm_metrics(sums: dict[str, Any]) -> dict[str, float | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
-    """`--task pretrain` (MLM + NSP, or MLM only) or `--task tokenizer` (WordPiece only); returns the run's results."""
-    spec = D.get_task("pretrain")
-    local_main = accelerator.is_local_main_process
-    if cfg.task == "tokenizer":
-        train, _ = corpus_splits(cfg, spec)
-        tok = train_shared_tokenizer(lambda: corpus_texts(train), accelerator.is_main_process, share_from_main,
-                                     cfg.data.vocab_size, cfg.data.lowercase)
-        if cfg.overwrite:  # a previous run's model must not stay beside a tokenizer that is not its own
-            discard_previous_run(accelerator, out_dir, cfg.to_dict(), run_inputs(cfg))
-        if accelerator.is_main_process:
-            save_tokenizer(tok, out_dir)
-        log.info("wrote %s and vocab.txt (%d tokens) from %s", out_dir / "tokenizer.json", tok.get_vocab_size(),
-                 train.description)
-        return {"vocab_size": tok.get_vocab_size(), "lowercase": cfg.data.lowercase, "source": train.description}
+def run_tokenizer(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
+    """`--task tokenizer`: WordPiece trained on the corpus of the flags, saved in out_dir."""
+    train, _ = corpus_splits(cfg, D.get_task("pretrain"))
+    tok = train_shared_tokenizer(lambda: corpus_texts(train), accelerator.is_main_process, share_from_main,
+                                 cfg.data.vocab_size, cfg.data.lowercase)
+    if cfg.overwrite:  # a previous run's model must not stay beside a tokenizer that is not its own
+        discard_previous_run(accelerator, out_dir, cfg.to_dict(), run_inputs(cfg))
+    if accelerator.is_main_process:
+        save_tokenizer(tok, out_dir)
+    log.info("wrote %s and vocab.txt (%d tokens) from %s", out_dir / "tokenizer.json", tok.get_vocab_size(),
+             train.description)
+    return {"vocab_size": tok.get_vocab_size(), "lowercase": cfg.data.lowercase, "source": train.description}
 
-    src = load_init(cfg.init, cfg.tokenizer)
-    t0 = time.perf_counter()
+
+def tokenizer_and_corpus(cfg: RunConfig, spec: TaskSpec, src: InitSource, local_main: bool) -> tuple[Tokenizer, Path]:
+    """The tokenizer and the prepared corpus directory of a run: --prepared-dir as given (its tokenizer, unless
+    --init/--tokenizer brings one, which must be the same), or the corpus of the flags, prepared (or found in the
+    cache) now."""
     given = cfg.data.prepared_dir if cfg.data.prepared_dir and not has_corpus_flags(cfg) else None
     if given is not None:  # a corpus prepared before: its tokenizer, objective and length, unless the flags differ
         prepared = Path(given)
@@ -152,6 +157,39 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
         if src.tokenizer is not None:
             check_special_tokens(tok, cfg.tokenizer or cfg.init, need_mask=True)  # MLM needs [MASK]
         prepared = prepared_corpus(cfg, spec, tok, local_main, corpus=corpus)
+    return tok, prepared
+
+
+def nsp_held_share(manifest: dict[str, Any], eval_ds: Any, max_eval_samples: int | None) -> float:
+    """The share of held-out NSP pairs with a random B (nsp_accuracy's chance level is max(p, 1 - p)); warns where
+    the training pairs are so one-sided that NSP accuracy says little."""
+    # NSP's chance level: a corpus of one-sentence documents (a sentence per row of a .jsonl) gets only random
+    # Bs, and short sequences many; its NSP accuracy then says little (a constant guess scores the majority share).
+    counts = manifest["splits"]
+    random_share = counts["train"]["random_next"] / max(1, counts["train"]["examples"])
+    held_share = counts["validation"]["random_next"] / max(1, counts["validation"]["examples"])
+    if max_eval_samples:
+        held_share = float(eval_ds.with_format("arrow")["next_sentence_label"].to_numpy().mean())
+    nsp_baseline = max(random_share, 1 - random_share)
+    log.info("NSP pairs: %.0f%% with a random B (a constant guess scores %.0f%%)", 100 * random_share,
+             100 * nsp_baseline)
+    if nsp_baseline > 0.7:
+        log.warning("%.0f%% of the NSP pairs have a %s B: most documents are too short to split in two (one "
+                    "sentence, or one row each); separate documents with blank lines in a text file, or read "
+                    "nsp_accuracy against nsp_baseline", 100 * nsp_baseline,
+                    "random" if random_share > 0.5 else "following")
+    return held_share
+
+
+def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict[str, Any]:
+    """`--task pretrain` (MLM + NSP, or MLM only) or `--task tokenizer` (WordPiece only); returns the run's results."""
+    spec = D.get_task("pretrain")
+    local_main = accelerator.is_local_main_process
+    if cfg.task == "tokenizer":
+        return run_tokenizer(cfg, accelerator, out_dir)
+    src = load_init(cfg.init, cfg.tokenizer)
+    t0 = time.perf_counter()
+    tok, prepared = tokenizer_and_corpus(cfg, spec, src, local_main)
     train_ds, eval_ds, manifest = open_prepared(prepared)
     settings = manifest["settings"]
     objective, max_length = settings["objective"], settings["max_length"]
@@ -178,24 +216,7 @@ def run_pretrain(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dic
     log.info("pretrain (%s): %s parameters, %d training examples (%s tokens) / %d held-out, max length %d, from %s "
              "(%s, opened in %.1f s)", objective, f"{num_params:,}", len(train_ds), f"{n_tokens:,}", len(eval_ds),
              max_length, manifest.get("source", ""), prepared, time.perf_counter() - t0)
-    held_share = None
-    if nsp:
-        # NSP's chance level: a corpus of one-sentence documents (a sentence per row of a .jsonl) gets only random
-        # Bs, and short sequences many; its NSP accuracy then says little (a constant guess scores the majority share).
-        counts = manifest["splits"]
-        random_share = counts["train"]["random_next"] / max(1, counts["train"]["examples"])
-        held_share = counts["validation"]["random_next"] / max(1, counts["validation"]["examples"])
-        if cfg.data.max_eval_samples:
-            held_share = float(eval_ds.with_format("arrow")["next_sentence_label"].to_numpy().mean())
-        nsp_baseline = max(random_share, 1 - random_share)
-        log.info("NSP pairs: %.0f%% with a random B (a constant guess scores %.0f%%)", 100 * random_share,
-                 100 * nsp_baseline)
-        if nsp_baseline > 0.7:
-            log.warning("%.0f%% of the NSP pairs have a %s B: most documents are too short to split in two (one "
-                        "sentence, or one row each); separate documents with blank lines in a text file, or read "
-                        "nsp_accuracy against nsp_baseline", 100 * nsp_baseline,
-                        "random" if random_share > 0.5 else "following")
-
+    held_share = nsp_held_share(manifest, eval_ds, cfg.data.max_eval_samples) if nsp else None
     specials = [i for t in SPECIAL_TOKENS if (i := tok.token_to_id(t)) is not None]
     collator_args = dict(
         mask_token_id=tok.token_to_id("[MASK]"),

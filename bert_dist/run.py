@@ -160,7 +160,8 @@ def set_cpu_threads(threads: int | None, accelerator) -> None:
     """--cpu-threads, or where `accelerate launch` left its default of one thread, the cores per local process.
 
     accelerate launch (without --cpu, --num_cpu_threads_per_process or OMP_NUM_THREADS) sets OMP_NUM_THREADS=1: the
-    README's command would train on one core of a many-core machine (1.42x slower on the 2-vCPU VM, BENCHMARKS.md).
+    README's command would train on one core of a many-core machine (BENCHMARKS.md, "Threads under `accelerate
+    launch`").
     An OMP_NUM_THREADS=1 given on purpose looks the same from here: --cpu-threads 1 keeps one thread.
     """
     import torch
@@ -215,7 +216,7 @@ def run_task(cfg: RunConfig, accelerator, out_dir: Path) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - every way a run ends, each branch one exit line
     is_main = os.environ.get("RANK", "0") == "0"
     # Errors are printed by the first process of each machine: on one machine the main process alone (the others
     # meet the same error), and a machine that fails alone (its own files) is still heard.
@@ -376,7 +377,7 @@ def exit_process(code: int) -> None:
     """sys.exit, except in a multi-process launch: there, once the run is over and its files are written (and the
     process group destroyed by end_training), leave without the interpreter's teardown, where a gloo worker thread
     can still be alive and abort the process ("terminate called without an active exception", SIGABRT) after a
-    finished run: seen in 2 of the 5 fresh-clone test runs of session 7."""
+    finished run."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         logging.shutdown()
         sys.stdout.flush()

@@ -31,7 +31,7 @@ from bert_dist.data.synthetic import write_task_data
 from bert_dist.tokenizer import save_tokenizer, train_tokenizer
 
 
-def install_faults(fault: dict, trace: Path) -> Callable[[], None]:
+def install_faults(fault: dict, trace: Path) -> Callable[[], None]:  # noqa: C901 - one branch per fault kind
     """Record the trajectory to `trace` and inject `fault`; returns the function that undoes the patches.
 
     Before each training forward pass, one line: a digest of the global RNG (what dropout draws from) and of

@@ -289,7 +289,7 @@ def source_files(spec: TaskSpec, cfg: DataConfig, need_train: bool = True) -> di
     return files
 
 
-def check_raw(raw: DatasetDict, spec: TaskSpec, source: str,
+def check_raw(raw: DatasetDict, spec: TaskSpec, source: str,  # noqa: C901 - one branch per bad-input case, each its line
               labels_from: str = "the training split") -> DatasetDict:
     """Columns present, datasets non-empty, no missing values, labels of the right type and range;
     label names -> ids. Each problem is one ValueError naming the file (or `source`), split and row.
