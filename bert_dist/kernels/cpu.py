@@ -227,8 +227,8 @@ class CpuSelfAttention(BertSelfAttention):
     """BertSelfAttention with `attend` in chunks of rows on the CPU in low precision or with dropout.
 
     In low precision SDPA's CPU kernels run slower than these plain matmuls over a few rows at a time (BENCHMARKS.md,
-    "CPU kernels"); with dropout SDPA takes its reference path and torch's dropout mask. In fp32 without dropout both do the same
-    arithmetic and SDPA is a little faster: it stays. Under torch.compile, the plain ops in one piece where there is
+    "CPU kernels"); with dropout SDPA takes its reference path and torch's dropout mask. In fp32 without dropout both
+    do the same arithmetic and SDPA is a little faster: it stays. Under torch.compile, the plain ops in one piece where there is
     dropout (inductor fuses them; SDPA with dropout leaves its fused CPU kernel for a reference path).
     """
 
