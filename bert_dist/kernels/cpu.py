@@ -228,8 +228,8 @@ class CpuSelfAttention(BertSelfAttention):
 
     In low precision SDPA's CPU kernels run slower than these plain matmuls over a few rows at a time (BENCHMARKS.md,
     "CPU kernels"); with dropout SDPA takes its reference path and torch's dropout mask. In fp32 without dropout both
-    do the same arithmetic and SDPA is a little faster: it stays. Under torch.compile, the plain ops in one piece where there is
-    dropout (inductor fuses them; SDPA with dropout leaves its fused CPU kernel for a reference path).
+    do the same arithmetic and SDPA is a little faster: it stays. Under torch.compile, the plain ops in one piece
+    where there is dropout (inductor fuses them; SDPA with dropout leaves its fused CPU kernel for a reference path).
     """
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
