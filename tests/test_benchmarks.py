@@ -50,6 +50,7 @@ def test_quick_fastpaths_run_with_every_path(tmp_path):
     assert "pretrain step" in p.stdout
 
 
+@pytest.mark.slow
 def test_inference_against_a_baseline_model_file(tmp_path):
     """--baseline-model times another bert_dist/model.py (here this one) in the same rounds, same weights: inference
     and the training step."""

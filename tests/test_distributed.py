@@ -164,6 +164,7 @@ def test_two_processes_warn_once(setup):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_the_run_at_the_next_step_with_a_checkpoint(setup, tmp_path, nproc):
     """`kill -TERM` of `accelerate launch` (what a scheduler or a user does). With 2 processes the launcher forwards
     it and kills the workers 30 s later: they must agree to stop at the next step, not at the next log step (here

@@ -24,6 +24,7 @@ def trained(tmp_path_factory):
     return out, p
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_a_complete_run(trained):
     out, p = trained
     for f in ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "results.json",
@@ -49,6 +50,7 @@ def test_reload_with_init_gives_the_same_evaluation(trained, tmp_path):
     assert "new head" not in p.stderr  # the classifier came back from the run dir
 
 
+@pytest.mark.slow
 def test_bf16_run_evaluating_during_training_scores_like_its_reload(tmp_path):
     """bf16 with evaluations between training steps: the last evaluation must see the trained weights (the CPU keeps
     bf16 weight copies for inference, which training must invalidate), so it equals --eval-only of the saved model."""
@@ -64,6 +66,7 @@ def test_bf16_run_evaluating_during_training_scores_like_its_reload(tmp_path):
     assert (again / "predictions_validation.jsonl").read_text() == (out / "predictions_validation.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_compiled_run_saves_a_model_that_reloads(tmp_path):
     """--compile: the saved weights carry the model's own names (torch.compile's wrapper adds `_orig_mod.`), so the
     run's model reloads for prediction and as --init."""
@@ -99,6 +102,7 @@ def test_unreachable_hub_fails_fast_and_names_data_dir(tmp_path):
     assert time.monotonic() - t0 < 60  # seconds, not datasets' minute of retries (the goal is < 10 s)
 
 
+@pytest.mark.slow
 def test_console_script_and_accelerate_launch(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "bert-dist")
     if not os.path.exists(exe):

@@ -23,6 +23,7 @@ def smoke(tmp_path_factory):
     return out, p
 
 
+@pytest.mark.slow
 def test_smoke_suite_runs_each_task_into_its_own_dir(smoke):
     out, _ = smoke
     for task, tsv in (("cola", "CoLA.tsv"), ("stsb", "STS-B.tsv")):
@@ -57,6 +58,7 @@ def test_resume_keeps_finished_tasks(smoke):
     assert json.loads((out / "glue_results.json").read_text()) == json.loads(before)
 
 
+@pytest.mark.slow
 def test_tasks_without_data_are_skipped_and_named(tmp_path):
     data = write_task_data(get_task("rte"), tmp_path / "data", n_train=64, n_eval=32, n_test=16)
     write_task_data(get_task("qnli"), data, n_train=64, n_eval=32, n_test=16)
@@ -117,6 +119,7 @@ def test_scores_follow_the_leaderboard():
     assert "| QQP | skipped: no data / here |  |" in md and "**50.0**" in md
 
 
+@pytest.mark.slow
 def test_a_failing_task_is_scored_around_and_exits_1(tmp_path):
     """One task's data is broken: the others still run and are summarised, and the exit status says it failed."""
     data = tmp_path / "data"
@@ -145,6 +148,7 @@ def test_submission_folder_holds_this_suites_tasks_only(tmp_path):
     assert got["files"] == ["WNLI.tsv"] and sorted(p.name for p in (tmp_path / "submission").iterdir()) == ["WNLI.tsv"]
 
 
+@pytest.mark.slow
 def test_mnli_also_predicts_glues_diagnostic_set_ax(tmp_path):
     """AX (the hub's `ax` config: a test split with MNLI's columns, --data-dir's ax/test.jsonl) is predicted by the
     MNLI model into AX.tsv, the eleventh file of a GLUE submission; a suite with MNLI then has them all for it."""

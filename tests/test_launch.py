@@ -373,6 +373,7 @@ def _launched_threads(tmp_path, *extra: str) -> int:
 
 
 @pytest.mark.skipif(min(os.cpu_count() or 1, psutil.cpu_count(logical=False) or 1) < 2, reason="one core")
+@pytest.mark.slow
 def test_accelerate_launch_default_of_one_thread_becomes_the_cores_unless_told(tmp_path):
     cores = min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False))
     assert _launched_threads(tmp_path) == cores

@@ -135,6 +135,7 @@ def _check_export(run: Path, hf_dir: Path, texts: list, names: list[str], proble
         assert model.config.label2id == {n: i for i, n in enumerate(names)}
 
 
+@pytest.mark.slow
 def test_five_class_csv_trains_predicts_and_exports(tmp_path):
     train = write_reviews_csv(tmp_path / "train.csv", 400, 0)
     valid = write_reviews_csv(tmp_path / "validation.csv", 60, 1)
@@ -173,6 +174,7 @@ def test_five_class_csv_trains_predicts_and_exports(tmp_path):
     assert _predict(hf_dir, valid) == predicted  # the export keeps the task (columns, label names) for predict too
 
 
+@pytest.mark.slow
 def test_multi_label_jsonl_trains_predicts_and_exports(tmp_path):
     train = write_topics_jsonl(tmp_path / "train.jsonl", 400, 0)
     valid = write_topics_jsonl(tmp_path / "validation.jsonl", 60, 1)
@@ -206,6 +208,7 @@ def test_multi_label_jsonl_trains_predicts_and_exports(tmp_path):
         assert [scores[n] for n in names] == pytest.approx(p["probabilities"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_regression_tsv_of_pairs_trains_predicts_and_exports(tmp_path):
     train = write_similarity_tsv(tmp_path / "train.tsv", 300, 0)
     valid = write_similarity_tsv(tmp_path / "validation.tsv", 50, 1)
@@ -245,6 +248,7 @@ def write_hub_dataset(root: Path, seed: int = 0) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_hub_layout_dataset_is_read_by_name_offline(tmp_path):
     hub = tmp_path / "datasets"
     write_hub_dataset(hub / "acme" / "reviews")

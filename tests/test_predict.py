@@ -31,6 +31,7 @@ def _predict_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_predict_reproduces_the_runs_validation_predictions(sst2):
     run, data = sst2
     p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"))
@@ -38,6 +39,7 @@ def test_predict_reproduces_the_runs_validation_predictions(sst2):
     assert p.stdout == (run / "predictions_validation.jsonl").read_text()  # byte for byte
 
 
+@pytest.mark.slow
 def test_predict_in_a_bf16_runs_precision_reproduces_its_predictions(tmp_path_factory):
     run, data = _smoke(tmp_path_factory, "sst2", 10, "--mixed-precision", "bf16")
     p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"), "--mixed-precision", "bf16")
@@ -47,6 +49,7 @@ def test_predict_in_a_bf16_runs_precision_reproduces_its_predictions(tmp_path_fa
     assert p.returncode == 1 and "fp16 does nothing on the CPU" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_predict_texts_stdin_and_batching_agree(sst2):
     run, data = sst2
     rows = [json.loads(line) for line in (data / "validation.jsonl").read_text().splitlines()[:9]]
@@ -75,6 +78,7 @@ def test_predict_texts_stdin_and_batching_agree(sst2):
         assert len(got) == 3 and got[0] == want[0]["label"] and got[2] == want[1]["label"]
 
 
+@pytest.mark.slow
 def test_predict_regression_gives_the_runs_scores(tmp_path_factory):
     run, data = _smoke(tmp_path_factory, "stsb", 10)
     p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"))
@@ -83,6 +87,7 @@ def test_predict_regression_gives_the_runs_scores(tmp_path_factory):
     assert isinstance(json.loads(p.stdout.splitlines()[0])["prediction"], float)
 
 
+@pytest.mark.slow
 def test_predict_squad_answers_match_the_runs_predictions(tmp_path_factory):
     run, data = _smoke(tmp_path_factory, "squad_v2", 40)
     p = _predict_cli("--model", str(run), "--file", str(data / "validation.jsonl"))
@@ -114,6 +119,7 @@ def test_predict_squad_answers_match_the_runs_predictions(tmp_path_factory):
     assert "use at least" in short.stderr and "Traceback" not in short.stderr
 
 
+@pytest.mark.slow
 def test_predict_bad_input_is_one_line(sst2, tmp_path):
     run, _ = sst2
     bad = tmp_path / "rows.jsonl"
@@ -180,6 +186,7 @@ def test_predict_on_an_export_uses_the_runs_settings(sst2, tmp_path):
     assert [g["probabilities"] for g in got] == [w["probabilities"] for w in want]
 
 
+@pytest.mark.slow
 def test_predict_reads_braces_as_text_and_refuses_ragged_csv_rows(sst2, tmp_path):
     run, _ = sst2
     p = _predict_cli("--model", str(run), stdin="{curly} text\n{\"text\": \"fine\"}\n")

@@ -55,6 +55,7 @@ def sweep(tmp_path_factory):
     return out, data, p
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_pair_and_picks_by_the_mean(sweep):
     out, _, p = sweep
     summary = json.loads((out / "sweep_results.json").read_text())
@@ -97,6 +98,7 @@ def test_sweep_resume_keeps_finished_runs(sweep):
     assert json.loads((out / "sweep_results.json").read_text()) == before
 
 
+@pytest.mark.slow
 def test_glue_suite_with_seeds_shows_mean_and_sd_per_task(tmp_path):
     data = write_task_data(get_task("rte"), tmp_path / "data", n_train=96, n_eval=32, n_test=16)
     write_task_data(get_task("stsb"), data, n_train=96, n_eval=32, n_test=16)
