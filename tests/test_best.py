@@ -158,8 +158,8 @@ def test_overwrite_removes_the_best_weights_of_the_previous_run(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Runs
 
-# Seed 2: accuracy 0.52 at step 2, a constant guess (0.48) to step 12, then 0.55, 0.97 and 1.0 from step 18 on; with
-# a patience of 8 evaluations the best is step 18's and the training stops at step 34 of 40.
+# Seed 2: a constant guess for the first evaluations, then the task learnt in the middle of the run; with a patience of
+# 8 evaluations the training stops before step 40. The tests read the best and stopping steps from the run itself.
 EVERY, PATIENCE = 2, 8
 
 
@@ -249,28 +249,36 @@ def test_the_run_ends_with_the_best_evaluations_model_and_stops_early(setup, uni
 
 @pytest.mark.slow
 def test_a_kill_after_a_newer_best_resumes_to_the_same_model(setup, uninterrupted, capsys):
-    """Killed after the step-18 evaluation wrote a new best.safetensors, in step 19: the resume (from step 16) takes
-    the best weights of its checkpoint (step 16's), evaluates step 18 again and ends as the uninterrupted run."""
+    """Killed in the step after the evaluation that wrote a new best.safetensors (the best step B's): the resume, from
+    step B - 2, takes the best weights of its checkpoint (an earlier step's), evaluates step B again and ends as the
+    uninterrupted run."""
+    scored = [(e["step"], e["accuracy"]) for e in evals(uninterrupted)]
+    best_step, _ = expected_stop(scored)
+    before = -max((acc, -step) for step, acc in scored if step <= best_step - EVERY)[1]  # the first of the highest
     out = setup[0] / "killed-after-best"
-    p = run(setup, out, fault={"kill_after_save": 16, "forwards": 5}, child=True)
+    p = run(setup, out, fault={"kill_after_save": best_step - EVERY, "forwards": 2 * EVERY + 1}, child=True)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
-    assert saved_step(out / "checkpoints" / BEST_FILE) == 18 and saved_step(
-        out / "checkpoints" / "step-00000016" / BEST_FILE) == 16
+    assert saved_step(out / "checkpoints" / BEST_FILE) == best_step and saved_step(
+        out / "checkpoints" / f"step-{best_step - EVERY:08d}" / BEST_FILE) == before
     assert run(setup, out, "--resume", trace="resumed") == 0
     assert_same_run(out, uninterrupted, "resumed")
 
 
 @pytest.mark.slow
 def test_a_kill_with_the_best_checkpoint_pruned_resumes_to_the_same_model(setup, uninterrupted):
-    """Killed in step 26 with the newest 2 checkpoints kept (22 and 24): the best step's checkpoint is long gone, and
-    3 evaluations have not improved; the resume finds the best weights and the wait in checkpoint 24, and stops at the
-    same step with the same model."""
+    """Killed 3 evaluations after the best step B, with the newest 2 checkpoints kept (B + 4 and B + 6): the best
+    step's checkpoint is long gone, and 3 evaluations have not improved; the resume finds the best weights and the wait
+    in the newest checkpoint, and stops at the same step with the same model."""
+    best_step, stop = expected_stop([(e["step"], e["accuracy"]) for e in evals(uninterrupted)])
+    last = best_step + 3 * EVERY
+    assert last < stop  # PATIENCE > 3
     out = setup[0] / "killed-pruned"
-    p = run(setup, out, "--keep-checkpoints", "2", fault={"kill_after_save": 24, "forwards": 3}, child=True)
+    p = run(setup, out, "--keep-checkpoints", "2", fault={"kill_after_save": last, "forwards": 3}, child=True)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
-    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == [BEST_FILE, "step-00000022", "step-00000024"]
-    state = json.loads((out / "checkpoints" / "step-00000024" / "train_state.json").read_text())
-    assert (state["best_step"], state["evals_without_improvement"]) == (18, 3)
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == [
+        BEST_FILE, f"step-{last - EVERY:08d}", f"step-{last:08d}"]
+    state = json.loads((out / "checkpoints" / f"step-{last:08d}" / "train_state.json").read_text())
+    assert (state["best_step"], state["evals_without_improvement"]) == (best_step, 3)
     assert run(setup, out, "--keep-checkpoints", "2", "--resume", trace="resumed") == 0
     assert_same_run(out, uninterrupted, "resumed")
 
@@ -321,7 +329,7 @@ def test_two_processes_agree_and_resume_to_the_same_best_model(setup, tmp_path):
     assert same_weights(weights(ref / "model.safetensors"),
                         weights(ref / "checkpoints" / f"step-{best_step:08d}" / "model.safetensors"))
     out = tmp_path / "two-sigterm"
-    # Rank 0's 43rd micro-batch: step 22 (of 2 micro-batches each), past the best.
+    # A micro-batch of step best + 3 (2 micro-batches a step), past the best.
     p = launch(setup, out, *TWO, fault={"sigterm_at_forward": 2 * (best_step + 3) - 1})
     assert p.returncode == 0, p.stderr[-3000:]
     assert not (out / "results.json").exists()
