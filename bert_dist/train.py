@@ -54,8 +54,7 @@ def train(
     run: Prepared,
     cfg: RunConfig,
     out_dir: Path,
-    eval_fn: Callable[[int], dict[str, float]] | None = None,
-    main_metric: str | None = None,
+    eval_fn: Callable[[int], dict[str, float]] | None = None, main_metric: str | None = None,
     on_set_epoch: Callable[[int], None] | None = None,
     on_trained: Callable[[], None] | None = None,
     checkpoint_files: dict[str, str] | None = None,
@@ -64,29 +63,21 @@ def train(
 
     main_metric: the metric of `eval_fn`'s that --keep-best and early stopping go by unless --best-metric names
     another. on_set_epoch: called with each epoch's number before its batches (a sampler's or collator's set_epoch).
-    on_trained: called once the last step is done, before the final evaluation (the recipes save the model there,
-    so that an evaluation that fails cannot cost the training), and again with --keep-best once the best weights are
-    loaded back. checkpoint_files: {name: text} written into every checkpoint (the run's tokenizer.json). Returns the
-    final metrics (with --keep-best the best evaluation's, and its step) plus train_seconds, examples_per_second,
-    tokens_per_second, steps; or {"interrupted": True, "steps"} after a SIGTERM, once a checkpoint is saved.
+    on_trained: called after the last step, before the final evaluation (the recipes save the model there), and again
+    with --keep-best once the best weights are back. checkpoint_files: {name: text} written into every checkpoint.
+    Returns the final metrics (with --keep-best the best evaluation's, and its step) plus train_seconds,
+    examples_per_second, tokens_per_second, steps; or {"interrupted": True, "steps"} after a SIGTERM, once a
+    checkpoint is saved. --early-stopping-patience K ends the training after K evaluations without improvement.
 
-    --early-stopping-patience K ends the training after K evaluations in a row without improvement; the run then
-    finishes as at its last step (results.json: early_stopped_at).
-
-    SIGTERM (SLURM's notice before preemption or the time limit) stops the run at the end of the optimizer step
-    under way, or inside an evaluation, and saves a checkpoint there (preemption.py). Non-finite steps are skipped
-    whole (`step_unless_nonfinite`); --max-bad-steps of them in a row stop the run with TrainingDiverged, found at a
-    log or save step, and no checkpoint is written while the latest step is bad, so the newest one is a good one.
+    SIGTERM stops the run at the end of the optimizer step under way, or inside an evaluation, and saves a checkpoint
+    there (preemption.py). Non-finite steps are skipped whole (`step_unless_nonfinite`); --max-bad-steps of them in a
+    row stop the run with TrainingDiverged, and no checkpoint is written while the latest step is bad.
     """
     t, state = cfg.train, TrainState()
     best = (BestModel(accelerator=accelerator, model=run.model, out_dir=out_dir, cfg=t, metric=main_metric)
             if eval_fn is not None and t.tracks_best() else None)
-    checkpointer = Checkpointer(accelerator=accelerator, out_dir=out_dir, keep=t.keep_checkpoints,
-                                scheduler=run.scheduler, files=checkpoint_files, best=best)
-    checkpointer.resume(state=state, path=run.resume_from, restart=t.resume, num_batches=len(run.train_loader),
-                        num_steps=run.num_steps)
-    if run.resume_from is None:
-        seed_processes(accelerator=accelerator, seed=cfg.seed)
+    checkpointer = start(accelerator=accelerator, run=run, cfg=cfg, out_dir=out_dir, state=state, best=best,
+                         files=checkpoint_files)
     metrics = StepMetrics(accelerator=accelerator, out_dir=out_dir, state=state, log_every=t.log_every,
                           num_steps=run.num_steps)
     evaluator = Evaluator(accelerator=accelerator, eval_fn=eval_fn, out_dir=out_dir, every=t.eval_every, best=best)
@@ -110,10 +101,8 @@ def train(
                     check_diverged(window=metrics.log(state, lr), max_bad_steps=t.max_bad_steps, step=state.step,
                                    checkpointer=checkpointer)
                 if evaluator.due(state.step):
-                    started = time.perf_counter()
-                    stopping = not evaluator.run(state, stop)
-                    run.model.train()
-                    metrics.leave_out(time.perf_counter() - started)  # evaluation time is not training time
+                    stopping = not evaluate_in_training(evaluator=evaluator, state=state, stop=stop, model=run.model,
+                                                        metrics=metrics)
                 if t.save_every and state.step % t.save_every == 0:
                     save_unless_bad(checkpointer=checkpointer, metrics=metrics, state=state,
                                     max_bad_steps=t.max_bad_steps)
@@ -131,23 +120,55 @@ def train(
         if early:
             log.info("early stopping at step %d: %d evaluations without improvement of %s (--early-stopping-patience)",
                      state.step, state.evals_without_improvement, best.metric)
-        # The handler stays through the saving and the final evaluation (and, under run.main, until the run's
-        # outputs are written): a SIGTERM there (the last minutes of a job) no longer kills the run a step from its
-        # end; it finishes, and exits 0.
-        if on_trained is not None:
-            on_trained()
-        if eval_fn is not None and evaluator.last_step != state.step:
-            evaluator.run(state)  # with --keep-best the last step's weights are a candidate too
-        if best is not None and best.restore(state) and on_trained is not None:
-            on_trained()  # the run's model is the best evaluation's
-        if sigterm_received():
-            log.warning("SIGTERM after the last step: the run was finished (model saved, evaluated) instead")
+        finish(state=state, evaluator=evaluator if eval_fn is not None else None, best=best, on_trained=on_trained)
     results = summary(state=state, metrics=state.best_metrics if best and best.keep and state.best_metrics
                       else evaluator.latest, batches_per_epoch=len(run.train_loader),
                       fp16=accelerator.mixed_precision == "fp16")
     if best is not None:
         results.update(best.results(state), **({"early_stopped_at": state.step} if early else {}))
     return results
+
+
+def start(*, accelerator: Accelerator, run: Prepared, cfg: RunConfig, out_dir: Path, state: TrainState,
+          best: BestModel | None, files: dict[str, str] | None) -> Checkpointer:
+    """The run's checkpointer, with `state` (and the model, optimizer, RNGs) restored from a checkpoint on --resume;
+    a fresh run seeds each process's random draws instead."""
+    t = cfg.train
+    checkpointer = Checkpointer(accelerator=accelerator, out_dir=out_dir, keep=t.keep_checkpoints,
+                                scheduler=run.scheduler, files=files, best=best)
+    checkpointer.resume(state=state, path=run.resume_from, restart=t.resume, num_batches=len(run.train_loader),
+                        num_steps=run.num_steps)
+    if run.resume_from is None:
+        seed_processes(accelerator=accelerator, seed=cfg.seed)
+    return checkpointer
+
+
+def evaluate_in_training(*, evaluator: Evaluator, state: TrainState, stop: Preemption, model: torch.nn.Module,
+                         metrics: StepMetrics) -> bool:
+    """An --eval-every evaluation between steps, its time left out of the training time; False where a SIGTERM cut
+    it short."""
+    started = time.perf_counter()
+    finished = evaluator.run(state, stop)
+    model.train()
+    metrics.leave_out(time.perf_counter() - started)
+    return finished
+
+
+def finish(*, state: TrainState, evaluator: Evaluator | None, best: BestModel | None,
+           on_trained: Callable[[], None] | None) -> None:
+    """After the last step (or the early stop): save through `on_trained`, evaluate the last step unless that is done,
+    and with --keep-best make the best evaluation's weights the run's model.
+
+    The SIGTERM handler stays through this (and, under run.main, until the run's outputs are written): a SIGTERM in
+    the last minutes of a job no longer kills the run a step from its end; it finishes, and exits 0."""
+    if on_trained is not None:
+        on_trained()
+    if evaluator is not None and evaluator.last_step != state.step:
+        evaluator.run(state)  # with --keep-best the last step's weights are a candidate too
+    if best is not None and best.restore(state) and on_trained is not None:
+        on_trained()  # the run's model is the best evaluation's
+    if sigterm_received():
+        log.warning("SIGTERM after the last step: the run was finished (model saved, evaluated) instead")
 
 
 def train_step(
