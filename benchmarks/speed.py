@@ -26,10 +26,10 @@ from benchmarks.sources import Options, Source
 from bert_dist import kernels
 from bert_dist.config import BertConfig, OptimConfig, preset
 from bert_dist.data.collate import masked_positions
-from bert_dist.model import BertForPreTraining, BertForSequenceClassification, flops_per_token
+from bert_dist.model import BertForPreTraining, BertForSequenceClassification
 from bert_dist.optim import build_optimizer, param_groups
 from bert_dist.padding import layout_of
-from bert_dist.perf import mfu, peak_flops
+from bert_dist.perf import flops_per_token, mfu, peak_flops
 
 REF = "transformers"
 

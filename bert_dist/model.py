@@ -421,11 +421,3 @@ class BertForPreTraining(_BertWithHead):
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_token(config: BertConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), the usual 6N + attention rule."""
-    n = config.num_params(embeddings=False)
-    attn = 12 * config.num_hidden_layers * config.hidden_size * seq_len  # 2 (QK, AV) x 2 flops x 3 passes
-    return 6 * n + attn
-

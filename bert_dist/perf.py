@@ -1,6 +1,6 @@
 """Hardware peaks and model FLOPs utilisation (MFU), for results.json and the benchmarks.
 
-MFU = achieved model FLOP/s / the device's peak. Model FLOPs are `model.flops_per_token` (6N + attention,
+MFU = achieved model FLOP/s / the device's peak. Model FLOPs are `flops_per_token` (6N + attention,
 the PaLM/Chinchilla convention): the work the model needs, not what the kernels happened to run (so
 recomputation and padding never count). The peak is the dense bf16 tensor-core figure of the device's
 datasheet, the usual denominator even for fp32 runs.
@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 
 from bert_dist.config import BertConfig
-from bert_dist.model import flops_per_token
+
+
+def flops_per_token(config: BertConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), the usual 6N + attention rule."""
+    n = config.num_params(embeddings=False)
+    attn = 12 * config.num_hidden_layers * config.hidden_size * seq_len  # 2 (QK, AV) x 2 flops x 3 passes
+    return 6 * n + attn
+
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in FLOP/s, from NVIDIA's datasheets. Matched in order
 # against torch.cuda.get_device_name(): more specific names first ("H100 PCIe" before "H100").
