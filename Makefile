@@ -1,8 +1,8 @@
 # The two commands of the README, each one line that installs what it needs first:
 #   make sst2    fine-tune all-MiniLM-L6-v2 on SST-2 from ../shared (the main job)
 #   make test    the tests: the fast tier, then the slow one (multi-process, end-to-end, launchers)
-# The environment is a virtualenv in .venv, made on first use from pyproject.toml (torch first, as the CPU build:
-# an unpinned torch, or one pulled in by a dependency, would be a several-GB CUDA build).
+# The environment is a virtualenv in .venv, made on first use from pyproject.toml (torch first and pinned, so that no
+# dependency pulls in another build; which build pip takes is pip's configuration: see docs/development.md).
 
 PYTHON ?= python3
 VENV := .venv
