@@ -346,16 +346,17 @@ def test_shellcheck():
 @pytest.mark.slow
 def test_local_really_starts_two_gloo_ranks(env, tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import torch.distributed as dist\nfrom accelerate import Accelerator\na = Accelerator()\n"
-        "print('RANK', a.process_index, a.num_processes, dist.get_backend(), flush=True)\n"
+    probe.write_text(  # one file per rank, and out without the interpreter's teardown (see PROBE below)
+        "import os, sys, torch.distributed as dist\nfrom accelerate import Accelerator\na = Accelerator()\n"
+        "open(os.path.join(sys.argv[1], f'rank{a.process_index}'), 'w').write("
+        "f'{a.process_index} {a.num_processes} {dist.get_backend()}')\nos._exit(0)\n"
     )
     del env["DRY_RUN"]
     env.update(NPROC="2", GPUS="0", TASK="", SCRIPT=str(probe), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(LAUNCH / "local.sh")], env=env, cwd=REPO,
+    proc = subprocess.run(["bash", str(LAUNCH / "local.sh"), str(tmp_path)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = sorted(ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("RANK"))
+    ranks = sorted(f.read_text().split() for f in tmp_path.glob("rank*"))
     assert ranks == [["0", "2", "gloo"], ["1", "2", "gloo"]]
 
 
@@ -484,6 +485,7 @@ dist.all_reduce(t)
 # One file per rank: two nodes' prints share one pipe and can interleave mid-line.
 line = f"{a.process_index} {a.num_processes} {os.environ.get('GLOO_SOCKET_IFNAME')} {int(t.item())}"
 (Path(os.environ["PROBE_DIR"]) / f"rank{a.process_index}").write_text(line)
+os._exit(0)  # as run.py leaves a multi-process run: a gloo thread alive at interpreter teardown can abort it
 """
 
 
@@ -509,7 +511,7 @@ def test_multi_node_job_with_an_nccl_style_interface_value_starts_gloo(env, tmp_
 
 
 SLOW_SAVER = """
-import signal, sys, time
+import os, signal, sys, time
 from pathlib import Path
 from accelerate import Accelerator
 a = Accelerator()
@@ -520,6 +522,7 @@ while not got:
     time.sleep(0.1)
 time.sleep(40)  # a large gathered save after the SIGTERM
 Path(sys.argv[1], f"saved-{a.process_index}").touch()
+os._exit(0)  # see PROBE
 """
 
 

@@ -316,7 +316,7 @@ def test_training_time_leaves_out_evaluations_and_only_them(tmp_path):
 
 
 PROFILE_WORKER = r'''
-import json, sys
+import json, os, sys
 import torch
 from accelerate import Accelerator
 from torch.profiler import ProfilerActivity, profile
@@ -364,6 +364,7 @@ def in_kernel(e):
 names = [e.name for e in prof.events() if e.name.startswith("aten::") and not in_kernel(e)]
 with open(f"{out}.{accelerator.process_index}", "w") as fh:
     json.dump({"ops": sorted(set(names)), "world": accelerator.num_processes}, fh)
+os._exit(0)  # as run.py leaves a multi-process run: a gloo thread alive at interpreter teardown can abort it
 '''
 
 
