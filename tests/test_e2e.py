@@ -38,6 +38,7 @@ def test_smoke_run_writes_a_complete_run(trained):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_reload_with_init_gives_the_same_evaluation(trained, tmp_path):
     out, _ = trained
     data_dir = json.loads((out / "run_config.json").read_text())["data"]["data_dir"]

@@ -23,6 +23,7 @@ def run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_log_has_a_line_per_log_step(run):
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30, 40]  # --smoke logs every 10 steps

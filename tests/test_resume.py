@@ -251,6 +251,7 @@ def test_sigterm_saves_exits_0_and_resumes_bitwise_equal(setup, uninterrupted, c
     assert_same_run(out, uninterrupted, "resumed")
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_finishes_the_run(setup, uninterrupted):
     """SIGTERM after the last step (the model saved, the final evaluation under way): the run finishes, exits 0,
     and is the uninterrupted run (it used to die from the signal a step from its end)."""
@@ -263,6 +264,7 @@ def test_sigterm_during_the_final_evaluation_finishes_the_run(setup, uninterrupt
         json.loads((uninterrupted / "results.json").read_text())["accuracy"]
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_outputs_are_written_finishes_the_run(setup, uninterrupted):
     """SIGTERM once training is over but before results.json, the test predictions and the report are written: the
     run still writes them and exits 0 (it used to die with 143, with no results.json)."""

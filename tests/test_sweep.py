@@ -78,6 +78,7 @@ def test_sweep_runs_every_pair_and_picks_by_the_mean(sweep):
     assert f"Picked: lr {chosen:g}" in md and " ± " in md and "learning rates x seeds" in p.stderr
 
 
+@pytest.mark.slow
 def test_each_run_is_a_function_of_its_own_seed(sweep, tmp_path):
     """The second run of a sweep (seed 2, after seed 1 in the same process) gives what a run of seed 2 alone gives:
     its head, data order and dropout come from its own seed (the recipe seeds torch), not from the run before it."""
